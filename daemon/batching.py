@@ -1,0 +1,137 @@
+"""Stage 3: dynamic batching across the device workers.
+
+Prepared images are grouped by letterboxed shape (a batch must be one tensor). A group is sent
+to the least busy worker that can take one:
+- at once if that worker is idle (an idle daemon adds no batching delay);
+- when the group is full (`max_batch`), or its oldest image has waited `max_wait_ms`, if the
+  worker is busy: the device then never waits, and batches fill under load.
+A batch that fails is retried image by image, so one bad image (or an out-of-memory on a big
+batch) fails only itself. Images in flight on a worker that dies are retried alone; an image
+that has taken down `max_attempts` workers is failed as poison.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from daemon.jobs import FailReason, Failure, Inferred, ItemError, Outcome, Prepared
+from daemon.workers import BatchFailed, DeviceWorker, WorkerCrashed
+
+log = structlog.get_logger("daemon.batching")
+
+
+@dataclass(slots=True)
+class Knobs:
+    """Live-tunable batching and threshold settings (a config reload replaces them)."""
+
+    max_batch: int
+    max_wait_ms: int
+    conf: float
+    iou: float
+    max_attempts: int
+
+
+class Batcher:
+    def __init__(
+        self,
+        ready: asyncio.Queue[Prepared],
+        workers: list[DeviceWorker],
+        inferred: asyncio.Queue[Outcome],
+        knobs: Knobs,
+    ) -> None:
+        self.ready = ready
+        self.workers = workers
+        self.out = inferred
+        self.knobs = knobs
+        self.groups: dict[tuple[int, int], collections.deque[Prepared]] = {}
+        self.solo: collections.deque[Prepared] = collections.deque()  # retried alone, first
+        self.wake = asyncio.Event()
+        self.batches = 0
+
+    @property
+    def waiting(self) -> int:
+        return len(self.solo) + sum(len(g) for g in self.groups.values())
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._collect())
+            while True:
+                worker = self._pick_worker()
+                batch = self._take_batch(worker) if worker else None
+                if worker and batch:
+                    group.create_task(self._infer(worker, batch))
+                    continue
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), self._next_deadline(worker))
+
+    async def _collect(self) -> None:
+        while True:
+            item = await self.ready.get()
+            self.groups.setdefault(item.shape, collections.deque()).append(item)
+            self.wake.set()
+
+    def _pick_worker(self) -> DeviceWorker | None:
+        candidates = [w for w in self.workers if w.up and w.in_flight < w.slots]
+        return min(candidates, key=lambda w: w.in_flight, default=None)
+
+    def _take_batch(self, worker: DeviceWorker) -> list[Prepared] | None:
+        if self.solo:
+            return [self.solo.popleft()]
+        if not self.groups:
+            return None
+        group = min(self.groups.values(), key=lambda g: g[0].ready_at)
+        full = max(self.groups.values(), key=len)
+        if len(full) >= self.knobs.max_batch:
+            group = full
+        elif worker.in_flight and (time.monotonic() - group[0].ready_at) * 1000 < self.knobs.max_wait_ms:
+            return None  # the device is busy: let the batch fill until it is full or due
+        batch = [group.popleft() for _ in range(min(len(group), self.knobs.max_batch))]
+        for key in [k for k, v in self.groups.items() if not v]:
+            del self.groups[key]
+        return batch
+
+    def _next_deadline(self, worker: DeviceWorker | None) -> float | None:
+        """Seconds until the oldest group is due, if a worker could take it; else wait for a wake."""
+        if worker is None or not self.groups:
+            return None
+        oldest = min(g[0].ready_at for g in self.groups.values())
+        return max(0.0, oldest + self.knobs.max_wait_ms / 1000 - time.monotonic())
+
+    async def _infer(self, worker: DeviceWorker, batch: list[Prepared]) -> None:
+        sent = time.monotonic()
+        for p in batch:
+            p.job.timings_ms["batch_wait"] = (sent - p.ready_at) * 1000
+        try:
+            boxes, infer_ms = await worker.infer(batch, self.knobs.conf, self.knobs.iou)
+        except WorkerCrashed as exc:
+            log.error("worker_crashed", device=worker.device, in_flight=len(batch), error=str(exc))
+            await self._retry(batch, crashed=True, why=str(exc))
+        except BatchFailed as exc:
+            log.warning("batch_failed", device=worker.device, size=len(batch), kind=exc.kind, error=str(exc))
+            await self._retry(batch, crashed=False, why=str(exc))
+        else:
+            self.batches += 1
+            for p, b in zip(batch, boxes, strict=True):
+                p.job.timings_ms["infer"] = infer_ms
+                await self.out.put(Inferred(p, b, worker.device, len(batch)))
+        finally:
+            self.wake.set()
+
+    async def _retry(self, batch: list[Prepared], *, crashed: bool, why: str) -> None:
+        for p in batch:
+            p.job.attempts += 1
+            if crashed and p.job.attempts >= self.knobs.max_attempts:
+                reason = FailReason.POISON
+            elif not crashed and len(batch) == 1:
+                reason = FailReason.INFERENCE
+            else:
+                self.solo.append(p)
+                continue
+            await self.out.put(Failure(p.job, ItemError(reason, f"{why} (attempt {p.job.attempts})")))

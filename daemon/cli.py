@@ -1,0 +1,93 @@
+"""Command line: `inferd run | check | bench`, exit statuses, process-wide setup.
+
+Exit statuses: 0 success; 1 runtime failure; 2 usage error; 78 (EX_CONFIG) bad configuration or
+a model that cannot load. systemd's unit lists 78 in RestartPreventExitStatus, so a bad config
+does not restart in a loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import structlog
+import uvloop
+
+from daemon import __version__, logs
+from daemon.config import Config, ConfigError, load, prepare_dirs
+
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 78
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="inferd", description="Continuous YOLO inference on a hot folder.")
+    top.add_argument("--version", action="version", version=f"inferd {__version__}")
+    sub = top.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="watch incoming/ and process every image dropped there")
+    run.add_argument("--config", type=Path, default=Path("config.toml"), help="config file (default ./config.toml)")
+    run.add_argument("--once", action="store_true", help="process what is in incoming/, then exit 0 when drained")
+    check = sub.add_parser("check", help="validate the config and load the model on each device")
+    check.add_argument("--config", type=Path, default=Path("config.toml"), help="config file (default ./config.toml)")
+    from daemon import bench
+
+    bench.add_arguments(sub.add_parser("bench", help="measure inferd against the seed designs and the model bound"))
+    return top
+
+
+def setup(config_path: Path) -> Config:
+    """Load and validate the config, create the directories, point Ultralytics at our own dirs."""
+    config = load(config_path)
+    prepare_dirs(config.paths)
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(config.paths.work / "ultralytics"))
+    logs.configure(config.log, process="main")
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    # Before anything imports Ultralytics (also in spawned workers, which inherit the environment):
+    # no network probe, no pip installs at run time.
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+    os.environ.setdefault("YOLO_VERBOSE", "false")  # its banners bypass logging handlers at import
+    if args.command == "bench":
+        from daemon import bench
+
+        return bench.main(args)
+    from daemon.service import Service
+    from daemon.workers import WorkerStartError
+
+    try:
+        config = setup(args.config)
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            if args.command == "check":
+                return runner.run(check(config))
+            return runner.run(Service(config, once=args.once).run())
+    except ConfigError as exc:
+        sys.stderr.write(f"inferd: {exc}\n")
+        return EXIT_CONFIG
+    except WorkerStartError as exc:
+        structlog.get_logger("daemon.cli").error("start_failed", error=str(exc))
+        sys.stderr.write(f"inferd: cannot start: {exc}\n")
+        return EXIT_CONFIG
+
+
+async def check(config: Config) -> int:
+    """Load the model on every configured device and report what was found."""
+    from daemon.service import resolve_devices, start_workers
+
+    log = structlog.get_logger("daemon.cli")
+    devices = resolve_devices(config.model.devices)
+    workers = start_workers(config, devices)
+    try:
+        for worker in workers:
+            info = await worker.start(config.pipeline.worker_start_timeout_s)
+            log.info("check_device", **info)
+    finally:
+        await asyncio.gather(*(w.stop(10) for w in workers))
+    log.info("check_passed", config=str(config.source), devices=devices)
+    return 0

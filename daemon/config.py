@@ -1,0 +1,340 @@
+"""Configuration: frozen dataclasses loaded once from TOML, validated eagerly.
+
+Every error names the key and how to fix it. Relative paths are resolved against the directory
+of the config file, so `inferd run --config /etc/inferd/config.toml` and a checkout behave alike.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_WEIGHTS = "default"  # the embedded person detector (see model.resolve_weights)
+
+
+class ConfigError(Exception):
+    """A configuration problem: `key` is the dotted TOML key, `fix` says what to do."""
+
+    def __init__(self, key: str, problem: str, fix: str) -> None:
+        super().__init__(f"config key '{key}': {problem}. Fix: {fix}")
+        self.key = key
+
+
+class OnSuccess(enum.Enum):
+    MOVE = "move"  # source goes to paths.done
+    DELETE = "delete"  # source is removed once its results are durable
+
+
+class LogFormat(enum.Enum):
+    JSON = "json"
+    CONSOLE = "console"
+    AUTO = "auto"  # console when stdout is a TTY, else JSON
+
+
+OUTPUT_FORMATS = ("txt", "json", "image")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class PathsConfig:
+    incoming: Path
+    output: Path
+    done: Path
+    failed: Path
+    work: Path  # holds processing/ (claimed inputs) and Ultralytics' settings dir
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    weights: str
+    imgsz: int
+    conf: float
+    iou: float
+    max_det: int
+    devices: tuple[str, ...]  # ("auto",) until service resolves it
+    half: bool | None  # None = fp16 on CUDA, fp32 on CPU
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeConfig:
+    settle_ms: int
+    reconcile_interval_s: float
+    debounce_ms: int
+    force_polling: bool
+    ignore_suffixes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    max_pending: int
+    preprocess_threads: int  # 0 = auto
+    torch_threads: int  # 0 = auto
+    max_batch: int
+    max_wait_ms: int
+    reduced_decode: bool
+    max_pixels: int
+    max_attempts: int
+    worker_start_timeout_s: float
+    drain_timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class OutputConfig:
+    formats: tuple[str, ...]
+    on_success: OnSuccess
+    fsync: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str
+    format: LogFormat
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: Path | None  # the file it was read from
+    paths: PathsConfig
+    model: ModelConfig
+    intake: IntakeConfig
+    pipeline: PipelineConfig
+    output: OutputConfig
+    log: LogConfig
+
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "paths": {
+        "incoming": "var/incoming",
+        "output": "var/output",
+        "done": "var/done",
+        "failed": "var/failed",
+        "work": "var/work",
+    },
+    "model": {
+        "weights": DEFAULT_WEIGHTS,
+        "imgsz": 640,
+        "conf": 0.25,
+        "iou": 0.7,
+        "max_det": 300,
+        "devices": "auto",
+        "half": "auto",
+    },
+    "intake": {
+        "settle_ms": 1000,
+        "reconcile_interval_s": 30.0,
+        "debounce_ms": 20,
+        "force_polling": False,
+        "ignore_suffixes": [".tmp", ".part", ".partial", ".crdownload", ".swp", "~"],
+    },
+    "pipeline": {
+        "max_pending": 256,
+        "preprocess_threads": "auto",
+        "torch_threads": "auto",
+        "max_batch": 8,
+        "max_wait_ms": 10,
+        "reduced_decode": True,
+        "max_pixels": 100_000_000,
+        "max_attempts": 3,
+        "worker_start_timeout_s": 120.0,
+        "drain_timeout_s": 30.0,
+    },
+    "output": {"formats": ["txt", "json"], "on_success": "move", "fsync": True},
+    "log": {"level": "info", "format": "auto"},
+}
+
+
+def load(path: Path | None) -> Config:
+    """Read and validate `path` (None: built-in defaults relative to the working directory)."""
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError("--config", f"file {path} does not exist", "pass an existing config file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", f"{path} is not valid TOML ({exc})", "correct the syntax") from None
+        base = path.resolve().parent
+    return parse(raw, base=base, source=path)
+
+
+def parse(raw: dict[str, Any], *, base: Path, source: Path | None = None) -> Config:
+    """Validate a parsed TOML document against the schema; relative paths resolve against `base`."""
+    for section in raw:
+        if section not in DEFAULTS:
+            raise ConfigError(section, "unknown section", f"use one of {sorted(DEFAULTS)}")
+    t = _Table(raw, base)
+    paths = PathsConfig(**{f.name: t.path("paths", f.name) for f in fields(PathsConfig)})
+    model = ModelConfig(
+        weights=t.string("model", "weights"),
+        imgsz=t.integer("model", "imgsz", low=32, multiple_of=32),
+        conf=t.number("model", "conf", low=0.0, high=1.0),
+        iou=t.number("model", "iou", low=0.0, high=1.0),
+        max_det=t.integer("model", "max_det", low=1),
+        devices=t.devices(),
+        half=t.auto_bool("model", "half"),
+    )
+    intake = IntakeConfig(
+        settle_ms=t.integer("intake", "settle_ms", low=0),
+        reconcile_interval_s=t.number("intake", "reconcile_interval_s", low=0.1),
+        debounce_ms=t.integer("intake", "debounce_ms", low=1),
+        force_polling=t.boolean("intake", "force_polling"),
+        ignore_suffixes=t.strings("intake", "ignore_suffixes"),
+    )
+    pipeline = PipelineConfig(
+        max_pending=t.integer("pipeline", "max_pending", low=1),
+        preprocess_threads=t.auto_int("pipeline", "preprocess_threads"),
+        torch_threads=t.auto_int("pipeline", "torch_threads"),
+        max_batch=t.integer("pipeline", "max_batch", low=1, high=256),
+        max_wait_ms=t.integer("pipeline", "max_wait_ms", low=0),
+        reduced_decode=t.boolean("pipeline", "reduced_decode"),
+        max_pixels=t.integer("pipeline", "max_pixels", low=1),
+        max_attempts=t.integer("pipeline", "max_attempts", low=1),
+        worker_start_timeout_s=t.number("pipeline", "worker_start_timeout_s", low=1.0),
+        drain_timeout_s=t.number("pipeline", "drain_timeout_s", low=0.0),
+    )
+    formats = t.strings("output", "formats", choices=OUTPUT_FORMATS)
+    if not formats:
+        raise ConfigError("output.formats", "is empty", f"list at least one of {list(OUTPUT_FORMATS)}")
+    output = OutputConfig(
+        formats=formats,
+        on_success=OnSuccess(t.choice("output", "on_success", [e.value for e in OnSuccess])),
+        fsync=t.boolean("output", "fsync"),
+    )
+    log = LogConfig(
+        level=t.choice("log", "level", LOG_LEVELS),
+        format=LogFormat(t.choice("log", "format", [e.value for e in LogFormat])),
+    )
+    t.reject_unknown()
+    return Config(source, paths, model, intake, pipeline, output, log)
+
+
+def prepare_dirs(paths: PathsConfig) -> None:
+    """Create every configured directory; a failure names the key and the reason."""
+    for f in fields(PathsConfig):
+        target: Path = getattr(paths, f.name)
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            if not os.access(target, os.W_OK | os.X_OK):
+                raise PermissionError(f"{target} is not writable")
+        except OSError as exc:
+            raise ConfigError(
+                f"paths.{f.name}",
+                f"cannot use directory {target} ({exc.strerror or exc})",
+                "point it at a directory this user can create and write, or create it with the right owner",
+            ) from None
+    (paths.work / "processing").mkdir(exist_ok=True)
+    incoming_dev = paths.incoming.stat().st_dev
+    for name in ("work", "done", "failed"):
+        if getattr(paths, name).stat().st_dev != incoming_dev:
+            raise ConfigError(
+                f"paths.{name}",
+                "is on a different filesystem than paths.incoming, so moving a file there is not atomic",
+                "put incoming, work, done and failed on one filesystem",
+            )
+
+
+class _Table:
+    """Typed access to the raw TOML tables, remembering which keys were read."""
+
+    def __init__(self, raw: dict[str, Any], base: Path) -> None:
+        self.raw = raw
+        self.base = base
+        self.seen: set[tuple[str, str]] = set()
+
+    def get(self, section: str, key: str) -> Any:
+        self.seen.add((section, key))
+        table = self.raw.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(section, "must be a table", f"write it as [{section}]")
+        return table.get(key, DEFAULTS[section][key])
+
+    def fail(self, section: str, key: str, problem: str, fix: str) -> ConfigError:
+        return ConfigError(f"{section}.{key}", problem, fix)
+
+    def string(self, section: str, key: str) -> str:
+        value = self.get(section, key)
+        if not isinstance(value, str) or not value:
+            raise self.fail(section, key, f"must be a non-empty string, got {value!r}", 'quote it: key = "value"')
+        return value
+
+    def path(self, section: str, key: str) -> Path:
+        return (self.base / self.string(section, key)).resolve()
+
+    def boolean(self, section: str, key: str) -> bool:
+        value = self.get(section, key)
+        if not isinstance(value, bool):
+            raise self.fail(section, key, f"must be true or false, got {value!r}", "write true or false, unquoted")
+        return value
+
+    def integer(
+        self, section: str, key: str, *, low: int | None = None, high: int | None = None, multiple_of: int = 1
+    ) -> int:
+        value = self.get(section, key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(section, key, f"must be an integer, got {value!r}", "write a whole number, unquoted")
+        if (low is not None and value < low) or (high is not None and value > high) or value % multiple_of:
+            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+            extra = f" and a multiple of {multiple_of}" if multiple_of > 1 else ""
+            raise self.fail(section, key, f"is {value}", f"use a value {bounds}{extra}")
+        return value
+
+    def number(self, section: str, key: str, *, low: float, high: float | None = None) -> float:
+        value = self.get(section, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(section, key, f"must be a number, got {value!r}", "write a number, unquoted")
+        if value < low or (high is not None and value > high):
+            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise self.fail(section, key, f"is {value}", f"use a value {bounds}")
+        return float(value)
+
+    def auto_int(self, section: str, key: str) -> int:
+        if self.get(section, key) == "auto":
+            return 0
+        return self.integer(section, key, low=1)
+
+    def auto_bool(self, section: str, key: str) -> bool | None:
+        return None if self.get(section, key) == "auto" else self.boolean(section, key)
+
+    def choice(self, section: str, key: str, choices: tuple[str, ...] | list[str]) -> str:
+        value = self.get(section, key)
+        if value not in choices:
+            raise self.fail(section, key, f"is {value!r}", f"use one of {list(choices)}")
+        return str(value)
+
+    def strings(self, section: str, key: str, *, choices: tuple[str, ...] | None = None) -> tuple[str, ...]:
+        value = self.get(section, key)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail(section, key, f"must be a list of strings, got {value!r}", 'write ["a", "b"]')
+        for v in value:
+            if choices is not None and v not in choices:
+                raise self.fail(section, key, f"has unknown entry {v!r}", f"use entries from {list(choices)}")
+        return tuple(value)
+
+    def devices(self) -> tuple[str, ...]:
+        value = self.get("model", "devices")
+        if value == "auto":
+            return ("auto",)
+        if isinstance(value, str):
+            value = [value]
+        fix = 'write "auto", or a list such as ["cuda:0", "cuda:1"] or ["cpu"]'
+        if not isinstance(value, list) or not value:
+            raise self.fail("model", "devices", f"must be a list of device names, got {value!r}", fix)
+        for v in value:
+            ok = isinstance(v, str) and (v == "cpu" or (v.startswith("cuda:") and v[5:].isdigit()))
+            if not ok:
+                raise self.fail("model", "devices", f"has unknown device {v!r}", fix)
+        if len(set(value)) != len(value):
+            raise self.fail("model", "devices", "names a device twice", "list each device once")
+        return tuple(value)
+
+    def reject_unknown(self) -> None:
+        for section, table in self.raw.items():
+            for key in table:
+                if (section, key) not in self.seen:
+                    known = ", ".join(sorted(DEFAULTS[section]))
+                    raise ConfigError(f"{section}.{key}", "unknown key", f"remove it or use one of: {known}")

@@ -1,0 +1,110 @@
+"""The unit of work that travels through the pipeline, and the ways it can fail."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+
+class FailReason(enum.Enum):
+    """Why an input ended up in failed/ (the `reason` field of its .error.json)."""
+
+    NOT_REGULAR = "not_regular_file"  # FIFO, socket, device
+    SYMLINK = "symlink_refused"
+    UNREADABLE = "unreadable"  # I/O error reading the bytes
+    NOT_IMAGE = "not_an_image"  # empty, truncated or not a format PIL decodes
+    TOO_LARGE = "too_many_pixels"  # above pipeline.max_pixels (decompression bomb guard)
+    INFERENCE = "inference_error"
+    POISON = "worker_crashed_repeatedly"
+
+
+class ItemError(Exception):
+    """A per-item failure: the item goes to failed/ with `reason` and this message."""
+
+    def __init__(self, reason: FailReason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class Job:
+    """One claimed input: `rel` is its path below incoming/, `path` where it lives now."""
+
+    rel: PurePosixPath
+    path: Path
+    claimed_at: float = field(default_factory=time.monotonic)
+    attempts: int = 0
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A decoded, letterboxed image ready for a device, with what is needed to map boxes back."""
+
+    job: Job
+    image: np.ndarray  # (h, w, 3) uint8 RGB, letterboxed; h and w are multiples of the stride
+    width: int  # original size, as the user sees it (EXIF orientation applied)
+    height: int
+    orientation: int  # EXIF orientation tag that was applied (1 = none)
+    gain: tuple[float, float]  # letterbox scale (x, y) from original pixels to model pixels
+    pad: tuple[int, int]  # letterbox padding (left, top) in model pixels
+    ready_at: float = 0.0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.image.shape[0]), int(self.image.shape[1])
+
+
+@dataclass(slots=True)
+class Inferred:
+    """Detections for one image: rows of x1, y1, x2, y2, confidence, class in original pixels."""
+
+    prepared: Prepared
+    boxes: np.ndarray  # (n, 6) float32
+    device: str
+    batch_size: int
+
+
+@dataclass(slots=True)
+class Failure:
+    """An input that will not get detections; the results stage files it in failed/."""
+
+    job: Job
+    error: ItemError
+
+
+Outcome = Inferred | Failure  # what the results stage receives
+
+
+class Capacity:
+    """At most `limit` inputs claimed and not yet finished: the daemon's one backpressure bound.
+
+    Intake acquires before it claims a file; the results stage releases when the file is done or
+    failed. Memory therefore stays flat however large the backlog in incoming/ grows.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self._slots = asyncio.Semaphore(limit)
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def acquire(self) -> None:
+        await self._slots.acquire()
+        self.in_flight += 1
+        self._idle.clear()
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self._slots.release()
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()

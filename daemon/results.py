@@ -1,0 +1,226 @@
+"""Stage 4: write results atomically with aiofiles, then move the source on.
+
+For `sub/bus.jpg` the results are `output/sub/bus.txt` (YOLO labels: class cx cy w h conf,
+normalised), `output/sub/bus.json` and, if asked, `output/sub/bus.annotated.jpg`. Each is written
+to a hidden temporary file in the same directory, fsynced, and renamed into place, so a reader
+never sees half a file. Only then does the source leave processing/ (to done/, or deleted).
+A failed input goes to `failed/sub/bus.jpg` beside `failed/sub/bus.jpg.error.json`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import io
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiofiles
+import aiofiles.os
+import numpy as np
+import structlog
+from PIL import Image, ImageDraw, ImageOps
+
+from daemon import __version__
+from daemon.config import OnSuccess, OutputConfig, PathsConfig
+from daemon.jobs import Failure, Inferred, Job, Outcome
+
+log = structlog.get_logger("daemon.results")
+_fsync = aiofiles.os.wrap(os.fsync)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    weights: str
+    names: dict[int, str]
+    imgsz: int
+    half: bool
+
+
+def yolo_txt(boxes: np.ndarray, width: int, height: int) -> str:
+    """YOLO label lines: class cx cy w h conf, coordinates normalised to the image size."""
+    lines = []
+    for x1, y1, x2, y2, conf, cls in boxes.tolist():
+        cx, cy = (x1 + x2) / 2 / width, (y1 + y2) / 2 / height
+        w, h = (x2 - x1) / width, (y2 - y1) / height
+        lines.append(f"{int(cls)} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f} {conf:.6f}\n")
+    return "".join(lines)
+
+
+def detections(boxes: np.ndarray, names: dict[int, str]) -> list[dict[str, Any]]:
+    return [
+        {
+            "class_id": int(cls),
+            "class_name": names.get(int(cls), str(int(cls))),
+            "confidence": round(conf, 6),
+            "box_xyxy": [round(v, 2) for v in (x1, y1, x2, y2)],
+        }
+        for x1, y1, x2, y2, conf, cls in boxes.tolist()
+    ]
+
+
+def annotate(source: Path, boxes: np.ndarray, names: dict[int, str]) -> bytes:
+    """The source image, oriented as the user sees it, with boxes drawn; JPEG bytes."""
+    with Image.open(source) as im:
+        image = ImageOps.exif_transpose(im).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    width = max(2, round(max(image.size) / 400))
+    for x1, y1, x2, y2, conf, cls in boxes.tolist():
+        draw.rectangle((x1, y1, x2, y2), outline=(255, 56, 56), width=width)
+        draw.text((x1 + width, y1 + width), f"{names.get(int(cls), int(cls))} {conf:.2f}", fill=(255, 56, 56))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+class Writer:
+    """Writes outcomes for one configuration; `finished` is called once per input."""
+
+    def __init__(
+        self,
+        paths: PathsConfig,
+        output: OutputConfig,
+        info: ModelInfo,
+        finished: Callable[[Job, bool], None],
+    ) -> None:
+        self.paths = paths
+        self.output = output
+        self.info = info
+        self.finished = finished
+
+    async def write_atomic(self, target: Path, data: bytes) -> None:
+        await aiofiles.os.makedirs(target.parent, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            async with aiofiles.open(tmp, "wb") as f:
+                await f.write(data)
+                if self.output.fsync:
+                    await f.flush()
+                    await _fsync(f.fileno())
+            await aiofiles.os.replace(tmp, target)
+        except BaseException:
+            await asyncio.shield(_remove_quietly(tmp))
+            raise
+
+    async def done(self, result: Inferred) -> None:
+        p, job = result.prepared, result.prepared.job
+        started = time.monotonic()
+        base = self.paths.output / job.rel
+        if "txt" in self.output.formats:
+            await self.write_atomic(base.with_suffix(".txt"), yolo_txt(result.boxes, p.width, p.height).encode())
+        if "image" in self.output.formats:
+            data = await asyncio.to_thread(annotate, job.path, result.boxes, self.info.names)
+            await self.write_atomic(base.with_suffix(".annotated.jpg"), data)
+        job.timings_ms["write"] = (time.monotonic() - started) * 1000
+        if "json" in self.output.formats:
+            await self.write_atomic(base.with_suffix(".json"), self._json(result))
+        if self.output.fsync:
+            await _fsync_dir(base.parent)
+        job.timings_ms["write"] = (time.monotonic() - started) * 1000
+        await self._release_source(job)
+        log.info(
+            "image_done",
+            path=str(job.rel),
+            device=result.device,
+            batch=result.batch_size,
+            detections=len(result.boxes),
+            width=p.width,
+            height=p.height,
+            **{f"{k}_ms": round(v, 2) for k, v in job.timings_ms.items()},
+            total_ms=round((time.monotonic() - job.claimed_at) * 1000, 2),
+        )
+        self.finished(job, True)
+
+    def _json(self, result: Inferred) -> bytes:
+        p, job = result.prepared, result.prepared.job
+        document = {
+            "source": str(job.rel),
+            "image": {
+                "width": p.width,
+                "height": p.height,
+                "exif_orientation": p.orientation,
+                "orientation_applied": p.orientation != 1,
+            },
+            "model": {
+                "weights": self.info.weights,
+                "name": Path(self.info.weights).name,
+                "imgsz": self.info.imgsz,
+                "half": self.info.half,
+            },
+            "names": {str(k): v for k, v in self.info.names.items()},
+            "detections": detections(result.boxes, self.info.names),
+            "device": result.device,
+            "batch_size": result.batch_size,
+            "timings_ms": {k: round(v, 2) for k, v in job.timings_ms.items()},
+            "processed_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+            "inferd_version": __version__,
+        }
+        return (json.dumps(document, indent=1, ensure_ascii=False) + "\n").encode()
+
+    async def _release_source(self, job: Job) -> None:
+        if self.output.on_success is OnSuccess.DELETE:
+            await aiofiles.os.remove(job.path)
+            return
+        target = self.paths.done / job.rel
+        await aiofiles.os.makedirs(target.parent, exist_ok=True)
+        await aiofiles.os.replace(job.path, target)
+
+    async def failed(self, failure: Failure) -> None:
+        job, error = failure.job, failure.error
+        target = self.paths.failed / job.rel
+        report = {
+            "source": str(job.rel),
+            "reason": error.reason.value,
+            "message": str(error),
+            "attempts": job.attempts,
+            "failed_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+            "inferd_version": __version__,
+        }
+        await self.write_atomic(target.with_name(target.name + ".error.json"), json.dumps(report, indent=1).encode())
+        await aiofiles.os.replace(job.path, target)
+        log.warning("image_failed", path=str(job.rel), reason=error.reason.value, error=str(error))
+        self.finished(job, False)
+
+
+async def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        await aiofiles.os.remove(path)
+
+
+async def _fsync_dir(path: Path) -> None:
+    fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        await _fsync(fd)
+    finally:
+        os.close(fd)
+
+
+async def run(inbox: asyncio.Queue[Outcome], writer: Writer, concurrency: int) -> None:
+    """Write outcomes as they come, up to `concurrency` at once."""
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(item: Outcome) -> None:
+        try:
+            if isinstance(item, Failure):
+                await writer.failed(item)
+            else:
+                await writer.done(item)
+        except OSError as exc:
+            job = item.job if isinstance(item, Failure) else item.prepared.job
+            # The source stays in processing/ and is taken up again at the next start.
+            log.error("write_failed", path=str(job.rel), error=str(exc), errno=exc.errno)
+            writer.finished(job, False)
+        finally:
+            slots.release()
+
+    async with asyncio.TaskGroup() as group:
+        while True:
+            item = await inbox.get()
+            await slots.acquire()
+            group.create_task(one(item))

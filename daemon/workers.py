@@ -1,0 +1,191 @@
+"""The parent's side of the device processes: spawn, READY/ERROR handshake, batches, supervision.
+
+Each device gets one spawned process (`model.serve`) and a memory-mapped buffer of `slots`
+batch slots. Images are copied into a free slot and only a small message crosses the pipe; the
+reply arrives through the event loop's reader on the pipe, so nothing polls. `slots` batches may
+be in flight at once: while the device computes one, the next is already waiting in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import mmap
+import multiprocessing
+import os
+import signal
+import tempfile
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from daemon import model
+from daemon.jobs import Prepared
+
+log = structlog.get_logger("daemon.workers")
+SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+
+
+class WorkerStartError(Exception):
+    """A device process could not load its model (the message says why)."""
+
+
+class WorkerCrashed(Exception):
+    """The device process died with batches in flight."""
+
+
+class BatchFailed(Exception):
+    """The model raised on a batch; `kind` is "oom" or "error"."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class DeviceWorker:
+    """One device process and its shared batch slots."""
+
+    def __init__(self, spec_args: dict[str, Any], *, max_batch: int, slots: int = 2) -> None:
+        self.device: str = spec_args["device"]
+        self.slot_bytes = max_batch * spec_args["imgsz"] * spec_args["imgsz"] * 3
+        self.slots = slots
+        self.spec_args = spec_args
+        self.info: dict[str, Any] = {}
+        self.restarts = 0
+        self._ids = itertools.count()
+        self._pending: dict[int, tuple[asyncio.Future[Any], int]] = {}
+        self._free: asyncio.Queue[int] = asyncio.Queue(maxsize=slots)
+        self._proc: BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._buffer: mmap.mmap | None = None
+        self._ready: asyncio.Future[Any] | None = None
+        self._exited = asyncio.Event()
+
+    @property
+    def up(self) -> bool:
+        return self._ready is not None and self._ready.done() and not self._exited.is_set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    async def start(self, timeout_s: float) -> dict[str, Any]:
+        """Spawn the process and wait for READY; raise WorkerStartError on ERROR, exit or timeout."""
+        loop = asyncio.get_running_loop()
+        fd, path = tempfile.mkstemp(prefix=f"inferd-{os.getpid()}-", dir=SHM_DIR)
+        try:
+            os.ftruncate(fd, self.slot_bytes * self.slots)
+            self._buffer = mmap.mmap(fd, self.slot_bytes * self.slots)
+        finally:
+            os.close(fd)
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child_conn = ctx.Pipe()
+        spec = model.WorkerSpec(**self.spec_args, buffer_path=path, slot_bytes=self.slot_bytes, slots=self.slots)
+        self._proc = ctx.Process(target=model.serve, args=(spec, child_conn), name=f"inferd-{self.device}")
+        self._exited.clear()
+        self._ready = loop.create_future()
+        try:
+            self._proc.start()
+            child_conn.close()
+            loop.add_reader(self._conn.fileno(), self._on_message)
+            self.info = await asyncio.wait_for(self._ready, timeout_s)
+        except TimeoutError:
+            await self.stop(0)
+            raise WorkerStartError(f"{self.device}: model not ready after {timeout_s:.0f} s") from None
+        except WorkerStartError:
+            await self.stop(0)
+            raise
+        finally:
+            os.unlink(path)  # both sides have it mapped; a crash leaves nothing behind
+        while not self._free.empty():
+            self._free.get_nowait()
+        for slot in range(self.slots):
+            self._free.put_nowait(slot)
+        return self.info
+
+    async def infer(self, batch: list[Prepared], conf: float, iou: float) -> tuple[list[np.ndarray], float]:
+        """Run one batch (same letterboxed shape); returns per-image boxes and the model time in ms."""
+        slot = await self._free.get()
+        if not self.up or self._conn is None or self._buffer is None:
+            raise WorkerCrashed(f"{self.device} is not running")
+        h, w = batch[0].shape
+        view = np.frombuffer(self._buffer, dtype=np.uint8, count=len(batch) * h * w * 3, offset=slot * self.slot_bytes)
+        np.stack([p.image for p in batch], out=view.reshape(len(batch), h, w, 3))
+        batch_id = next(self._ids)
+        metas = [(p.gain[0], p.gain[1], p.pad[0], p.pad[1], p.width, p.height) for p in batch]
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[batch_id] = (future, slot)
+        self._conn.send(model.Batch(batch_id, slot, len(batch), h, w, metas, conf, iou))
+        result: tuple[list[np.ndarray], float] = await future
+        return result
+
+    def _on_message(self) -> None:
+        assert self._conn is not None
+        try:
+            message = self._conn.recv()
+        except (EOFError, OSError):
+            self._on_exit()
+            return
+        kind = message[0]
+        if kind == "ready":
+            assert self._ready is not None
+            self._ready.set_result(message[1])
+            return
+        if kind == "error":
+            assert self._ready is not None
+            self._ready.set_exception(WorkerStartError(f"{self.device}: {message[1]}"))
+            return
+        future, slot = self._pending.pop(message[1])
+        self._free.put_nowait(slot)
+        if kind == "done":
+            future.set_result((message[2], message[3]))
+        else:
+            future.set_exception(BatchFailed(message[2], message[3]))
+
+    def _on_exit(self) -> None:
+        """The pipe closed: the process is gone. Fail what was in flight so it can be re-queued."""
+        assert self._conn is not None
+        asyncio.get_running_loop().remove_reader(self._conn.fileno())
+        self._exited.set()
+        exitcode = self._proc.exitcode if self._proc else None
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(WorkerStartError(f"{self.device}: process exited during start"))
+        pending, self._pending = self._pending, {}
+        for future, _slot in pending.values():
+            if not future.done():
+                future.set_exception(WorkerCrashed(f"{self.device} exited with code {exitcode}"))
+        # Wake anyone waiting for a slot; infer() sees the worker is down.
+        for slot in range(self.slots - self._free.qsize()):
+            self._free.put_nowait(slot)
+
+    async def wait_exit(self) -> None:
+        await self._exited.wait()
+
+    async def stop(self, timeout_s: float) -> None:
+        """Ask the process to finish, then escalate to SIGKILL after `timeout_s`."""
+        proc, conn = self._proc, self._conn
+        if proc is None or conn is None:
+            return
+        if not self._exited.is_set():
+            with contextlib.suppress(OSError):  # already gone: the reader notices
+                conn.send(None)
+            try:
+                await asyncio.wait_for(self._exited.wait(), timeout_s)
+            except TimeoutError:
+                log.warning("worker_kill", device=self.device, pid=proc.pid, after_s=timeout_s)
+                os.kill(proc.pid, signal.SIGKILL)  # type: ignore[arg-type]
+                await self._exited.wait()
+        await asyncio.to_thread(proc.join)
+        conn.close()
+        if self._buffer is not None:
+            self._buffer.close()
+        self._proc = self._conn = self._buffer = None

@@ -1,0 +1,111 @@
+"""Config validation: every kind of bad config names the key, says the fix, and exits 78."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon import config
+from daemon.cli import EXIT_CONFIG
+
+
+def parse(text: str, tmp_path: Path) -> config.Config:
+    import tomllib
+
+    return config.parse(tomllib.loads(text), base=tmp_path)
+
+
+def test_defaults_resolve_against_the_config_directory(tmp_path: Path) -> None:
+    cfg = parse("", tmp_path)
+    assert cfg.paths.incoming == tmp_path / "var" / "incoming"
+    assert cfg.model.devices == ("auto",)
+    assert cfg.model.half is None
+    assert cfg.output.on_success is config.OnSuccess.MOVE
+    assert cfg.pipeline.preprocess_threads == 0  # auto
+
+
+def test_repository_config_is_valid_and_documents_every_key() -> None:
+    root = Path(__file__).parent.parent
+    text = (root / "config.toml").read_text()
+    cfg = config.load(root / "config.toml")
+    assert cfg.model.weights == config.DEFAULT_WEIGHTS
+    for section, keys in config.DEFAULTS.items():
+        assert f"[{section}]" in text
+        for key in keys:
+            line = next(line for line in text.splitlines() if line.startswith(f"{key} "))
+            assert "#" in line, f"{section}.{key} has no comment in config.toml"
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "fix"),
+    [
+        ("[model]\nwieghts = 'x'", "model.wieghts", "remove it or use one of"),
+        ("[modle]\nweights = 'x'", "modle", "use one of"),
+        ("[model]\nimgsz = 'big'", "model.imgsz", "whole number"),
+        ("[model]\nimgsz = 100", "model.imgsz", "multiple of 32"),
+        ("[model]\nconf = 1.5", "model.conf", "between 0.0 and 1.0"),
+        ("[model]\ndevices = ['gpu0']", "model.devices", '["cuda:0", "cuda:1"]'),
+        ("[model]\ndevices = ['cpu', 'cpu']", "model.devices", "each device once"),
+        ("[pipeline]\nmax_batch = 0", "pipeline.max_batch", "between 1 and 256"),
+        ("[pipeline]\nreduced_decode = 'yes'", "pipeline.reduced_decode", "true or false"),
+        ("[output]\nformats = ['xml']", "output.formats", "entries from"),
+        ("[output]\nformats = []", "output.formats", "at least one"),
+        ("[output]\non_success = 'archive'", "output.on_success", "one of"),
+        ("[log]\nformat = 'xml'", "log.format", "one of"),
+        ("paths = 3", "paths", "[paths]"),
+    ],
+)
+def test_bad_values_name_key_and_fix(tmp_path: Path, text: str, key: str, fix: str) -> None:
+    with pytest.raises(config.ConfigError) as err:
+        parse(text, tmp_path)
+    assert err.value.key == key
+    assert fix in str(err.value)
+
+
+def test_directory_that_cannot_be_created(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    cfg = parse("[paths]\noutput = 'afile/out'", tmp_path)
+    with pytest.raises(config.ConfigError) as err:
+        config.prepare_dirs(cfg.paths)
+    assert err.value.key == "paths.output"
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "daemon", *args], capture_output=True, text=True, cwd=cwd, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[model]\nimgsz = 'big'\n", "model.imgsz"),
+        ("[model\n", "not valid TOML"),
+        ("[paths]\nincoming = 'f/in'\n", "paths.incoming"),
+    ],
+)
+def test_cli_exits_78_with_the_message(tmp_path: Path, text: str, needle: str) -> None:
+    (tmp_path / "f").write_text("a file, not a directory")
+    (tmp_path / "bad.toml").write_text(text)
+    for command in ("run", "check"):
+        result = run_cli(command, "--config", "bad.toml", cwd=tmp_path)
+        assert result.returncode == EXIT_CONFIG, result.stderr
+        assert needle in result.stderr
+        assert "Fix:" in result.stderr or "TOML" in result.stderr
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    result = run_cli("run", "--config", "nope.toml", cwd=tmp_path)
+    assert result.returncode == EXIT_CONFIG
+    assert "nope.toml does not exist" in result.stderr
+
+
+def test_version_and_help(tmp_path: Path) -> None:
+    from daemon import __version__
+
+    assert run_cli("--version", cwd=tmp_path).stdout.strip() == f"inferd {__version__}"
+    helped = run_cli("--help", cwd=tmp_path)
+    assert helped.returncode == 0
+    for command in ("run", "check", "bench"):
+        assert command in helped.stdout
