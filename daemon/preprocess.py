@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,13 +55,22 @@ def letterbox(
     return image, (new_w / ow, new_h / oh), (left, top)
 
 
+def _open(path: str) -> Image.Image:
+    """PIL's own `Image.open`. Importing Ultralytics replaces it with a wrapper that tries to
+    pip-install a HEIF plugin whenever a file is not an image; the bench and tests import both."""
+    patches = sys.modules.get("ultralytics.utils.patches")
+    opener = getattr(patches, "_image_open", Image.open)
+    image: Image.Image = opener(path)
+    return image
+
+
 def decode(path: str, settings: Settings) -> tuple[np.ndarray, tuple[int, int], int]:
     """Decode to RGB uint8 with EXIF orientation applied: (array, (width, height) as seen, orientation).
 
     Raises ItemError for anything that is not a decodable image within the pixel limit.
     """
     try:
-        with Image.open(path) as im:
+        with _open(path) as im:
             w, h = im.size
             if w * h > settings.max_pixels:
                 raise ItemError(

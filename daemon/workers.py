@@ -120,6 +120,7 @@ class DeviceWorker:
         h, w = batch[0].shape
         view = np.frombuffer(self._buffer, dtype=np.uint8, count=len(batch) * h * w * 3, offset=slot * self.slot_bytes)
         np.stack([p.image for p in batch], out=view.reshape(len(batch), h, w, 3))
+        del view  # a live view of the mmap would keep it from closing at stop()
         batch_id = next(self._ids)
         metas = [(p.gain[0], p.gain[1], p.pad[0], p.pad[1], p.width, p.height) for p in batch]
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

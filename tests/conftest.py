@@ -98,7 +98,10 @@ class Daemon:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.raw.append(line)
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = {"event": "<not json>", "raw": line}
             self._queue.put(record)
         self._queue.put(None)
 
