@@ -85,7 +85,8 @@ class Intake:
         paths = await asyncio.to_thread(self._walk, self.settings.processing, False)
         for path, _delay in paths:
             await self.capacity.acquire()
-            await self._route(Job(self._rel(path, self.settings.processing), path), os.lstat(path).st_mode)
+            job = Job(self._rel(path, self.settings.processing), path, recovered=True)
+            await self._route(job, os.lstat(path).st_mode)
         if paths:
             log.info("recovered", count=len(paths))
         return len(paths)

@@ -39,6 +39,7 @@ class Job:
     path: Path
     claimed_at: float = field(default_factory=time.monotonic)
     attempts: int = 0
+    recovered: bool = False  # found in processing/ at start: an earlier run may have left temp files
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 

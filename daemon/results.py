@@ -94,8 +94,17 @@ class Writer:
         self.info = info
         self.finished = finished
 
-    async def write_atomic(self, target: Path, data: bytes) -> None:
+    async def write_atomic(self, target: Path, data: bytes, *, recovered: bool = False) -> None:
+        """Write `data` to a hidden temp file beside `target`, fsync, rename over `target`.
+
+        `recovered`: the input was in flight when an earlier run died, so that run may have left
+        its own temp files for this target; they are removed first.
+        """
         await aiofiles.os.makedirs(target.parent, exist_ok=True)
+        if recovered:
+            stale = await asyncio.to_thread(lambda: list(target.parent.glob(f".{target.name}.*.tmp")))
+            for path in stale:
+                await _remove_quietly(path)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
             async with aiofiles.open(tmp, "wb") as f:
@@ -113,13 +122,14 @@ class Writer:
         started = time.monotonic()
         base = self.paths.output / job.rel
         if "txt" in self.output.formats:
-            await self.write_atomic(base.with_suffix(".txt"), yolo_txt(result.boxes, p.width, p.height).encode())
+            text = yolo_txt(result.boxes, p.width, p.height)
+            await self.write_atomic(base.with_suffix(".txt"), text.encode(), recovered=job.recovered)
         if "image" in self.output.formats:
             data = await asyncio.to_thread(annotate, job.path, result.boxes, self.info.names)
-            await self.write_atomic(base.with_suffix(".annotated.jpg"), data)
+            await self.write_atomic(base.with_suffix(".annotated.jpg"), data, recovered=job.recovered)
         job.timings_ms["write"] = (time.monotonic() - started) * 1000
         if "json" in self.output.formats:
-            await self.write_atomic(base.with_suffix(".json"), self._json(result))
+            await self.write_atomic(base.with_suffix(".json"), self._json(result), recovered=job.recovered)
         if self.output.fsync:
             await _fsync_dir(base.parent)
         job.timings_ms["write"] = (time.monotonic() - started) * 1000
@@ -182,7 +192,8 @@ class Writer:
             "failed_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
             "inferd_version": __version__,
         }
-        await self.write_atomic(target.with_name(target.name + ".error.json"), json.dumps(report, indent=1).encode())
+        report_path = target.with_name(target.name + ".error.json")
+        await self.write_atomic(report_path, json.dumps(report, indent=1).encode(), recovered=job.recovered)
         await aiofiles.os.replace(job.path, target)
         log.warning("image_failed", path=str(job.rel), reason=error.reason.value, error=str(error))
         self.finished(job, False)

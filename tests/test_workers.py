@@ -158,3 +158,36 @@ def test_missing_weights_is_a_start_error(runner: asyncio.Runner, tmp_path: Path
     worker = make_worker(str(tmp_path / "nope.pt"))
     with pytest.raises(WorkerStartError, match=r"nope\.pt"):
         runner.run(worker.start(120))
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@pytest.mark.skipif(not cuda_available(), reason="no CUDA device")
+def test_cuda_fp16_matches_cpu(runner: asyncio.Runner, default_worker: DeviceWorker) -> None:
+    worker = DeviceWorker(
+        dict(
+            device="cuda:0",
+            weights="default",
+            imgsz=640,
+            half=None,
+            max_det=300,
+            torch_threads=2,
+            log=LogConfig("warning", LogFormat.JSON),
+        ),
+        max_batch=4,
+    )
+    info = runner.run(worker.start(120))
+    try:
+        assert info["half"] and info["pinned"]
+        for name in ("bus.jpg", "zidane.jpg"):
+            item = prepare(assets() / name)
+            cpu, _ = runner.run(default_worker.infer([item], CONF, IOU))
+            gpu, _ = runner.run(worker.infer([item, item], CONF, IOU))
+            match(gpu[0], cpu[0], px=2.0, conf=0.02)
+            match(gpu[1], cpu[0], px=2.0, conf=0.02)
+    finally:
+        runner.run(worker.stop(10))
