@@ -18,6 +18,7 @@ import uvloop
 
 from daemon import __version__, logs
 from daemon.config import Config, ConfigError, load, prepare_dirs
+from daemon.notify import Notifier
 
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 78
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             if args.command == "check":
                 return runner.run(check(config))
-            return runner.run(Service(config, once=args.once).run())
+            notifier = Notifier.from_environ(os.environ)
+            return runner.run(Service(config, once=args.once, notifier=notifier).run())
     except ConfigError as exc:
         sys.stderr.write(f"inferd: {exc}\n")
         return EXIT_CONFIG

@@ -93,6 +93,12 @@ class OutputConfig:
 class LogConfig:
     level: str
     format: LogFormat
+    stats_interval_s: float = 60.0  # 0 = no periodic stats line
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    listen: tuple[str, int] | None  # None = no HTTP endpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +110,7 @@ class Config:
     pipeline: PipelineConfig
     output: OutputConfig
     log: LogConfig
+    metrics: MetricsConfig
 
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -143,7 +150,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "drain_timeout_s": 30.0,
     },
     "output": {"formats": ["txt", "json"], "on_success": "move", "fsync": True},
-    "log": {"level": "info", "format": "auto"},
+    "log": {"level": "info", "format": "auto", "stats_interval_s": 60.0},
+    "metrics": {"listen": "", "allow_remote": False},
 }
 
 
@@ -208,9 +216,11 @@ def parse(raw: dict[str, Any], *, base: Path, source: Path | None = None) -> Con
     log = LogConfig(
         level=t.choice("log", "level", LOG_LEVELS),
         format=LogFormat(t.choice("log", "format", [e.value for e in LogFormat])),
+        stats_interval_s=t.number("log", "stats_interval_s", low=0.0),
     )
+    metrics = MetricsConfig(listen=t.listen())
     t.reject_unknown()
-    return Config(source, paths, model, intake, pipeline, output, log)
+    return Config(source, paths, model, intake, pipeline, output, log, metrics)
 
 
 def prepare_dirs(paths: PathsConfig) -> None:
@@ -332,9 +342,30 @@ class _Table:
             raise self.fail("model", "devices", "names a device twice", "list each device once")
         return tuple(value)
 
+    def listen(self) -> tuple[str, int] | None:
+        from daemon.metrics import ListenError, check_listen
+
+        text = self.get("metrics", "listen")
+        allow_remote = self.boolean("metrics", "allow_remote")
+        if not isinstance(text, str):
+            raise self.fail("metrics", "listen", f"must be a string, got {text!r}", 'write "127.0.0.1:9108", or ""')
+        try:
+            return check_listen(text, allow_remote=allow_remote) if text else None
+        except ListenError as exc:
+            raise ConfigError("metrics.listen", exc.problem, exc.fix) from None
+
     def reject_unknown(self) -> None:
         for section, table in self.raw.items():
             for key in table:
                 if (section, key) not in self.seen:
                     known = ", ".join(sorted(DEFAULTS[section]))
                     raise ConfigError(f"{section}.{key}", "unknown key", f"remove it or use one of: {known}")
+
+
+def differences(old: Config, new: Config) -> set[str]:
+    """Dotted keys whose values differ between two configs."""
+    changed = set()
+    for section in DEFAULTS:
+        a, b = getattr(old, section), getattr(new, section)
+        changed |= {f"{section}.{f.name}" for f in fields(a) if getattr(a, f.name) != getattr(b, f.name)}
+    return changed

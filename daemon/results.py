@@ -87,7 +87,7 @@ class Writer:
         paths: PathsConfig,
         output: OutputConfig,
         info: ModelInfo,
-        finished: Callable[[Job, bool], None],
+        finished: Callable[[Outcome, bool], None],
     ) -> None:
         self.paths = paths
         self.output = output
@@ -145,7 +145,7 @@ class Writer:
             **{f"{k}_ms": round(v, 2) for k, v in job.timings_ms.items()},
             total_ms=round((time.monotonic() - job.claimed_at) * 1000, 2),
         )
-        self.finished(job, True)
+        self.finished(result, True)
 
     def _json(self, result: Inferred) -> bytes:
         p, job = result.prepared, result.prepared.job
@@ -196,7 +196,7 @@ class Writer:
         await self.write_atomic(report_path, json.dumps(report, indent=1).encode(), recovered=job.recovered)
         await aiofiles.os.replace(job.path, target)
         log.warning("image_failed", path=str(job.rel), reason=error.reason.value, error=str(error))
-        self.finished(job, False)
+        self.finished(failure, True)
 
 
 async def _remove_quietly(path: Path) -> None:
@@ -226,7 +226,7 @@ async def run(inbox: asyncio.Queue[Outcome], writer: Writer, concurrency: int) -
             job = item.job if isinstance(item, Failure) else item.prepared.job
             # The source stays in processing/ and is taken up again at the next start.
             log.error("write_failed", path=str(job.rel), error=str(exc), errno=exc.errno)
-            writer.finished(job, False)
+            writer.finished(item, False)
         finally:
             slots.release()
 

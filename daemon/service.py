@@ -20,13 +20,15 @@ from typing import Any
 
 import structlog
 
-from daemon import __version__, batching, intake, preprocess, results
-from daemon.config import Config
-from daemon.jobs import Capacity, Job, Outcome, Prepared
+from daemon import __version__, batching, config, intake, logs, metrics, preprocess, results
+from daemon.config import Config, ConfigError
+from daemon.jobs import Capacity, FailReason, Failure, Inferred, Job, Outcome, Prepared
+from daemon.notify import Notifier
 from daemon.workers import DeviceWorker, WorkerStartError
 
 log = structlog.get_logger("daemon.service")
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+QUEUES = ("jobs", "ready", "outcomes", "batching")
 
 
 def cores() -> int:
@@ -72,9 +74,11 @@ def start_workers(config: Config, devices: list[str]) -> list[DeviceWorker]:
 
 
 class Service:
-    def __init__(self, config: Config, *, once: bool = False) -> None:
+    def __init__(self, config: Config, *, once: bool = False, notifier: Notifier | None = None) -> None:
         self.config = config
         self.once = once
+        self.notifier = notifier or Notifier(None, None)
+        self.metrics = metrics.Metrics(devices=(), failure_reasons=[r.value for r in FailReason], queues=QUEUES)
         self.stop = asyncio.Event()
         self.force = asyncio.Event()
         self.intake_stop = asyncio.Event()
@@ -91,12 +95,49 @@ class Service:
             log.info("stop_requested", signal=signal.Signals(signum).name)
             self.stop.set()
 
-    def _finished(self, job: Job, ok: bool) -> None:
-        if ok:
+    def _finished(self, outcome: Outcome, written: bool) -> None:
+        """An input left the pipeline: done, failed, or (not written) left in processing/."""
+        if isinstance(outcome, Inferred) and written:
+            job = outcome.prepared.job
+            total = (time.monotonic() - job.claimed_at) * 1000
+            self.metrics.image_done(outcome.device, {**job.timings_ms, "total": total}, outcome.batch_size)
             self.done += 1
         else:
+            reason = outcome.error.reason.value if isinstance(outcome, Failure) and written else "write_error"
+            self.metrics.image_failed(reason)
             self.failed += 1
         self.capacity.release()
+
+    def _on_reload(self) -> None:
+        """SIGHUP: apply what is safe live (thresholds, batching, log level); keep the old config on error."""
+        self.notifier.reloading()
+        try:
+            new = config.load(self.config.source) if self.config.source else self.config
+        except ConfigError as exc:
+            log.error("reload_failed", error=str(exc))
+        else:
+            logs.set_level(new.log.level)
+            self.batcher.knobs = batching.Knobs(
+                new.pipeline.max_batch,
+                new.pipeline.max_wait_ms,
+                new.model.conf,
+                new.model.iou,
+                new.pipeline.max_attempts,
+            )
+            live = {
+                "model.conf",
+                "model.iou",
+                "pipeline.max_batch",
+                "pipeline.max_wait_ms",
+                "pipeline.max_attempts",
+                "log.level",
+                "log.stats_interval_s",
+            }
+            changed = sorted(config.differences(self.config, new))
+            restart = [key for key in changed if key not in live]
+            log.info("reload_done", applied=[k for k in changed if k in live], needs_restart=restart)
+            self.config = new
+        self.notifier.ready()
 
     async def run(self) -> int:
         """Serve until stopped (or, with --once, until incoming/ is drained). Returns the exit status."""
@@ -106,6 +147,8 @@ class Service:
         started = time.monotonic()
         cfg = self.config
         devices = resolve_devices(cfg.model.devices)
+        server = await metrics.serve(self.metrics, *cfg.metrics.listen) if cfg.metrics.listen else None
+        self.notifier.status("loading the model on " + ", ".join(devices))
         self.workers = start_workers(cfg, devices)
         try:
             infos = await asyncio.gather(*(w.start(cfg.pipeline.worker_start_timeout_s) for w in self.workers))
@@ -155,11 +198,24 @@ class Service:
             *(loop.create_task(self._supervise(w)) for w in self.workers),
         ]
         feeders = [loop.create_task(self._feed())]
+        self.queues: dict[str, asyncio.Queue[Any]] = {"jobs": jobs, "ready": ready, "outcomes": outcomes}
+        self.metrics.on_scrape = self._sample
+        self.metrics.healthy = True
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
+        self.notifier.ready()
+        reporters = [loop.create_task(self._watchdog()), loop.create_task(self._stats())]
         try:
             await self._until_stopped(stages + feeders)
         finally:
+            self.metrics.healthy = False
+            self.notifier.stopping()
             await self._drain(stages, feeders)
             pool.shutdown(wait=False, cancel_futures=True)
+            for task in reporters:
+                task.cancel()
+            if server is not None:
+                server.close()
+                await server.wait_closed()
         log.info(
             "daemon_stopped",
             done=self.done,
@@ -231,5 +287,61 @@ class Service:
                 continue
             attempt = 0
             worker.restarts += 1
+            self.metrics.worker_restarted(worker.device)
             log.info("worker_restarted", device=worker.device, pid=worker.pid, restarts=worker.restarts)
             self.batcher.wake.set()
+
+    def _sample(self) -> None:
+        """Refresh the gauges (called just before a metrics scrape)."""
+        for name, q in self.queues.items():
+            self.metrics.set_queue_depth(name, q.qsize())
+        self.metrics.set_queue_depth("batching", self.batcher.waiting)
+        self.metrics.set_in_flight(self.capacity.in_flight)
+        for worker in self.workers:
+            self.metrics.worker_up(worker.device, worker.up)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "done": self.done,
+            "failed": self.failed,
+            "in_flight": self.capacity.in_flight,
+            **{f"{name}_queue": q.qsize() for name, q in self.queues.items()},
+            "batching": self.batcher.waiting,
+            "batches": self.batcher.batches,
+            "workers_up": sum(w.up for w in self.workers),
+            "workers": len(self.workers),
+        }
+
+    async def _stats(self) -> None:
+        """A `stats` log line and systemd STATUS every log.stats_interval_s."""
+        last, last_t = 0, time.monotonic()
+        while self.config.log.stats_interval_s > 0:
+            await asyncio.sleep(self.config.log.stats_interval_s)  # a period, not a wait for something
+            now = time.monotonic()
+            s = self.summary()
+            rate = (s["done"] - last) / (now - last_t)
+            last, last_t = s["done"], now
+            log.info("stats", images_per_s=round(rate, 2), **s)
+            self.notifier.status(
+                f"{s['done']} done, {s['failed']} failed, {s['in_flight']} in flight, {rate:.1f} img/s, "
+                f"{s['workers_up']}/{s['workers']} devices up"
+            )
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 at half the interval, only while the pipeline makes progress or is idle.
+
+        A stuck device or stage therefore lets systemd's watchdog fire. A worker being restarted
+        counts as alive: its supervisor is making progress of its own.
+        """
+        interval = self.notifier.watchdog_interval_s
+        if interval is None:
+            return
+        last = -1
+        while True:
+            await asyncio.sleep(interval)  # a period, not a wait for something
+            finished = self.done + self.failed
+            if finished != last or self.capacity.in_flight == 0 or not all(w.up for w in self.workers):
+                self.notifier.watchdog()
+            else:
+                log.warning("watchdog_withheld", in_flight=self.capacity.in_flight, done=self.done)
+            last = finished

@@ -79,17 +79,18 @@ def write_config(tmp: Path, **sections: dict[str, Any]) -> Path:
 class Daemon:
     """`inferd run` as a real subprocess; stdout JSON lines are collected by a reader thread."""
 
-    def __init__(self, config: Path, *args: str) -> None:
+    def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.lines: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self._stderr = open(config.parent / "daemon.stderr", "w+")  # noqa: SIM115 - closed in stderr()
+        self._stderr = open(config.parent / "daemon.stderr", "w+")  # noqa: SIM115 - closed in kill()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "daemon", "run", "--config", str(config), *args],
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,
             cwd=config.parent,
+            env={**os.environ, **(env or {})},
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -158,8 +159,8 @@ class Daemon:
 def daemon_factory() -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def start(config: Path, *args: str) -> Daemon:
-        d = Daemon(config, *args)
+    def start(config: Path, *args: str, env: dict[str, str] | None = None) -> Daemon:
+        d = Daemon(config, *args, env=env)
         started.append(d)
         return d
 

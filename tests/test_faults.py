@@ -28,7 +28,6 @@ def test_kill_9_five_times_loses_nothing(tmp_path: Path, daemon_factory: RunDaem
     var = tmp_path / "var"
     incoming = var / "incoming"
     (incoming / "sub").mkdir(parents=True)
-    sample = tmp_path / "sample.jpg"
     names = set()
     for i in range(200):
         if i < 8:
@@ -36,16 +35,16 @@ def test_kill_9_five_times_loses_nothing(tmp_path: Path, daemon_factory: RunDaem
         name = f"sub/img{i:03d}.jpg" if i % 4 == 0 else f"img{i:03d}.jpg"
         (incoming / name).write_bytes((tmp_path / f"s{i % 8}.jpg").read_bytes())
         names.add(name)
-    del sample
     rng = random.Random(1234)
     done_before = 0
     for _ in range(5):
         daemon = daemon_factory(config)
-        target = done_before + rng.randint(1, 25)
-        # Kill at a random moment: after a random number of results, mid-stream.
-        daemon.wait_for(
-            lambda r: r["event"] == "image_done" and len(daemon.events("image_done")) >= target - done_before
-        )
+        needed = rng.randint(1, 25)
+
+        def enough(record: dict[str, object], d: Daemon = daemon, n: int = needed) -> bool:
+            return record["event"] == "image_done" and len(d.events("image_done")) >= n
+
+        daemon.wait_for(enough)  # kill at a random moment: after a random number of results
         daemon.kill()  # SIGKILL: no drain, no cleanup
         done_before = len(files(var / "done"))
         assert done_before < 200, "the stream finished before the last kill; kill sooner"

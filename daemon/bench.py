@@ -1,0 +1,522 @@
+"""`inferd bench`: inferd against seed 002's designs and the model's own bound, in one run.
+
+Every mode runs on the same generated JPEGs with the same model, model load excluded:
+
+- naive:   Ultralytics `predict` one image at a time, each .txt written inline (seed 002 before)
+- seed002: the same loop, writes handed to a `Queue(maxsize=200)` and a writer thread (after)
+- bound:   the daemon's `model.Runner` (forward + NMS) on ready letterboxed tensors in batches
+           of `max_batch`: no decode, no I/O, the ceiling
+- inferd:  `inferd run --once` as a subprocess, timed from `daemon_started` to `daemon_stopped`
+
+`--latency` drops files one at a time into a running daemon and times drop -> `image_done`;
+`--backlog` fills incoming/ with N files and reads the daemon's peak RSS (VmHWM) at its end.
+The report is a plain-text table; `--json PATH` writes the same numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from daemon.config import DEFAULTS, Config, ConfigError, parse
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+MODES = ("naive", "seed002", "bound", "inferd")
+STALL_TIMEOUT_S = 600.0  # the daemon must log something this often, or the bench gives up
+SEED_QUEUE_SIZE = 200  # seed 002's write queue
+NOTES = {
+    "naive": "Ultralytics predict per image, .txt written inline",
+    "seed002": f"Ultralytics predict per image, .txt via Queue({SEED_QUEUE_SIZE}) + writer thread",
+    "bound": "Runner forward + NMS on ready tensors, batch {max_batch}, input {shape}, no I/O",
+    "inferd": "inferd run --once, daemon_started -> daemon_stopped",
+}
+SINGLE_IMAGE_RUNS = 20
+BACKLOG_SIZE = (320, 240)
+
+
+class BenchError(Exception):
+    """A run did not complete as it must (missing results, bad exit status); no number is reported."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", type=_size, default=(1920, 1080), help="generated image size WxH (default 1920x1080)")
+    p.add_argument("--count", type=_positive(int), default=50, help="images per mode, and files dropped by --latency")
+    p.add_argument("--weights", default=DEFAULTS["model"]["weights"], help='"default" (embedded), a path or a name')
+    p.add_argument("--devices", default="auto", help='"auto", or comma-separated: cpu, cuda:0, ...')
+    p.add_argument("--batch", type=int, default=8, help="the daemon's pipeline.max_batch (default 8)")
+    p.add_argument("--imgsz", type=int, default=640, help="model input size (default 640)")
+    p.add_argument("--modes", type=_modes, help=f"comma-separated subset of {','.join(MODES)} (default all)")
+    p.add_argument("--latency", action="store_true", help="measure drop -> result latency on a running daemon")
+    p.add_argument(
+        "--rate", type=_positive(float), default=2.0, help="files per second dropped by --latency (default 2)"
+    )
+    p.add_argument("--backlog", type=_counts, help="peak RSS with N[,N...] files waiting in incoming/")
+    p.add_argument("--workdir", type=Path, help="keep everything here (default: a temporary dir, removed)")
+    p.add_argument("--json", type=Path, help="also write the report as JSON to this file")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the generated images")
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def check(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+        return value
+
+    return check
+
+
+def _size(text: str) -> tuple[int, int]:
+    w, sep, h = text.lower().partition("x")
+    if not (sep and w.isdigit() and h.isdigit() and int(w) > 0 and int(h) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not WxH, e.g. 1920x1080")
+    return int(w), int(h)
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not modes or any(m not in MODES for m in modes):
+        raise argparse.ArgumentTypeError(f"{text!r}: use a comma-separated subset of {','.join(MODES)}")
+    return modes
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = sorted({int(n) for n in text.split(",")})
+    except ValueError:
+        counts = []
+    if not counts or counts[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: use positive counts, e.g. 1000,10000")
+    return counts
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the requested measurements, print the report; 0, 1 when a run failed, 2 for bad options."""
+    workdir: Path = args.workdir or Path(tempfile.mkdtemp(prefix="inferd-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(workdir / "ultralytics"))  # before Ultralytics is imported
+    try:
+        raw = daemon_config(workdir / "check", args)
+        config = parse(raw, base=workdir)
+        report = measure(args, workdir, config)
+    except ConfigError as exc:
+        sys.stderr.write(f"inferd bench: {exc}\n")
+        return 2
+    except BenchError as exc:
+        sys.stderr.write(f"inferd bench: {exc}\n")
+        return 1
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    sys.stdout.write(render(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def daemon_config(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The raw config of a daemon run whose data dirs live under `root`."""
+    weights = str(Path(args.weights).resolve()) if Path(args.weights).exists() else args.weights
+    devices = args.devices if args.devices == "auto" else [d.strip() for d in args.devices.split(",")]
+    return {
+        "paths": {name: str(root / name) for name in DEFAULTS["paths"]},
+        "model": {"weights": weights, "imgsz": args.imgsz, "devices": devices},
+        "pipeline": {"max_batch": args.batch},
+        "log": {"format": "json"},
+    }
+
+
+def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str, Any]:
+    from daemon.model import ModelError, resolve_weights
+    from daemon.service import cores, resolve_devices
+
+    try:
+        weights = resolve_weights(config.model.weights)
+    except ModelError as exc:
+        raise BenchError(str(exc)) from None
+    devices = resolve_devices(config.model.devices)
+    modes = args.modes or (() if args.latency or args.backlog else MODES)
+    report: dict[str, Any] = {
+        "setup": {
+            "size": "x".join(map(str, args.size)),
+            "count": args.count,
+            "weights": weights,
+            "devices": devices,
+            "baseline_device": devices[0],  # naive, seed002 and bound run on one device
+            "imgsz": config.model.imgsz,
+            "max_batch": config.pipeline.max_batch,
+            "cpu_cores": cores(),
+            "seed": args.seed,
+            "loadavg_1min_start": os.getloadavg()[0],  # other work on the machine skews every number
+        },
+        "modes": {},
+    }
+    images = generate(workdir / "images", args.count, args.size, args.seed) if modes or args.latency else []
+    for mode in MODES:
+        if mode in ("naive", "seed002") and mode in modes:
+            report["modes"][mode] = predict_loop(images, workdir / mode, config, devices[0], queued=mode == "seed002")
+        elif mode == "bound" and (mode in modes or args.latency):
+            bound = measure_runner(images, config, devices)
+            report["single_image_ms"] = bound.pop("single_image_ms")
+            if mode in modes:
+                report["modes"]["bound"] = bound
+        elif mode == "inferd" and mode in modes:
+            names = [p.name for p in images]
+            report["modes"]["inferd"] = run_once(daemon_config(workdir / "inferd", args), images, names)
+    rates = {m: r["images_per_s"] for m, r in report["modes"].items()}
+    if "inferd" in rates:
+        report["ratios"] = {f"inferd/{m}": rates["inferd"] / rates[m] for m in MODES[:3] if m in rates}
+    if args.latency:
+        report["latency"] = latency(images, daemon_config(workdir / "latency", args), args.rate)
+        report["latency"]["p50_over_single_image"] = report["latency"]["p50_ms"] / report["single_image_ms"]
+    if args.backlog:
+        report["backlog"] = backlog(workdir, args)
+    report["setup"]["loadavg_1min_end"] = os.getloadavg()[0]
+    return report
+
+
+def photo_like(width: int, height: int, seed: int) -> Image.Image:
+    """An image that compresses like a photo: a smooth colour field, shapes and mild sensor noise."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    field = rng.integers(0, 256, (max(2, height // 64), max(2, width // 64), 3), dtype=np.uint8)
+    image = Image.fromarray(field).resize((width, height), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    for _ in range(12):
+        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+        dx, dy = int(rng.integers(width // 20, width // 4 + 1)), int(rng.integers(height // 20, height // 4 + 1))
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape((x, y, x + dx, y + dy), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    pixels = np.asarray(image)
+    out = np.empty_like(pixels)
+    for top in range(0, height, 1024):  # in strips: a 2048x12000 image would need GBs of float noise at once
+        strip = pixels[top : top + 1024].astype(np.float32)
+        strip += rng.standard_normal(strip.shape, dtype=np.float32) * 6
+        out[top : top + 1024] = np.clip(strip, 0, 255)
+    return Image.fromarray(out)
+
+
+def generate(folder: Path, count: int, size: tuple[int, int], seed: int) -> list[Path]:
+    """`count` distinct photo-like JPEGs (quality 90), made once and shared by every mode."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"img-{i:05d}.jpg" for i in range(count)]
+    for i, path in enumerate(paths):
+        photo_like(*size, seed=seed * 1_000_003 + i).save(path, quality=90)
+    return paths
+
+
+def label_lines(result: Any) -> list[str]:
+    """YOLO label lines (class cx cy w h conf, normalised) of one Ultralytics result."""
+    boxes = result.boxes
+    rows = zip(boxes.cls.tolist(), boxes.xywhn.tolist(), boxes.conf.tolist(), strict=True)
+    return [f"{int(c)} {x:.6f} {y:.6f} {w:.6f} {h:.6f} {p:.6f}\n" for c, (x, y, w, h), p in rows]
+
+
+def predict_loop(images: list[Path], out: Path, config: Config, device: str, *, queued: bool) -> dict[str, float]:
+    """Seed 002: Ultralytics predict per image, the .txt written inline or by a writer thread."""
+    import numpy as np
+    from ultralytics.models import YOLO
+
+    from daemon.model import resolve_weights
+
+    out.mkdir(parents=True, exist_ok=True)
+    m = config.model
+    model = YOLO(resolve_weights(m.weights))
+    kwargs: dict[str, Any] = dict(imgsz=m.imgsz, conf=m.conf, iou=m.iou, device=device, verbose=False)
+    model.predict(np.zeros((m.imgsz, m.imgsz, 3), np.uint8), **kwargs)  # load + warm-up, as the daemon's worker
+    writes: queue.Queue[tuple[Path, list[str]] | None] = queue.Queue(maxsize=SEED_QUEUE_SIZE)
+
+    def write(path: Path, lines: list[str]) -> None:
+        with open(path, "w") as f:
+            f.writelines(lines)
+
+    def writer() -> None:
+        while (item := writes.get()) is not None:
+            write(*item)
+
+    thread = threading.Thread(target=writer, name="seed002-writer")
+    started = time.perf_counter()
+    if queued:
+        thread.start()
+    for path in images:
+        (result,) = model.predict(str(path), **kwargs)
+        target = out / f"{path.stem}.txt"
+        if queued:
+            writes.put((target, label_lines(result)))
+        else:
+            write(target, label_lines(result))
+    if queued:
+        writes.put(None)
+        thread.join()
+    seconds = time.perf_counter() - started
+    missing = [p.name for p in images if not (out / f"{p.stem}.txt").is_file()]
+    if missing:
+        raise BenchError(f"{out.name}: no result file for {missing[:5]}")
+    return {"images": len(images), "seconds": seconds, "images_per_s": len(images) / seconds}
+
+
+def measure_runner(images: list[Path], config: Config, devices: list[str]) -> dict[str, Any]:
+    """The daemon's own Runner on ready letterboxed tensors: batches of max_batch, then batch 1."""
+    import numpy as np
+
+    from daemon import model, preprocess
+    from daemon.jobs import Job, Prepared
+    from daemon.service import torch_threads
+
+    m, p = config.model, config.pipeline
+    slot_bytes = p.max_batch * m.imgsz * m.imgsz * 3
+    spec = model.WorkerSpec(
+        devices[0], m.weights, m.imgsz, m.half, m.max_det, torch_threads(config, devices), "", slot_bytes, 1, config.log
+    )
+    buffer = mmap.mmap(-1, slot_bytes)
+    runner = model.Runner(spec, buffer)
+    settings = preprocess.Settings(m.imgsz, p.reduced_decode, p.max_pixels)
+    ready = [preprocess.prepare(Job(PurePosixPath(x.name), x), settings) for x in images]
+
+    def batch(items: list[Prepared]) -> model.Batch:  # as DeviceWorker.infer fills a slot
+        h, w = items[0].shape
+        view = np.frombuffer(buffer, dtype=np.uint8, count=len(items) * h * w * 3)
+        np.stack([x.image for x in items], out=view.reshape(len(items), h, w, 3))
+        metas = [(x.gain[0], x.gain[1], x.pad[0], x.pad[1], x.width, x.height) for x in items]
+        return model.Batch(0, 0, len(items), h, w, metas, m.conf, m.iou)
+
+    def timed(b: model.Batch) -> float:
+        started = time.perf_counter()
+        runner.run(b)
+        return time.perf_counter() - started
+
+    chunks = [ready[i : i + p.max_batch] for i in range(0, len(ready), p.max_batch)]
+    timed(batch(chunks[0]))  # warm-up at this shape: the bound is the steady state
+    seconds = sum(timed(batch(chunk)) for chunk in chunks)
+    timed(batch(ready[:1]))
+    singles = sorted(timed(batch([x])) for x in (ready * SINGLE_IMAGE_RUNS)[:SINGLE_IMAGE_RUNS])
+    return {
+        "images": len(ready),
+        "seconds": seconds,
+        "images_per_s": len(ready) / seconds,
+        "input_shape": f"{ready[0].shape[1]}x{ready[0].shape[0]}",
+        "single_image_ms": singles[len(singles) // 2] * 1000,
+    }
+
+
+class DaemonProcess:
+    """`python -m daemon run` as a child; a thread stamps each JSON log line with its arrival time."""
+
+    def __init__(self, raw: dict[str, Any], *, once: bool) -> None:
+        self.root = Path(raw["paths"]["work"]).parent
+        self.config = write_config(self.root, raw)
+        self.stderr_path = self.root / "daemon.stderr"
+        # Unbounded on purpose: the reader must never block the daemon's stdout.
+        self.lines: queue.SimpleQueue[tuple[float, dict[str, Any]] | None] = queue.SimpleQueue()
+        self.peak_rss_kib: int | None = None
+        command = [sys.executable, "-m", "daemon", "run", "--config", str(self.config), *(["--once"] * once)]
+        with open(self.stderr_path, "w") as stderr:
+            self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        self.reader = threading.Thread(target=self._read, name="bench-log-reader", daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        with open(self.root / "daemon.log", "w") as log:  # kept for a look at where the time went
+            for line in self.proc.stdout:
+                arrived = time.monotonic()
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    record = None  # a stray print by a library, not an event
+                if isinstance(record, dict):
+                    if record.get("event") == "daemon_stopped":  # still alive: it exits just after this line
+                        self.peak_rss_kib = vm_hwm_kib(self.proc.pid)
+                    self.lines.put((arrived, record))
+                log.write(line)
+        self.lines.put(None)
+
+    def records(self) -> Iterator[tuple[float, dict[str, Any]]]:
+        """(arrival time, record) as they come; BenchError if the daemon exits or stalls."""
+        while True:
+            try:
+                item = self.lines.get(timeout=STALL_TIMEOUT_S)
+            except queue.Empty:
+                raise BenchError(f"the daemon logged nothing for {STALL_TIMEOUT_S:.0f} s") from None
+            if item is None:
+                tail = self.stderr_path.read_text()[-2000:]
+                raise BenchError(f"the daemon exited with status {self.proc.wait()}:\n{tail}")
+            if item[1].get("event") == "image_failed":
+                raise BenchError(f"the daemon failed an image: {item[1]}")
+            yield item
+
+    def until(self, event: str, seen: Callable[[float, dict[str, Any]], None] | None = None) -> float:
+        """Wait for `event`, passing every earlier record to `seen`; returns its arrival time."""
+        for arrived, record in self.records():
+            if record["event"] == event:
+                return arrived
+            if seen is not None:
+                seen(arrived, record)
+        raise AssertionError("records() never ends without raising")
+
+    def exit_status(self, timeout_s: float = 60.0) -> int:
+        return self.proc.wait(timeout_s)
+
+    def __enter__(self) -> DaemonProcess:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.reader.join(STALL_TIMEOUT_S)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def write_config(root: Path, raw: dict[str, Any]) -> Path:
+    """config.toml for `raw` (strings, numbers and lists of strings, which JSON writes as TOML does)."""
+    root.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for section, keys in raw.items():
+        lines += [f"[{section}]", *(f"{k} = {json.dumps(v)}" for k, v in keys.items())]
+    path = root / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def vm_hwm_kib(pid: int) -> int | None:
+    """Peak resident set size of a live process, from /proc."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def run_once(raw: dict[str, Any], sources: list[Path], names: list[str]) -> dict[str, Any]:
+    """`inferd run --once` on `sources` (as `names`), timed from daemon_started to daemon_stopped."""
+    incoming = Path(raw["paths"]["incoming"])
+    incoming.mkdir(parents=True)
+    for source, name in zip(sources, names, strict=True):
+        os.link(source, incoming / name)  # the daemon moves the link to done/; the source stays
+    done: set[str] = set()
+
+    def seen(_arrived: float, record: dict[str, Any]) -> None:
+        if record["event"] == "image_done":
+            done.add(record["path"])
+
+    with DaemonProcess(raw, once=True) as daemon:
+        started = daemon.until("daemon_started")
+        stopped = daemon.until("daemon_stopped", seen)
+        status = daemon.exit_status()
+        peak_rss_kib = daemon.peak_rss_kib
+    output = Path(raw["paths"]["output"])
+    missing = [n for n in names if n not in done]
+    missing += [
+        f"{Path(n).stem}{s}" for n in names for s in (".txt", ".json") if not (output / n).with_suffix(s).is_file()
+    ]
+    if status != 0 or missing or peak_rss_kib is None:
+        raise BenchError(f"inferd --once: exit status {status}, missing results {missing[:5]}, VmHWM {peak_rss_kib}")
+    seconds = stopped - started
+    return {
+        "images": len(names),
+        "seconds": seconds,
+        "images_per_s": len(names) / seconds,
+        "rss_mib": peak_rss_kib / 1024,
+    }
+
+
+def latency(images: list[Path], raw: dict[str, Any], rate: float) -> dict[str, Any]:
+    """Drop files one at a time at `rate`/s into a running daemon; drop -> image_done percentiles."""
+    import numpy as np
+
+    incoming = Path(raw["paths"]["incoming"])
+    incoming.mkdir(parents=True, exist_ok=True)
+    dropped: dict[str, float] = {}
+    arrived: dict[str, float] = {}
+    with DaemonProcess(raw, once=False) as daemon:
+        daemon.until("daemon_started")
+        start = time.monotonic()
+        for i, source in enumerate(images):
+            name = f"drop-{i:05d}.jpg"
+            shutil.copyfile(source, incoming / f".{name}.tmp")  # hidden: the daemon ignores it
+            time.sleep(max(0.0, start + i / rate - time.monotonic()))  # the load generator's pace
+            dropped[name] = time.monotonic()
+            os.rename(incoming / f".{name}.tmp", incoming / name)
+        for t, record in daemon.records():
+            if record["event"] == "image_done":
+                arrived[record["path"]] = t
+            if arrived.keys() >= dropped.keys():
+                break
+        daemon.proc.send_signal(signal.SIGTERM)
+        status = daemon.exit_status()
+    if status != 0:
+        raise BenchError(f"inferd after SIGTERM: exit status {status}")
+    ms = np.array([(arrived[n] - dropped[n]) * 1000 for n in dropped])
+    p50, p95, p99 = (float(v) for v in np.percentile(ms, [50, 95, 99]))
+    return {"files": len(ms), "rate_per_s": rate, "p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "max_ms": ms.max()}
+
+
+def backlog(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Peak RSS of the daemon's main process while it drains N waiting files, for each N."""
+    small = workdir / "backlog.jpg"
+    photo_like(*BACKLOG_SIZE, seed=args.seed).save(small, quality=90)
+    runs = []
+    for n in args.backlog:
+        raw = daemon_config(workdir / f"backlog-{n}", args)
+        runs.append(run_once(raw, [small] * n, [f"b{i:06d}.jpg" for i in range(n)]))
+        if runs[-1]["rss_mib"] is None:
+            raise BenchError(f"backlog {n}: the daemon exited before its VmHWM could be read")
+    size = "x".join(map(str, BACKLOG_SIZE))
+    return {"image_size": size, "runs": runs, "rss_ratio": runs[-1]["rss_mib"] / runs[0]["rss_mib"]}
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report as plain-text tables."""
+    s = report["setup"]
+    out = [
+        f"inferd bench: {s['count']} images {s['size']}, {s['weights']}, imgsz {s['imgsz']}, batch {s['max_batch']}",
+        f"devices {','.join(s['devices'])} (naive, seed002, bound on {s['baseline_device']}), {s['cpu_cores']} cores,"
+        f" load average {s['loadavg_1min_start']:.2f} at start, {s['loadavg_1min_end']:.2f} at end",
+    ]
+    if report["modes"]:
+        out.append(f"{'mode':<8} {'images':>6} {'seconds':>8} {'images/s':>9}  what")
+    for mode, r in report["modes"].items():
+        note = NOTES[mode].format(max_batch=s["max_batch"], shape=r.get("input_shape"))
+        out.append(f"{mode:<8} {r['images']:>6} {r['seconds']:>8.2f} {r['images_per_s']:>9.2f}  {note}")
+    if report.get("ratios"):
+        out.append("ratios: " + "  ".join(f"{k} {v:.2f}" for k, v in report["ratios"].items()))
+    if "single_image_ms" in report:
+        out.append(f"single-image model time (Runner, batch 1, median): {report['single_image_ms']:.1f} ms")
+    if r := report.get("latency", {}):
+        out += [
+            f"latency: {r['files']} files dropped at {r['rate_per_s']:g}/s into a running daemon, drop -> image_done:",
+            "  " + "  ".join(f"{k} {r[f'{k}_ms']:.1f} ms" for k in ("p50", "p95", "p99", "max")),
+            f"  p50 / single-image model time: {r['p50_over_single_image']:.2f}; exit status 0 after SIGTERM",
+        ]
+    if b := report.get("backlog", {}):
+        out.append(f"backlog: N {b['image_size']} JPEGs waiting in incoming/, run --once, default max_pending")
+        out.append(f"  {'N':>7} {'peak RSS MiB':>13} {'images/s':>9}")
+        out += [f"  {r['images']:>7} {r['rss_mib']:>13.1f} {r['images_per_s']:>9.2f}" for r in b["runs"]]
+        out.append(f"  peak RSS largest/smallest: {b['rss_ratio']:.2f}")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,108 @@
+"""`inferd bench`: its plumbing on tiny inputs with a random-init model. No timing thresholds:
+the numbers depend on the machine; what is tested is that every one is measured and reported."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon import bench, cli
+
+
+def run_bench(tmp_path: Path, weights: Path, *args: str) -> tuple[dict[str, Any], str]:
+    """`python -m daemon bench` on 320x240 images; returns the JSON report and the printed table."""
+    report = tmp_path / "report.json"
+    command = [sys.executable, "-m", "daemon", "bench", "--size", "320x240", "--weights", str(weights)]
+    command += ["--devices", "cpu", "--workdir", str(tmp_path / "work"), "--json", str(report), *args]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(report.read_text()), proc.stdout
+
+
+def test_options() -> None:
+    args = cli.parser().parse_args(["bench", "--size", "2048x12000", "--backlog", "10000,1000", "--modes", "naive"])
+    assert (args.size, args.backlog, args.modes, args.count, args.batch) == (
+        (2048, 12000),
+        [1000, 10000],
+        ("naive",),
+        50,
+        8,
+    )
+    for bad in (["--size", "12"], ["--modes", "naive,fast"], ["--count", "0"], ["--backlog", "0"], ["--rate", "x"]):
+        with pytest.raises(SystemExit):
+            cli.parser().parse_args(["bench", *bad])
+
+
+def test_parser_imports_no_model_code() -> None:
+    """`inferd --help` stays fast: building the parser imports neither torch nor Ultralytics."""
+    code = (
+        "import sys; from daemon import cli; cli.parser(); print(sorted({'torch', 'ultralytics'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_generated_images_compress_like_photos() -> None:
+    """Neither noise (~0.9 bytes/pixel at quality 90) nor flat (~0.02): photos are ~0.1-0.5."""
+    image = bench.photo_like(320, 240, seed=7)
+    jpeg = io.BytesIO()
+    image.save(jpeg, format="JPEG", quality=90)
+    assert 0.08 < len(jpeg.getvalue()) / (320 * 240) < 0.6
+    assert bench.photo_like(320, 240, seed=7).tobytes() == image.tobytes()
+
+
+@pytest.mark.slow
+def test_throughput_modes_are_measured_and_compared(tmp_path: Path, tiny_weights: Path) -> None:
+    report, table = run_bench(tmp_path, tiny_weights, "--count", "3")
+    modes = report["modes"]
+    assert list(modes) == list(bench.MODES)
+    for mode, result in modes.items():
+        assert result["images"] == 3
+        assert result["images_per_s"] > 0
+        assert result["images_per_s"] == pytest.approx(3 / result["seconds"])
+        assert mode in table
+    for other in ("naive", "seed002", "bound"):
+        expected = modes["inferd"]["images_per_s"] / modes[other]["images_per_s"]
+        assert report["ratios"][f"inferd/{other}"] == pytest.approx(expected)
+    assert modes["bound"]["input_shape"] == "640x480"
+    assert report["single_image_ms"] > 0
+    for mode in ("naive", "seed002"):  # each wrote its own labels
+        assert len(list((tmp_path / "work" / mode).glob("*.txt"))) == 3
+    assert len(list((tmp_path / "work" / "inferd" / "output").glob("*.json"))) == 3
+
+
+@pytest.mark.slow
+def test_latency(tmp_path: Path, tiny_weights: Path) -> None:
+    report, table = run_bench(tmp_path, tiny_weights, "--latency", "--count", "3", "--rate", "4")
+    latency = report["latency"]
+    assert report["modes"] == {}  # --latency alone measures latency only
+    assert latency["files"] == 3
+    assert 0 < latency["p50_ms"] <= latency["p95_ms"] <= latency["p99_ms"] <= latency["max_ms"]
+    assert latency["p50_over_single_image"] == pytest.approx(latency["p50_ms"] / report["single_image_ms"])
+    assert "p99" in table
+
+
+@pytest.mark.slow
+def test_backlog(tmp_path: Path, tiny_weights: Path) -> None:
+    report, table = run_bench(tmp_path, tiny_weights, "--backlog", "40,20")
+    runs = report["backlog"]["runs"]
+    assert [r["images"] for r in runs] == [20, 40]
+    assert all(r["rss_mib"] > 0 and r["images_per_s"] > 0 for r in runs)
+    assert report["backlog"]["rss_ratio"] == pytest.approx(runs[1]["rss_mib"] / runs[0]["rss_mib"])
+    assert "peak RSS" in table
+
+
+@pytest.mark.slow
+def test_a_daemon_that_cannot_start_fails_the_bench(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "daemon", "bench", "--size", "64x48", "--count", "1", "--modes", "inferd"]
+    command += ["--weights", str(tmp_path / "missing.pt"), "--devices", "cpu", "--json", str(tmp_path / "r.json")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 1
+    assert "exited with status 78" in proc.stderr
+    assert not (tmp_path / "r.json").exists() and proc.stdout == ""

@@ -1,0 +1,97 @@
+"""The daemon as a service: sd_notify over a real socket, SIGHUP reload, metrics and health."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from conftest import Daemon, assets, write_config
+from prometheus_client.parser import text_string_to_metric_families
+
+RunDaemon = Callable[..., Daemon]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_notify_reload_metrics(tmp_path: Path, daemon_factory: RunDaemon, tiny_weights: Path) -> None:
+    port = free_port()
+    model = {"weights": str(tiny_weights), "devices": ["cpu"], "conf": 0.45}
+    config = write_config(
+        tmp_path, model=model, metrics={"listen": f"127.0.0.1:{port}"}, log={"format": "json", "stats_interval_s": 0.5}
+    )
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(60)
+    try:
+        run_service(tmp_path, daemon_factory, config, sock, port)
+    finally:
+        sock.close()
+
+
+def run_service(tmp_path: Path, daemon_factory: RunDaemon, config: Path, sock: socket.socket, port: int) -> None:
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}
+    daemon = daemon_factory(config, env=env)
+
+    def next_message(prefix: str) -> str:
+        while True:
+            message = sock.recv(4096).decode()
+            if message.startswith(prefix):
+                return message
+
+    assert next_message("STATUS=").startswith("STATUS=loading the model")
+    next_message("READY=1")
+    daemon.wait_event("daemon_started")
+    status, _body = get(f"http://127.0.0.1:{port}/healthz")
+    assert status == 200
+    next_message("WATCHDOG=1")  # idle counts as healthy
+
+    incoming = tmp_path / "var" / "incoming"
+    shutil.copyfile(assets() / "bus.jpg", incoming / "bus.jpg")
+    (incoming / "bad.jpg").write_bytes(b"nope")
+    daemon.wait_event("image_done", path="bus.jpg")
+    daemon.wait_event("image_failed", path="bad.jpg")
+    stats = daemon.wait_for(lambda r: r["event"] == "stats" and (r["done"], r["failed"]) == (1, 1))
+    assert stats["workers_up"] == 1 and stats["in_flight"] == 0
+    assert next_message("STATUS=1 done, 1 failed").endswith("1/1 devices up")
+
+    status, text = get(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("inferd_images_done_total", (("device", "cpu"),))] == 1
+    assert samples[("inferd_images_failed_total", (("reason", "not_an_image"),))] == 1
+    assert samples[("inferd_workers_up", (("device", "cpu"),))] == 1
+
+    # A live change: the confidence threshold; and a change that needs a restart.
+    config.write_text(config.read_text().replace("0.45", "0.55").replace('"cpu"]', '"cpu"]\nimgsz = 320'))
+    daemon.proc.send_signal(signal.SIGHUP)
+    assert next_message("RELOADING=1").startswith("RELOADING=1")
+    next_message("READY=1")
+    reloaded = daemon.wait_event("reload_done")
+    assert reloaded["applied"] == ["model.conf"] and reloaded["needs_restart"] == ["model.imgsz"]
+    config.write_text("[model]\nimgsz = 'huge'\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    assert "model.imgsz" in daemon.wait_event("reload_failed")["error"]
+
+    assert daemon.stop(signal.SIGTERM) == 0
+    next_message("STOPPING=1")
