@@ -38,16 +38,17 @@ if TYPE_CHECKING:
     from PIL import Image
 
 MODES = ("naive", "seed002", "bound", "inferd")
-STALL_TIMEOUT_S = 600.0  # the daemon must log something this often, or the bench gives up
 SEED_QUEUE_SIZE = 200  # seed 002's write queue
 NOTES = {
     "naive": "Ultralytics predict per image, .txt written inline",
     "seed002": f"Ultralytics predict per image, .txt via Queue({SEED_QUEUE_SIZE}) + writer thread",
     "bound": "Runner forward + NMS on ready tensors, batch {max_batch}, input {shape}, no I/O",
-    "inferd": "inferd run --once, daemon_started -> daemon_stopped",
+    "inferd": "inferd run --once, daemon_started -> daemon_stopped (threads: torch + decode)",
 }
-SINGLE_IMAGE_RUNS = 20
+SINGLE_IMAGE_RUNS = 20  # batch-1 Runner calls; the median is the single-image model time
 BACKLOG_SIZE = (320, 240)
+STALL_TIMEOUT_S = 600.0  # the daemon must log something this often, or the bench gives up
+EXIT_TIMEOUT_S = 120.0
 
 
 class BenchError(Exception):
@@ -56,16 +57,14 @@ class BenchError(Exception):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=_size, default=(1920, 1080), help="generated image size WxH (default 1920x1080)")
-    p.add_argument("--count", type=_positive(int), default=50, help="images per mode, and files dropped by --latency")
+    p.add_argument("--count", type=_positive(int), default=50, help="images per mode and files dropped by --latency")
     p.add_argument("--weights", default=DEFAULTS["model"]["weights"], help='"default" (embedded), a path or a name')
     p.add_argument("--devices", default="auto", help='"auto", or comma-separated: cpu, cuda:0, ...')
     p.add_argument("--batch", type=int, default=8, help="the daemon's pipeline.max_batch (default 8)")
     p.add_argument("--imgsz", type=int, default=640, help="model input size (default 640)")
     p.add_argument("--modes", type=_modes, help=f"comma-separated subset of {','.join(MODES)} (default all)")
     p.add_argument("--latency", action="store_true", help="measure drop -> result latency on a running daemon")
-    p.add_argument(
-        "--rate", type=_positive(float), default=2.0, help="files per second dropped by --latency (default 2)"
-    )
+    p.add_argument("--rate", type=_positive(float), default=2.0, help="files/s dropped by --latency (default 2)")
     p.add_argument("--backlog", type=_counts, help="peak RSS with N[,N...] files waiting in incoming/")
     p.add_argument("--workdir", type=Path, help="keep everything here (default: a temporary dir, removed)")
     p.add_argument("--json", type=Path, help="also write the report as JSON to this file")
@@ -74,14 +73,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
     def check(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            value = 0
+        value = kind(text)  # a ValueError makes argparse say: invalid int/float value
         if value <= 0:
             raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
         return value
 
+    check.__name__ = kind.__name__
     return check
 
 
@@ -110,14 +107,12 @@ def _counts(text: str) -> list[int]:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the requested measurements, print the report; 0, 1 when a run failed, 2 for bad options."""
+    """Run the requested measurements and print the report: 0, 1 when a run failed, 2 for bad options."""
     workdir: Path = args.workdir or Path(tempfile.mkdtemp(prefix="inferd-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("YOLO_CONFIG_DIR", str(workdir / "ultralytics"))  # before Ultralytics is imported
     try:
-        raw = daemon_config(workdir / "check", args)
-        config = parse(raw, base=workdir)
-        report = measure(args, workdir, config)
+        report = measure(args, workdir, parse(daemon_config(workdir, args), base=workdir))
     except ConfigError as exc:
         sys.stderr.write(f"inferd bench: {exc}\n")
         return 2
@@ -154,43 +149,42 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
     except ModelError as exc:
         raise BenchError(str(exc)) from None
     devices = resolve_devices(config.model.devices)
-    modes = args.modes or (() if args.latency or args.backlog else MODES)
-    report: dict[str, Any] = {
-        "setup": {
-            "size": "x".join(map(str, args.size)),
-            "count": args.count,
-            "weights": weights,
-            "devices": devices,
-            "baseline_device": devices[0],  # naive, seed002 and bound run on one device
-            "imgsz": config.model.imgsz,
-            "max_batch": config.pipeline.max_batch,
-            "cpu_cores": cores(),
-            "seed": args.seed,
-            "loadavg_1min_start": os.getloadavg()[0],  # other work on the machine skews every number
-        },
-        "modes": {},
+    setup = {
+        "size": "x".join(map(str, args.size)),
+        "count": args.count,
+        "weights": weights,
+        "devices": devices,
+        "baseline_device": devices[0],  # naive, seed002 and bound run on one device
+        "imgsz": config.model.imgsz,
+        "max_batch": config.pipeline.max_batch,
+        "cpu_cores": cores(),
+        "seed": args.seed,
+        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "CUDA_VISIBLE_DEVICES")},
+        "loadavg_1min_start": os.getloadavg()[0],  # other work on the machine skews every number
     }
+    report: dict[str, Any] = {"setup": setup, "modes": {}}
+    results = report["modes"]
+    modes = args.modes or (() if args.latency or args.backlog else MODES)
     images = generate(workdir / "images", args.count, args.size, args.seed) if modes or args.latency else []
-    for mode in MODES:
-        if mode in ("naive", "seed002") and mode in modes:
-            report["modes"][mode] = predict_loop(images, workdir / mode, config, devices[0], queued=mode == "seed002")
-        elif mode == "bound" and (mode in modes or args.latency):
-            bound = measure_runner(images, config, devices)
-            report["single_image_ms"] = bound.pop("single_image_ms")
-            if mode in modes:
-                report["modes"]["bound"] = bound
-        elif mode == "inferd" and mode in modes:
-            names = [p.name for p in images]
-            report["modes"]["inferd"] = run_once(daemon_config(workdir / "inferd", args), images, names)
-    rates = {m: r["images_per_s"] for m, r in report["modes"].items()}
-    if "inferd" in rates:
-        report["ratios"] = {f"inferd/{m}": rates["inferd"] / rates[m] for m in MODES[:3] if m in rates}
+    for mode in ("naive", "seed002"):
+        if mode in modes:
+            results[mode] = predict_loop(images, workdir / mode, config, devices[0], queued=mode == "seed002")
+    if "bound" in modes or args.latency:
+        bound = measure_runner(images, config, devices)
+        report["single_image_ms"] = bound.pop("single_image_ms")
+        if "bound" in modes:
+            results["bound"] = bound
+    if "inferd" in modes:
+        results["inferd"] = run_once(daemon_config(workdir / "inferd", args), images, [p.name for p in images])
+    if "inferd" in results:
+        rate = results["inferd"]["images_per_s"]
+        report["ratios"] = {f"inferd/{m}": rate / r["images_per_s"] for m, r in results.items() if m != "inferd"}
     if args.latency:
         report["latency"] = latency(images, daemon_config(workdir / "latency", args), args.rate)
         report["latency"]["p50_over_single_image"] = report["latency"]["p50_ms"] / report["single_image_ms"]
     if args.backlog:
         report["backlog"] = backlog(workdir, args)
-    report["setup"]["loadavg_1min_end"] = os.getloadavg()[0]
+    setup["loadavg_1min_end"] = os.getloadavg()[0]
     return report
 
 
@@ -226,6 +220,10 @@ def generate(folder: Path, count: int, size: tuple[int, int], seed: int) -> list
     return paths
 
 
+def _rate(images: int, seconds: float, **extra: Any) -> dict[str, Any]:
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds, **extra}
+
+
 def label_lines(result: Any) -> list[str]:
     """YOLO label lines (class cx cy w h conf, normalised) of one Ultralytics result."""
     boxes = result.boxes
@@ -233,9 +231,10 @@ def label_lines(result: Any) -> list[str]:
     return [f"{int(c)} {x:.6f} {y:.6f} {w:.6f} {h:.6f} {p:.6f}\n" for c, (x, y, w, h), p in rows]
 
 
-def predict_loop(images: list[Path], out: Path, config: Config, device: str, *, queued: bool) -> dict[str, float]:
+def predict_loop(images: list[Path], out: Path, config: Config, device: str, *, queued: bool) -> dict[str, Any]:
     """Seed 002: Ultralytics predict per image, the .txt written inline or by a writer thread."""
     import numpy as np
+    import torch
     from ultralytics.models import YOLO
 
     from daemon.model import resolve_weights
@@ -261,11 +260,10 @@ def predict_loop(images: list[Path], out: Path, config: Config, device: str, *, 
         thread.start()
     for path in images:
         (result,) = model.predict(str(path), **kwargs)
-        target = out / f"{path.stem}.txt"
         if queued:
-            writes.put((target, label_lines(result)))
+            writes.put((out / f"{path.stem}.txt", label_lines(result)))
         else:
-            write(target, label_lines(result))
+            write(out / f"{path.stem}.txt", label_lines(result))
     if queued:
         writes.put(None)
         thread.join()
@@ -273,7 +271,7 @@ def predict_loop(images: list[Path], out: Path, config: Config, device: str, *, 
     missing = [p.name for p in images if not (out / f"{p.stem}.txt").is_file()]
     if missing:
         raise BenchError(f"{out.name}: no result file for {missing[:5]}")
-    return {"images": len(images), "seconds": seconds, "images_per_s": len(images) / seconds}
+    return _rate(len(images), seconds, threads=str(torch.get_num_threads()))  # Ultralytics sets it on CPU
 
 
 def measure_runner(images: list[Path], config: Config, devices: list[str]) -> dict[str, Any]:
@@ -286,38 +284,31 @@ def measure_runner(images: list[Path], config: Config, devices: list[str]) -> di
 
     m, p = config.model, config.pipeline
     slot_bytes = p.max_batch * m.imgsz * m.imgsz * 3
-    spec = model.WorkerSpec(
-        devices[0], m.weights, m.imgsz, m.half, m.max_det, torch_threads(config, devices), "", slot_bytes, 1, config.log
-    )
+    threads = torch_threads(config, devices)
+    spec = model.WorkerSpec(devices[0], m.weights, m.imgsz, m.half, m.max_det, threads, "", slot_bytes, 1, config.log)
     buffer = mmap.mmap(-1, slot_bytes)
     runner = model.Runner(spec, buffer)
     settings = preprocess.Settings(m.imgsz, p.reduced_decode, p.max_pixels)
     ready = [preprocess.prepare(Job(PurePosixPath(x.name), x), settings) for x in images]
 
-    def batch(items: list[Prepared]) -> model.Batch:  # as DeviceWorker.infer fills a slot
+    def timed(items: list[Prepared]) -> float:
+        """Fill the slot as DeviceWorker.infer does, then time Runner.run alone."""
         h, w = items[0].shape
         view = np.frombuffer(buffer, dtype=np.uint8, count=len(items) * h * w * 3)
         np.stack([x.image for x in items], out=view.reshape(len(items), h, w, 3))
         metas = [(x.gain[0], x.gain[1], x.pad[0], x.pad[1], x.width, x.height) for x in items]
-        return model.Batch(0, 0, len(items), h, w, metas, m.conf, m.iou)
-
-    def timed(b: model.Batch) -> float:
         started = time.perf_counter()
-        runner.run(b)
+        runner.run(model.Batch(0, 0, len(items), h, w, metas, m.conf, m.iou))
         return time.perf_counter() - started
 
     chunks = [ready[i : i + p.max_batch] for i in range(0, len(ready), p.max_batch)]
-    timed(batch(chunks[0]))  # warm-up at this shape: the bound is the steady state
-    seconds = sum(timed(batch(chunk)) for chunk in chunks)
-    timed(batch(ready[:1]))
-    singles = sorted(timed(batch([x])) for x in (ready * SINGLE_IMAGE_RUNS)[:SINGLE_IMAGE_RUNS])
-    return {
-        "images": len(ready),
-        "seconds": seconds,
-        "images_per_s": len(ready) / seconds,
-        "input_shape": f"{ready[0].shape[1]}x{ready[0].shape[0]}",
-        "single_image_ms": singles[len(singles) // 2] * 1000,
-    }
+    timed(chunks[0])  # warm-up at this shape: the bound is the steady state
+    seconds = sum(timed(chunk) for chunk in chunks)
+    timed(ready[:1])
+    singles = sorted(timed([x]) for x in (ready * SINGLE_IMAGE_RUNS)[:SINGLE_IMAGE_RUNS])
+    shape = f"{ready[0].shape[1]}x{ready[0].shape[0]}"
+    single_ms = singles[len(singles) // 2] * 1000
+    return _rate(len(ready), seconds, threads=str(threads), input_shape=shape, single_image_ms=single_ms)
 
 
 class DaemonProcess:
@@ -325,20 +316,23 @@ class DaemonProcess:
 
     def __init__(self, raw: dict[str, Any], *, once: bool) -> None:
         self.root = Path(raw["paths"]["work"]).parent
-        self.config = write_config(self.root, raw)
-        self.stderr_path = self.root / "daemon.stderr"
+        self.root.mkdir(parents=True, exist_ok=True)
+        config = self.root / "config.toml"  # JSON writes these strings, numbers and string lists as TOML does
+        config.write_text(
+            "".join(f"[{s}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in t.items()) for s, t in raw.items())
+        )
         # Unbounded on purpose: the reader must never block the daemon's stdout.
         self.lines: queue.SimpleQueue[tuple[float, dict[str, Any]] | None] = queue.SimpleQueue()
         self.peak_rss_kib: int | None = None
-        command = [sys.executable, "-m", "daemon", "run", "--config", str(self.config), *(["--once"] * once)]
-        with open(self.stderr_path, "w") as stderr:
+        command = [sys.executable, "-m", "daemon", "run", "--config", str(config), *(["--once"] * once)]
+        with open(self.root / "daemon.stderr", "w") as stderr:
             self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
         self.reader = threading.Thread(target=self._read, name="bench-log-reader", daemon=True)
         self.reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        with open(self.root / "daemon.log", "w") as log:  # kept for a look at where the time went
+        with open(self.root / "daemon.log", "w") as log:  # kept, to see where the time went
             for line in self.proc.stdout:
                 arrived = time.monotonic()
                 try:
@@ -353,64 +347,53 @@ class DaemonProcess:
         self.lines.put(None)
 
     def records(self) -> Iterator[tuple[float, dict[str, Any]]]:
-        """(arrival time, record) as they come; BenchError if the daemon exits or stalls."""
+        """(arrival time, record) as they come; BenchError if the daemon exits, stalls or fails an image."""
         while True:
             try:
                 item = self.lines.get(timeout=STALL_TIMEOUT_S)
             except queue.Empty:
                 raise BenchError(f"the daemon logged nothing for {STALL_TIMEOUT_S:.0f} s") from None
             if item is None:
-                tail = self.stderr_path.read_text()[-2000:]
+                tail = (self.root / "daemon.stderr").read_text()[-2000:]
                 raise BenchError(f"the daemon exited with status {self.proc.wait()}:\n{tail}")
             if item[1].get("event") == "image_failed":
                 raise BenchError(f"the daemon failed an image: {item[1]}")
             yield item
 
-    def until(self, event: str, seen: Callable[[float, dict[str, Any]], None] | None = None) -> float:
-        """Wait for `event`, passing every earlier record to `seen`; returns its arrival time."""
+    def until(self, event: str) -> tuple[float, dict[str, Any], list[dict[str, Any]]]:
+        """Wait for `event`: its arrival time, its record and the records before it."""
+        earlier: list[dict[str, Any]] = []
         for arrived, record in self.records():
-            if record["event"] == event:
-                return arrived
-            if seen is not None:
-                seen(arrived, record)
-        raise AssertionError("records() never ends without raising")
+            if record.get("event") == event:
+                return arrived, record, earlier
+            earlier.append(record)
+        raise AssertionError("records() ends only by raising")
 
-    def exit_status(self, timeout_s: float = 60.0) -> int:
-        return self.proc.wait(timeout_s)
+    def exit_status(self) -> int:
+        try:
+            return self.proc.wait(EXIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"the daemon did not exit within {EXIT_TIMEOUT_S:.0f} s") from None
 
     def __enter__(self) -> DaemonProcess:
         return self
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
+            self.proc.kill()  # its device process sees the pipe close and exits too
             self.proc.wait()
         self.reader.join(STALL_TIMEOUT_S)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
 
 
-def write_config(root: Path, raw: dict[str, Any]) -> Path:
-    """config.toml for `raw` (strings, numbers and lists of strings, which JSON writes as TOML does)."""
-    root.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for section, keys in raw.items():
-        lines += [f"[{section}]", *(f"{k} = {json.dumps(v)}" for k, v in keys.items())]
-    path = root / "config.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def vm_hwm_kib(pid: int) -> int | None:
-    """Peak resident set size of a live process, from /proc."""
+    """Peak resident set size of a live process, from /proc; None once it is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
         return None
-    return None
 
 
 def run_once(raw: dict[str, Any], sources: list[Path], names: list[str]) -> dict[str, Any]:
@@ -419,31 +402,20 @@ def run_once(raw: dict[str, Any], sources: list[Path], names: list[str]) -> dict
     incoming.mkdir(parents=True)
     for source, name in zip(sources, names, strict=True):
         os.link(source, incoming / name)  # the daemon moves the link to done/; the source stays
-    done: set[str] = set()
-
-    def seen(_arrived: float, record: dict[str, Any]) -> None:
-        if record["event"] == "image_done":
-            done.add(record["path"])
-
     with DaemonProcess(raw, once=True) as daemon:
-        started = daemon.until("daemon_started")
-        stopped = daemon.until("daemon_stopped", seen)
+        started, info, _ = daemon.until("daemon_started")
+        stopped, _, records = daemon.until("daemon_stopped")
         status = daemon.exit_status()
         peak_rss_kib = daemon.peak_rss_kib
     output = Path(raw["paths"]["output"])
+    done = {r["path"] for r in records if r.get("event") == "image_done"}
     missing = [n for n in names if n not in done]
-    missing += [
-        f"{Path(n).stem}{s}" for n in names for s in (".txt", ".json") if not (output / n).with_suffix(s).is_file()
-    ]
-    if status != 0 or missing or peak_rss_kib is None:
-        raise BenchError(f"inferd --once: exit status {status}, missing results {missing[:5]}, VmHWM {peak_rss_kib}")
-    seconds = stopped - started
-    return {
-        "images": len(names),
-        "seconds": seconds,
-        "images_per_s": len(names) / seconds,
-        "rss_mib": peak_rss_kib / 1024,
-    }
+    missing += [f"{n}: {s}" for n in names for s in (".txt", ".json") if not (output / n).with_suffix(s).is_file()]
+    if status != 0 or missing:
+        raise BenchError(f"inferd --once: exit status {status}, missing results {missing[:5]}")
+    rss_mib = peak_rss_kib / 1024 if peak_rss_kib else None  # None: it exited before /proc was read
+    threads = f"{info['torch_threads']}+{info['preprocess_threads']}"
+    return _rate(len(names), stopped - started, threads=threads, rss_mib=rss_mib)
 
 
 def latency(images: list[Path], raw: dict[str, Any], rate: float) -> dict[str, Any]:
@@ -451,7 +423,7 @@ def latency(images: list[Path], raw: dict[str, Any], rate: float) -> dict[str, A
     import numpy as np
 
     incoming = Path(raw["paths"]["incoming"])
-    incoming.mkdir(parents=True, exist_ok=True)
+    incoming.mkdir(parents=True)
     dropped: dict[str, float] = {}
     arrived: dict[str, float] = {}
     with DaemonProcess(raw, once=False) as daemon:
@@ -464,7 +436,7 @@ def latency(images: list[Path], raw: dict[str, Any], rate: float) -> dict[str, A
             dropped[name] = time.monotonic()
             os.rename(incoming / f".{name}.tmp", incoming / name)
         for t, record in daemon.records():
-            if record["event"] == "image_done":
+            if record.get("event") == "image_done":
                 arrived[record["path"]] = t
             if arrived.keys() >= dropped.keys():
                 break
@@ -473,8 +445,9 @@ def latency(images: list[Path], raw: dict[str, Any], rate: float) -> dict[str, A
     if status != 0:
         raise BenchError(f"inferd after SIGTERM: exit status {status}")
     ms = np.array([(arrived[n] - dropped[n]) * 1000 for n in dropped])
-    p50, p95, p99 = (float(v) for v in np.percentile(ms, [50, 95, 99]))
-    return {"files": len(ms), "rate_per_s": rate, "p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "max_ms": ms.max()}
+    keys = ("p50_ms", "p95_ms", "p99_ms", "max_ms")
+    stats = dict(zip(keys, np.percentile(ms, [50, 95, 99, 100]).tolist(), strict=True))
+    return {"files": len(ms), "rate_per_s": rate, **stats}
 
 
 def backlog(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -483,8 +456,8 @@ def backlog(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     photo_like(*BACKLOG_SIZE, seed=args.seed).save(small, quality=90)
     runs = []
     for n in args.backlog:
-        raw = daemon_config(workdir / f"backlog-{n}", args)
-        runs.append(run_once(raw, [small] * n, [f"b{i:06d}.jpg" for i in range(n)]))
+        names = [f"b{i:06d}.jpg" for i in range(n)]
+        runs.append(run_once(daemon_config(workdir / f"backlog-{n}", args), [small] * n, names))
         if runs[-1]["rss_mib"] is None:
             raise BenchError(f"backlog {n}: the daemon exited before its VmHWM could be read")
     size = "x".join(map(str, BACKLOG_SIZE))
@@ -500,10 +473,12 @@ def render(report: dict[str, Any]) -> str:
         f" load average {s['loadavg_1min_start']:.2f} at start, {s['loadavg_1min_end']:.2f} at end",
     ]
     if report["modes"]:
-        out.append(f"{'mode':<8} {'images':>6} {'seconds':>8} {'images/s':>9}  what")
+        out.append(f"{'mode':<8} {'images':>6} {'seconds':>8} {'images/s':>9} {'threads':>7}  what")
     for mode, r in report["modes"].items():
         note = NOTES[mode].format(max_batch=s["max_batch"], shape=r.get("input_shape"))
-        out.append(f"{mode:<8} {r['images']:>6} {r['seconds']:>8.2f} {r['images_per_s']:>9.2f}  {note}")
+        out.append(
+            f"{mode:<8} {r['images']:>6} {r['seconds']:>8.2f} {r['images_per_s']:>9.2f} {r['threads']:>7}  {note}"
+        )
     if report.get("ratios"):
         out.append("ratios: " + "  ".join(f"{k} {v:.2f}" for k, v in report["ratios"].items()))
     if "single_image_ms" in report:
