@@ -56,6 +56,7 @@ class BenchError(Exception):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `inferd bench`, on the sub-parser that cli.py made."""
     p.add_argument("--size", type=_size, default=(1920, 1080), help="generated image size WxH (default 1920x1080)")
     p.add_argument("--count", type=_positive(int), default=50, help="images per mode and files dropped by --latency")
     p.add_argument("--weights", default=DEFAULTS["model"]["weights"], help='"default" (embedded), a path or a name')
@@ -141,6 +142,7 @@ def daemon_config(root: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str, Any]:
+    """Every measurement asked for, in one process, on one image set: the report as a dict."""
     from daemon.model import ModelError, resolve_weights
     from daemon.service import cores, resolve_devices
 
@@ -467,8 +469,9 @@ def backlog(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
 def render(report: dict[str, Any]) -> str:
     """The report as plain-text tables."""
     s = report["setup"]
+    images = f"{s['count']} images {s['size']}, " if report["modes"] or "latency" in report else ""
     out = [
-        f"inferd bench: {s['count']} images {s['size']}, {s['weights']}, imgsz {s['imgsz']}, batch {s['max_batch']}",
+        f"inferd bench: {images}{s['weights']}, imgsz {s['imgsz']}, batch {s['max_batch']}",
         f"devices {','.join(s['devices'])} (naive, seed002, bound on {s['baseline_device']}), {s['cpu_cores']} cores,"
         f" load average {s['loadavg_1min_start']:.2f} at start, {s['loadavg_1min_end']:.2f} at end",
     ]
