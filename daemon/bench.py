@@ -412,7 +412,7 @@ def run_once(raw: dict[str, Any], sources: list[Path], names: list[str]) -> dict
     output = Path(raw["paths"]["output"])
     done = {r["path"] for r in records if r.get("event") == "image_done"}
     missing = [n for n in names if n not in done]
-    missing += [f"{n}: {s}" for n in names for s in (".txt", ".json") if not (output / n).with_suffix(s).is_file()]
+    missing += [f"{n}: {s}" for n in names for s in (".txt", ".json") if not (output / (n + s)).is_file()]
     if status != 0 or missing:
         raise BenchError(f"inferd --once: exit status {status}, missing results {missing[:5]}")
     rss_mib = peak_rss_kib / 1024 if peak_rss_kib else None  # None: it exited before /proc was read

@@ -1,7 +1,8 @@
 """Stage 4: write results atomically with aiofiles, then move the source on.
 
-For `sub/bus.jpg` the results are `output/sub/bus.txt` (YOLO labels: class cx cy w h conf,
-normalised), `output/sub/bus.json` and, if asked, `output/sub/bus.annotated.jpg`. Each is written
+For `sub/bus.jpg` the results are `output/sub/bus.jpg.txt` (YOLO labels: class cx cy w h conf,
+normalised), `output/sub/bus.jpg.json` and, if asked, `output/sub/bus.jpg.annotated.jpg`: the whole
+source name is kept, so `a.jpg` and `a.png` never overwrite each other's results. Each is written
 to a hidden temporary file in the same directory, fsynced, and renamed into place, so a reader
 never sees half a file. Only then does the source leave processing/ (to done/, or deleted).
 A failed input goes to `failed/sub/bus.jpg` beside `failed/sub/bus.jpg.error.json`.
@@ -79,6 +80,11 @@ def annotate(source: Path, boxes: np.ndarray, names: dict[int, str]) -> bytes:
     return buffer.getvalue()
 
 
+def suffixed(path: Path, suffix: str) -> Path:
+    """`bus.jpg` -> `bus.jpg.json`: results keep the source's whole name."""
+    return path.with_name(path.name + suffix)
+
+
 class Writer:
     """Writes outcomes for one configuration; `finished` is called once per input."""
 
@@ -123,13 +129,13 @@ class Writer:
         base = self.paths.output / job.rel
         if "txt" in self.output.formats:
             text = yolo_txt(result.boxes, p.width, p.height)
-            await self.write_atomic(base.with_suffix(".txt"), text.encode(), recovered=job.recovered)
+            await self.write_atomic(suffixed(base, ".txt"), text.encode(), recovered=job.recovered)
         if "image" in self.output.formats:
             data = await asyncio.to_thread(annotate, job.path, result.boxes, self.info.names)
-            await self.write_atomic(base.with_suffix(".annotated.jpg"), data, recovered=job.recovered)
+            await self.write_atomic(suffixed(base, ".annotated.jpg"), data, recovered=job.recovered)
         job.timings_ms["write"] = (time.monotonic() - started) * 1000
         if "json" in self.output.formats:
-            await self.write_atomic(base.with_suffix(".json"), self._json(result), recovered=job.recovered)
+            await self.write_atomic(suffixed(base, ".json"), self._json(result), recovered=job.recovered)
         if self.output.fsync:
             await _fsync_dir(base.parent)
         job.timings_ms["write"] = (time.monotonic() - started) * 1000
@@ -192,7 +198,7 @@ class Writer:
             "failed_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
             "inferd_version": __version__,
         }
-        report_path = target.with_name(target.name + ".error.json")
+        report_path = suffixed(target, ".error.json")
         await self.write_atomic(report_path, json.dumps(report, indent=1).encode(), recovered=job.recovered)
         await aiofiles.os.replace(job.path, target)
         log.warning("image_failed", path=str(job.rel), reason=error.reason.value, error=str(error))

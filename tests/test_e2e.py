@@ -60,9 +60,9 @@ def test_drop_files_into_a_running_daemon(tmp_path: Path, daemon_factory: RunDae
     assert failed["reason"] == "not_an_image"
 
     var = tmp_path / "var"
-    bus = check_labels(var / "output" / "bus.txt")
+    bus = check_labels(var / "output" / "bus.jpg.txt")
     assert len(bus) >= 3 and {row[0] for row in bus} == {0}  # the people in bus.jpg
-    doc = json.loads((var / "output" / "bus.json").read_text())
+    doc = json.loads((var / "output" / "bus.jpg.json").read_text())
     assert doc["source"] == "bus.jpg" and doc["image"] == {
         "width": 810,
         "height": 1080,
@@ -78,7 +78,7 @@ def test_drop_files_into_a_running_daemon(tmp_path: Path, daemon_factory: RunDae
         assert det["class_name"] == "Normal" and abs(det["confidence"] - row[5]) < 1e-5
         assert abs((x1 + x2) / 2 / 810 - row[1]) < 1e-3 and abs((y2 - y1) / 1080 - row[4]) < 1e-3
     assert set(doc["timings_ms"]) >= {"queue", "decode", "batch_wait", "infer", "write"}
-    check_labels(var / "output" / "cam 2" / "zidané.txt")
+    check_labels(var / "output" / "cam 2" / "zidané.jpg.txt")
 
     assert daemon.stop(signal.SIGTERM) == 0
     stopped = daemon.events("daemon_stopped")[0]
@@ -89,15 +89,15 @@ def test_drop_files_into_a_running_daemon(tmp_path: Path, daemon_factory: RunDae
     assert error["reason"] == "not_an_image" and error["message"]
     assert files(var / "output") == sorted(
         [
-            "bus.annotated.jpg",
-            "bus.json",
-            "bus.txt",
-            "gen.annotated.jpg",
-            "gen.json",
-            "gen.txt",
-            "cam 2/zidané.annotated.jpg",
-            "cam 2/zidané.json",
-            "cam 2/zidané.txt",
+            "bus.jpg.annotated.jpg",
+            "bus.jpg.json",
+            "bus.jpg.txt",
+            "gen.jpg.annotated.jpg",
+            "gen.jpg.json",
+            "gen.jpg.txt",
+            "cam 2/zidané.jpg.annotated.jpg",
+            "cam 2/zidané.jpg.json",
+            "cam 2/zidané.jpg.txt",
         ]
     )
     assert files(var / "incoming") == [".hidden.jpg"]
@@ -142,7 +142,7 @@ def test_sigint_during_a_backlog_loses_nothing(tmp_path: Path, daemon_factory: R
     assert 0 < len(done) < 40
     outputs = files(var / "output")
     assert all(not Path(f).name.startswith(".") for f in outputs)  # no temp files left
-    assert {Path(f).stem for f in outputs if f.endswith(".json")} == {Path(n).stem for n in done}
+    assert {Path(f).name.removesuffix(".json") for f in outputs if f.endswith(".json")} == done
 
 
 def test_every_stdout_line_is_json_with_the_schema(

@@ -57,11 +57,11 @@ def test_kill_9_five_times_loses_nothing(tmp_path: Path, daemon_factory: RunDaem
     assert files(incoming) == [] and files(var / "work" / "processing") == []
     outputs = files(var / "output")
     assert [p for p in outputs if p.name.startswith(".")] == []  # no temp files left behind
-    jsons = {str(p.relative_to(var / "output").with_suffix(".jpg")) for p in outputs if p.suffix == ".json"}
+    jsons = {str(p.relative_to(var / "output")).removesuffix(".json") for p in outputs if p.suffix == ".json"}
     assert jsons == names
     for p in outputs:  # every result is complete
         if p.suffix == ".json":
-            assert json.loads(p.read_text())["source"] == str(p.relative_to(var / "output").with_suffix(".jpg"))
+            assert json.loads(p.read_text())["source"] == str(p.relative_to(var / "output")).removesuffix(".json")
     assert files(var / "failed") == []
 
 
