@@ -86,13 +86,14 @@ class Batcher:
             return [self.solo.popleft()]
         if not self.groups:
             return None
+        size = min(self.knobs.max_batch, worker.max_batch)
         group = min(self.groups.values(), key=lambda g: g[0].ready_at)
         full = max(self.groups.values(), key=len)
-        if len(full) >= self.knobs.max_batch:
+        if len(full) >= size:
             group = full
         elif worker.in_flight and (time.monotonic() - group[0].ready_at) * 1000 < self.knobs.max_wait_ms:
             return None  # the device is busy: let the batch fill until it is full or due
-        batch = [group.popleft() for _ in range(min(len(group), self.knobs.max_batch))]
+        batch = [group.popleft() for _ in range(min(len(group), size))]
         for key in [k for k, v in self.groups.items() if not v]:
             del self.groups[key]
         return batch

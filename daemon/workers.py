@@ -52,6 +52,7 @@ class DeviceWorker:
 
     def __init__(self, spec_args: dict[str, Any], *, max_batch: int, slots: int = 2) -> None:
         self.device: str = spec_args["device"]
+        self.max_batch = max_batch  # a slot holds this many images; a reload cannot grow it
         self.slot_bytes = max_batch * spec_args["imgsz"] * spec_args["imgsz"] * 3
         self.slots = slots
         self.spec_args = spec_args
