@@ -87,6 +87,7 @@ class OutputConfig:
     formats: tuple[str, ...]
     on_success: OnSuccess
     fsync: bool
+    write_attempts: int  # 0 = retry a failing write until it succeeds
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +150,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "worker_start_timeout_s": 120.0,
         "drain_timeout_s": 30.0,
     },
-    "output": {"formats": ["txt", "json"], "on_success": "move", "fsync": True},
+    "output": {"formats": ["txt", "json"], "on_success": "move", "fsync": True, "write_attempts": 8},
     "log": {"level": "info", "format": "auto", "stats_interval_s": 60.0},
     "metrics": {"listen": "", "allow_remote": False},
 }
@@ -212,6 +213,7 @@ def parse(raw: dict[str, Any], *, base: Path, source: Path | None = None) -> Con
         formats=formats,
         on_success=OnSuccess(t.choice("output", "on_success", [e.value for e in OnSuccess])),
         fsync=t.boolean("output", "fsync"),
+        write_attempts=t.integer("output", "write_attempts", low=0),
     )
     log = LogConfig(
         level=t.choice("log", "level", LOG_LEVELS),

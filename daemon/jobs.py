@@ -21,6 +21,7 @@ class FailReason(enum.Enum):
     TOO_LARGE = "too_many_pixels"  # above pipeline.max_pixels (decompression bomb guard)
     INFERENCE = "inference_error"
     POISON = "worker_crashed_repeatedly"
+    WRITE = "write_error"  # results could not be written (disk full, read-only) after output.write_attempts
 
 
 class ItemError(Exception):

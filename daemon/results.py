@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import errno
 import io
+import itertools
 import json
 import os
 import time
@@ -30,10 +32,11 @@ from PIL import Image, ImageDraw, ImageOps
 
 from daemon import __version__
 from daemon.config import OnSuccess, OutputConfig, PathsConfig
-from daemon.jobs import Failure, Inferred, Job, Outcome
+from daemon.jobs import FailReason, Failure, Inferred, ItemError, Job, Outcome
 
 log = structlog.get_logger("daemon.results")
 _fsync = aiofiles.os.wrap(os.fsync)
+WRITE_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +102,7 @@ class Writer:
         self.output = output
         self.info = info
         self.finished = finished
+        self.write_errors = 0  # failed write attempts, retried or not
 
     async def write_atomic(self, target: Path, data: bytes, *, recovered: bool = False) -> None:
         """Write `data` to a hidden temp file beside `target`, fsync, rename over `target`.
@@ -122,6 +126,45 @@ class Writer:
         except BaseException:
             await asyncio.shield(_remove_quietly(tmp))
             raise
+
+    async def write(self, item: Outcome) -> None:
+        """Write one outcome. A write that fails (disk full, read-only, permissions) leaves no
+        partial file; it is retried with backoff, up to `output.write_attempts`, and then the input
+        is failed with reason write_error. If even that cannot be written, the source stays in
+        processing/ and is taken up again at the next start. Nothing is lost either way.
+
+        While retries wait, this item keeps its slot, so a full disk also stops the intake.
+        """
+        job = item.job if isinstance(item, Failure) else item.prepared.job
+        for attempt in itertools.count(1):
+            try:
+                await (self.failed(item) if isinstance(item, Failure) else self.done(item))
+                return
+            except OSError as exc:
+                self.write_errors += 1
+                error = exc
+                last = attempt == self.output.write_attempts
+                delay = WRITE_BACKOFF_S[min(attempt, len(WRITE_BACKOFF_S)) - 1]
+                log.error(
+                    "write_failed",
+                    path=str(job.rel),
+                    errno=errno.errorcode.get(exc.errno or 0, exc.errno),
+                    error=str(exc),
+                    attempt=attempt,
+                    retry_in_s=None if last else delay,
+                )
+                if last:
+                    break
+                await asyncio.sleep(delay)  # backoff: the disk must get room before a retry helps
+        message = f"results could not be written after {attempt} attempts: {error}"
+        if not isinstance(item, Failure):
+            try:
+                await self.failed(Failure(job, ItemError(FailReason.WRITE, message)))
+                return
+            except OSError as exc:
+                error = exc
+        log.error("left_in_processing", path=str(job.rel), error=str(error), hint="taken up again at the next start")
+        self.finished(item, False)
 
     async def done(self, result: Inferred) -> None:
         p, job = result.prepared, result.prepared.job
@@ -224,15 +267,7 @@ async def run(inbox: asyncio.Queue[Outcome], writer: Writer, concurrency: int) -
 
     async def one(item: Outcome) -> None:
         try:
-            if isinstance(item, Failure):
-                await writer.failed(item)
-            else:
-                await writer.done(item)
-        except OSError as exc:
-            job = item.job if isinstance(item, Failure) else item.prepared.job
-            # The source stays in processing/ and is taken up again at the next start.
-            log.error("write_failed", path=str(job.rel), error=str(exc), errno=exc.errno)
-            writer.finished(item, False)
+            await writer.write(item)
         finally:
             slots.release()
 

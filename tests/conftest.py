@@ -79,13 +79,15 @@ def write_config(tmp: Path, **sections: dict[str, Any]) -> Path:
 class Daemon:
     """`inferd run` as a real subprocess; stdout JSON lines are collected by a reader thread."""
 
-    def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Path, *args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+    ) -> None:
         self.lines: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._stderr = open(config.parent / "daemon.stderr", "w+")  # noqa: SIM115 - closed in kill()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "run", "--config", str(config), *args],
+            [*prefix, sys.executable, "-m", "daemon", "run", "--config", str(config), *args],
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,
@@ -159,8 +161,10 @@ class Daemon:
 def daemon_factory() -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def start(config: Path, *args: str, env: dict[str, str] | None = None) -> Daemon:
-        d = Daemon(config, *args, env=env)
+    def start(
+        config: Path, *args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+    ) -> Daemon:
+        d = Daemon(config, *args, env=env, prefix=prefix)
         started.append(d)
         return d
 
