@@ -162,6 +162,9 @@ def serve(spec: WorkerSpec, conn: Connection) -> None:
     # Ctrl-C reaches the whole process group; only the parent decides when a worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Before torch loads OpenMP: idle intra-op threads sleep instead of spinning, so the cores
+    # they would burn go to the decode threads (measured on 2 cores: 4.0 vs 0.9 img/s under load).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logs.configure(spec.log, process=f"worker:{spec.device}")
     with open(spec.buffer_path, "r+b") as f:
         buffer = mmap.mmap(f.fileno(), spec.slot_bytes * spec.slots)
