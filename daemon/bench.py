@@ -6,7 +6,7 @@ Every mode runs on the same generated JPEGs with the same model, model load excl
 - seed002: the same loop, writes handed to a `Queue(maxsize=200)` and a writer thread (after)
 - bound:   the daemon's `model.Runner` (forward + NMS) on ready letterboxed tensors in batches
            of `max_batch`: no decode, no I/O, the ceiling
-- inferd:  `inferd run --once` as a subprocess, timed from `daemon_started` to `daemon_stopped`
+- inferd:  `inferd run --once` as a subprocess, timed from `daemon_started` to the last `image_done`
 
 `--latency` drops files one at a time into a running daemon and times drop -> `image_done`;
 `--backlog` fills incoming/ with N files and reads the daemon's peak RSS (VmHWM) at its end.
@@ -43,7 +43,7 @@ NOTES = {
     "naive": "Ultralytics predict per image, .txt written inline",
     "seed002": f"Ultralytics predict per image, .txt via Queue({SEED_QUEUE_SIZE}) + writer thread",
     "bound": "Runner forward + NMS on ready tensors, batch {max_batch}, input {shape}, no I/O",
-    "inferd": "inferd run --once, daemon_started -> daemon_stopped (threads: torch + decode)",
+    "inferd": "inferd run --once, daemon_started -> last image_done (threads: torch + decode)",
 }
 SINGLE_IMAGE_RUNS = 20  # batch-1 Runner calls; the median is the single-image model time
 BACKLOG_SIZE = (320, 240)
@@ -399,25 +399,31 @@ def vm_hwm_kib(pid: int) -> int | None:
 
 
 def run_once(raw: dict[str, Any], sources: list[Path], names: list[str]) -> dict[str, Any]:
-    """`inferd run --once` on `sources` (as `names`), timed from daemon_started to daemon_stopped."""
+    """`inferd run --once` on `sources` (as `names`), timed from daemon_started to the last image_done."""
     incoming = Path(raw["paths"]["incoming"])
     incoming.mkdir(parents=True)
     for source, name in zip(sources, names, strict=True):
         os.link(source, incoming / name)  # the daemon moves the link to done/; the source stays
     with DaemonProcess(raw, once=True) as daemon:
         started, info, _ = daemon.until("daemon_started")
-        stopped, _, records = daemon.until("daemon_stopped")
+        done: set[str] = set()
+        finished = started  # the last result durable: the daemon's own exit is not throughput
+        for arrived, record in daemon.records():
+            if record.get("event") == "image_done":
+                done.add(record["path"])
+                finished = arrived
+            elif record.get("event") == "daemon_stopped":
+                break
         status = daemon.exit_status()
         peak_rss_kib = daemon.peak_rss_kib
     output = Path(raw["paths"]["output"])
-    done = {r["path"] for r in records if r.get("event") == "image_done"}
     missing = [n for n in names if n not in done]
     missing += [f"{n}: {s}" for n in names for s in (".txt", ".json") if not (output / (n + s)).is_file()]
     if status != 0 or missing:
         raise BenchError(f"inferd --once: exit status {status}, missing results {missing[:5]}")
     rss_mib = peak_rss_kib / 1024 if peak_rss_kib else None  # None: it exited before /proc was read
     threads = f"{info['torch_threads']}+{info['preprocess_threads']}"
-    return _rate(len(names), stopped - started, threads=threads, rss_mib=rss_mib)
+    return _rate(len(names), finished - started, threads=threads, rss_mib=rss_mib)
 
 
 def latency(images: list[Path], raw: dict[str, Any], rate: float) -> dict[str, Any]:
