@@ -4,6 +4,8 @@ Every mode runs on the same generated JPEGs with the same model, model load excl
 
 - naive:   Ultralytics `predict` one image at a time, each .txt written inline (seed 002 before)
 - seed002: the same loop, writes handed to a `Queue(maxsize=200)` and a writer thread (after)
+- seed000: seed 000's design: each batch decoded by a `ThreadPoolExecutor().map`, then one
+           batched `predict` on the decoded arrays, .txt written inline; batches do not overlap
 - bound:   the daemon's `model.Runner` (forward + NMS) on ready letterboxed tensors in batches
            of `max_batch`: no decode, no I/O, the ceiling
 - inferd:  `inferd run --once` as a subprocess, timed from `daemon_started` to the last `image_done`
@@ -37,11 +39,12 @@ from daemon.config import DEFAULTS, Config, ConfigError, parse
 if TYPE_CHECKING:
     from PIL import Image
 
-MODES = ("naive", "seed002", "bound", "inferd")
+MODES = ("naive", "seed002", "seed000", "bound", "inferd")
 SEED_QUEUE_SIZE = 200  # seed 002's write queue
 NOTES = {
     "naive": "Ultralytics predict per image, .txt written inline",
     "seed002": f"Ultralytics predict per image, .txt via Queue({SEED_QUEUE_SIZE}) + writer thread",
+    "seed000": "batches of {max_batch}: ThreadPoolExecutor decode, then batched predict, .txt inline",
     "bound": "Runner forward + NMS on ready tensors, batch {max_batch}, input {shape}, no I/O",
     "inferd": "inferd run --once, daemon_started -> last image_done (threads: torch + decode)",
 }
@@ -171,6 +174,8 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
     for mode in ("naive", "seed002"):
         if mode in modes:
             results[mode] = predict_loop(images, workdir / mode, config, devices[0], queued=mode == "seed002")
+    if "seed000" in modes:
+        results["seed000"] = predict_batches(images, workdir / "seed000", config, devices[0])
     if "bound" in modes or args.latency:
         bound = measure_runner(images, config, devices)
         report["single_image_ms"] = bound.pop("single_image_ms")
@@ -274,6 +279,37 @@ def predict_loop(images: list[Path], out: Path, config: Config, device: str, *, 
     if missing:
         raise BenchError(f"{out.name}: no result file for {missing[:5]}")
     return _rate(len(images), seconds, threads=str(torch.get_num_threads()))  # Ultralytics sets it on CPU
+
+
+def predict_batches(images: list[Path], out: Path, config: Config, device: str) -> dict[str, Any]:
+    """Seed 000: decode each batch in a thread pool (cv2 releases the GIL), then one batched predict."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import cv2
+    import numpy as np
+    import torch
+    from ultralytics.models import YOLO
+
+    from daemon.model import resolve_weights
+
+    out.mkdir(parents=True, exist_ok=True)
+    m, size = config.model, config.pipeline.max_batch
+    model = YOLO(resolve_weights(m.weights))
+    kwargs: dict[str, Any] = dict(imgsz=m.imgsz, conf=m.conf, iou=m.iou, device=device, verbose=False)
+    model.predict([np.zeros((m.imgsz, m.imgsz, 3), np.uint8)] * size, **kwargs)  # load + warm-up
+    started = time.perf_counter()
+    with ThreadPoolExecutor() as executor:  # the seed's default pool size
+        for i in range(0, len(images), size):
+            batch = images[i : i + size]
+            decoded = list(executor.map(lambda p: cv2.imread(str(p)), batch))
+            for path, result in zip(batch, model.predict(decoded, **kwargs), strict=True):
+                with open(out / f"{path.stem}.txt", "w") as f:
+                    f.writelines(label_lines(result))
+    seconds = time.perf_counter() - started
+    missing = [p.name for p in images if not (out / f"{p.stem}.txt").is_file()]
+    if missing:
+        raise BenchError(f"{out.name}: no result file for {missing[:5]}")
+    return _rate(len(images), seconds, threads=str(torch.get_num_threads()))
 
 
 def measure_runner(images: list[Path], config: Config, devices: list[str]) -> dict[str, Any]:
@@ -478,7 +514,7 @@ def render(report: dict[str, Any]) -> str:
     images = f"{s['count']} images {s['size']}, " if report["modes"] or "latency" in report else ""
     out = [
         f"inferd bench: {images}{s['weights']}, imgsz {s['imgsz']}, batch {s['max_batch']}",
-        f"devices {','.join(s['devices'])} (naive, seed002, bound on {s['baseline_device']}), {s['cpu_cores']} cores,"
+        f"devices {','.join(s['devices'])} (baselines and bound on {s['baseline_device']}), {s['cpu_cores']} cores,"
         f" load average {s['loadavg_1min_start']:.2f} at start, {s['loadavg_1min_end']:.2f} at end",
     ]
     if report["modes"]:

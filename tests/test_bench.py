@@ -67,12 +67,12 @@ def test_throughput_modes_are_measured_and_compared(tmp_path: Path, tiny_weights
         assert result["images_per_s"] > 0
         assert result["images_per_s"] == pytest.approx(3 / result["seconds"])
         assert mode in table
-    for other in ("naive", "seed002", "bound"):
+    for other in ("naive", "seed002", "seed000", "bound"):
         expected = modes["inferd"]["images_per_s"] / modes[other]["images_per_s"]
         assert report["ratios"][f"inferd/{other}"] == pytest.approx(expected)
     assert modes["bound"]["input_shape"] == "640x480"
     assert report["single_image_ms"] > 0
-    for mode in ("naive", "seed002"):  # each wrote its own labels
+    for mode in ("naive", "seed002", "seed000"):  # each wrote its own labels
         assert len(list((tmp_path / "work" / mode).glob("*.txt"))) == 3
     assert len(list((tmp_path / "work" / "inferd" / "output").glob("*.json"))) == 3
 
