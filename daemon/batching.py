@@ -6,8 +6,9 @@ to the least busy worker that can take one:
 - when the group is full (`max_batch`), or its oldest image has waited `max_wait_ms`, if the
   worker is busy: the device then never waits, and batches fill under load.
 A batch that fails is retried image by image, so one bad image (or an out-of-memory on a big
-batch) fails only itself. Images in flight on a worker that dies are retried alone; an image
-that has taken down `max_attempts` workers is failed as poison.
+batch) fails only itself. Images in the batch a worker died on are retried alone; an image
+that has taken down `max_attempts` workers is failed as poison. A batch that was still queued
+on the dying worker is put back as it was, without counting an attempt.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import structlog
 
 from daemon.jobs import FailReason, Failure, Inferred, ItemError, Outcome, Prepared
@@ -53,6 +55,9 @@ class Batcher:
         self.solo: collections.deque[Prepared] = collections.deque()  # retried alone, first
         self.wake = asyncio.Event()
         self.batches = 0
+        # Batches given to each worker and not yet answered; counted from dispatch, as the
+        # worker's own count starts only when the task runs.
+        self.busy: collections.Counter[DeviceWorker] = collections.Counter()
 
     @property
     def waiting(self) -> int:
@@ -65,6 +70,7 @@ class Batcher:
                 worker = self._pick_worker()
                 batch = self._take_batch(worker) if worker else None
                 if worker and batch:
+                    self.busy[worker] += 1
                     group.create_task(self._infer(worker, batch))
                     continue
                 self.wake.clear()
@@ -78,8 +84,8 @@ class Batcher:
             self.wake.set()
 
     def _pick_worker(self) -> DeviceWorker | None:
-        candidates = [w for w in self.workers if w.up and w.in_flight < w.slots]
-        return min(candidates, key=lambda w: w.in_flight, default=None)
+        candidates = [w for w in self.workers if w.up and self.busy[w] < w.slots]
+        return min(candidates, key=lambda w: self.busy[w], default=None)
 
     def _take_batch(self, worker: DeviceWorker) -> list[Prepared] | None:
         if self.solo:
@@ -91,7 +97,7 @@ class Batcher:
         full = max(self.groups.values(), key=len)
         if len(full) >= size:
             group = full
-        elif worker.in_flight and (time.monotonic() - group[0].ready_at) * 1000 < self.knobs.max_wait_ms:
+        elif self.busy[worker] and (time.monotonic() - group[0].ready_at) * 1000 < self.knobs.max_wait_ms:
             return None  # the device is busy: let the batch fill until it is full or due
         batch = [group.popleft() for _ in range(min(len(group), size))]
         for key in [k for k, v in self.groups.items() if not v]:
@@ -110,10 +116,13 @@ class Batcher:
         for p in batch:
             p.job.timings_ms["batch_wait"] = (sent - p.ready_at) * 1000
         try:
-            boxes, infer_ms = await worker.infer(batch, self.knobs.conf, self.knobs.iou)
+            boxes, infer_ms = await self._call(worker, batch)
         except WorkerCrashed as exc:
-            log.error("worker_crashed", device=worker.device, in_flight=len(batch), error=str(exc))
-            await self._retry(batch, crashed=True, why=str(exc))
+            log.error("worker_crashed", device=worker.device, in_flight=len(batch), started=exc.started, error=str(exc))
+            if exc.started:
+                await self._retry(batch, crashed=True, why=str(exc))
+            else:
+                self._requeue(batch)
         except BatchFailed as exc:
             log.warning("batch_failed", device=worker.device, size=len(batch), kind=exc.kind, error=str(exc))
             await self._retry(batch, crashed=False, why=str(exc))
@@ -124,6 +133,23 @@ class Batcher:
                 await self.out.put(Inferred(p, b, worker.device, len(batch)))
         finally:
             self.wake.set()
+
+    async def _call(self, worker: DeviceWorker, batch: list[Prepared]) -> tuple[list[np.ndarray], float]:
+        try:
+            return await worker.infer(batch, self.knobs.conf, self.knobs.iou)
+        finally:
+            self.busy[worker] -= 1
+            if not self.busy[worker]:
+                del self.busy[worker]  # a worker retired by a reload leaves no entry behind
+            self.wake.set()
+
+    def _requeue(self, batch: list[Prepared]) -> None:
+        """A batch that never reached the model goes back, first in line, as it was."""
+        for p in reversed(batch):
+            if p.job.attempts:  # a suspect from an earlier failure is still only tried alone
+                self.solo.appendleft(p)
+            else:
+                self.groups.setdefault(p.shape, collections.deque()).appendleft(p)
 
     async def _retry(self, batch: list[Prepared], *, crashed: bool, why: str) -> None:
         for p in batch:

@@ -7,11 +7,15 @@
 Every queue is bounded, and `Capacity` bounds the number of claimed, unfinished inputs.
 SIGTERM or SIGINT: intake stops, in-flight work drains within `drain_timeout_s`, workers stop,
 exit 0. A second signal skips the drain; claimed files stay in processing/ for the next start.
+SIGHUP re-reads the config: thresholds, batching, output and log level apply at once; a new
+model, input size, device list or slot size starts new device processes beside the old ones and
+switches over once they are READY. A new config that fails to load or to start changes nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import time
@@ -29,6 +33,21 @@ from daemon.workers import DeviceWorker, WorkerStartError
 log = structlog.get_logger("daemon.service")
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 QUEUES = ("jobs", "ready", "outcomes", "batching")
+# Keys whose change needs new device processes (a reload starts them beside the old ones).
+ROLL_KEYS = frozenset(
+    {
+        "model.weights",
+        "model.imgsz",
+        "model.half",
+        "model.max_det",
+        "model.devices",
+        "pipeline.torch_threads",
+        "pipeline.max_batch",
+    }
+)
+# Keys only a restart applies: the watched folders, the queues, the thread pool, the HTTP endpoint.
+RESTART_KEYS = frozenset({"pipeline.max_pending", "pipeline.preprocess_threads", "log.format"})
+RESTART_SECTIONS = ("paths.", "intake.", "metrics.")
 
 
 def cores() -> int:
@@ -53,7 +72,38 @@ def torch_threads(config: Config, devices: list[str]) -> int:
     return max(1, cores() // cpu_workers) if cpu_workers and devices == ["cpu"] * cpu_workers else 2
 
 
-def start_workers(config: Config, devices: list[str]) -> list[DeviceWorker]:
+def needs_restart(key: str) -> bool:
+    return key in RESTART_KEYS or key.startswith(RESTART_SECTIONS)
+
+
+def reloadable(running: Config, new: Config) -> Config:
+    """`new`, with the keys only a restart can change kept at their running values."""
+    return dataclasses.replace(
+        new,
+        paths=running.paths,
+        intake=running.intake,
+        metrics=running.metrics,
+        pipeline=dataclasses.replace(
+            new.pipeline,
+            max_pending=running.pipeline.max_pending,
+            preprocess_threads=running.pipeline.preprocess_threads,
+        ),
+        log=dataclasses.replace(new.log, format=running.log.format),
+    )
+
+
+def knobs(config: Config) -> batching.Knobs:
+    p = config.pipeline
+    return batching.Knobs(p.max_batch, p.max_wait_ms, config.model.conf, config.model.iou, p.max_attempts)
+
+
+def model_info(info: dict[str, Any], imgsz: int) -> results.ModelInfo:
+    """What the results name as their model, from a worker's READY answer."""
+    return results.ModelInfo(info["weights"], info["names"], imgsz, info["half"])
+
+
+def start_workers(config: Config, devices: list[str], *, slot_imgsz: int = 0) -> list[DeviceWorker]:
+    """One (not yet started) worker per device; `slot_imgsz` as in DeviceWorker."""
     threads = torch_threads(config, devices)
     m = config.model
     return [
@@ -68,6 +118,7 @@ def start_workers(config: Config, devices: list[str]) -> list[DeviceWorker]:
                 log=config.log,
             ),
             max_batch=config.pipeline.max_batch,
+            slot_imgsz=slot_imgsz,
         )
         for d in devices
     ]
@@ -82,10 +133,16 @@ class Service:
         self.stop = asyncio.Event()
         self.force = asyncio.Event()
         self.intake_stop = asyncio.Event()
+        self.serving = asyncio.Event()  # the pipeline runs: a reload can be applied
         self.done = 0
         self.failed = 0
         self.capacity = Capacity(config.pipeline.max_pending)
-        self.workers: list[DeviceWorker] = []
+        self.workers: list[DeviceWorker] = []  # the batcher's list: a reload swaps its contents
+        self.supervisors = asyncio.TaskGroup()
+        self.supervised: dict[DeviceWorker, asyncio.Task[None]] = {}
+        self.reloading: asyncio.Task[None] | None = None
+        self.reload_again = False
+        self.exit_status = 0
 
     def _on_signal(self, signum: int) -> None:
         if self.stop.is_set():
@@ -109,47 +166,131 @@ class Service:
         self.capacity.release()
 
     def _on_reload(self) -> None:
-        """SIGHUP: apply what is safe live (thresholds, batching, log level); keep the old config on error."""
-        self.notifier.reloading()
+        """SIGHUP: reload in a task; a SIGHUP during a reload asks for one more pass after it."""
+        if self.stop.is_set():
+            log.warning("reload_refused", reason="stopping")
+        elif self.reloading is not None and not self.reloading.done():
+            self.reload_again = True
+            log.info("reload_queued", reason="a reload is in progress")
+        else:
+            self.reloading = asyncio.get_running_loop().create_task(self._reload())
+            self.reloading.add_done_callback(self._reload_ended)
+
+    async def _reload(self) -> None:
+        await self.serving.wait()  # a SIGHUP during start-up is served once the pipeline runs
+        self.reload_again = True
+        while self.reload_again and not self.stop.is_set():
+            self.reload_again = False
+            self.notifier.reloading()
+            await self._reload_once()
+            self.notifier.ready()
+
+    def _reload_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("reload_crashed", exc_info=exc)  # a bug: stop rather than run half reloaded
+            self.exit_status = 1
+            self.stop.set()
+
+    async def _reload_once(self) -> None:
+        """Apply the config file: all of it, or (it does not load, its model does not start) nothing."""
+        running = self.config
         try:
-            new = config.load(self.config.source) if self.config.source else self.config
+            read = config.load(running.source) if running.source else running
         except ConfigError as exc:
             log.error("reload_failed", error=str(exc))
+            return
+        restart = sorted(key for key in config.differences(running, read) if needs_restart(key))
+        if restart:
+            log.warning("reload_needs_restart", keys=restart)
+        new = reloadable(running, read)
+        changed = sorted(config.differences(running, new))
+        roll = not ROLL_KEYS.isdisjoint(changed)
+        log.info("reload_started", changed=changed, restart_workers=roll)
+        fresh: list[DeviceWorker] = []
+        if roll:
+            try:
+                fresh = await self._start_fresh(new)
+            except (WorkerStartError, OSError) as exc:
+                log.error("reload_failed", error=str(exc), changed=changed)
+                return
+            await self._switch(new, fresh)
         else:
-            logs.set_level(new.log.level)
-            self.batcher.knobs = batching.Knobs(
-                new.pipeline.max_batch,
-                new.pipeline.max_wait_ms,
-                new.model.conf,
-                new.model.iou,
-                new.pipeline.max_attempts,
-            )
-            live = {
-                "model.conf",
-                "model.iou",
-                "pipeline.max_batch",
-                "pipeline.max_wait_ms",
-                "pipeline.max_attempts",
-                "log.level",
-                "log.stats_interval_s",
-            }
-            changed = sorted(config.differences(self.config, new))
-            restart = [key for key in changed if key not in live]
-            log.info("reload_done", applied=[k for k in changed if k in live], needs_restart=restart)
-            self.config = new
-        self.notifier.ready()
+            self._apply(new, self.writer.info)
+        log.info("reload_done", applied=changed, workers_restarted=len(fresh), pids=[w.pid for w in self.workers])
+
+    async def _start_fresh(self, new: Config) -> list[DeviceWorker]:
+        """Start the new config's workers one at a time, while the old ones serve.
+
+        Their slots keep room for images letterboxed before the switch, at the old imgsz.
+        """
+        room = max([new.model.imgsz, *(w.slot_imgsz for w in self.workers)])
+        fresh = start_workers(new, resolve_devices(new.model.devices), slot_imgsz=room)
+        try:
+            for worker in fresh:
+                await worker.start(new.pipeline.worker_start_timeout_s)
+        except BaseException:  # a start failed, or the drain cancelled the reload: leave nothing running
+            await asyncio.gather(*(w.stop(0) for w in fresh))
+            raise
+        return fresh
+
+    async def _switch(self, new: Config, fresh: list[DeviceWorker]) -> None:
+        """Retire the old workers, then hand the batcher the new ones and apply `new`.
+
+        Retiring: no new batch goes to them, they answer the batches they hold (stop() queues its
+        None behind those), and exit; their supervisors are cancelled first, so this is neither a
+        crash nor a retry. Until then (a batch time) no batch is sent at all, so the results of
+        the old model are in before the writer names the new one.
+        """
+        old = self.workers[:]
+        self.workers.clear()
+        for worker in old:
+            self.supervised.pop(worker).cancel()
+        log.info("reload_switching", retiring=[w.pid for w in old], batches_in_flight=sum(w.in_flight for w in old))
+        retiring = asyncio.ensure_future(self._retire(old, new.pipeline.drain_timeout_s))
+        try:
+            await asyncio.shield(retiring)
+        except asyncio.CancelledError:  # a stop request: the switch is short, finish it first
+            await retiring
+            raise
+        finally:
+            self.workers.extend(fresh)
+            for worker in fresh:
+                self._supervise_worker(worker)
+            for device in {w.device for w in old} - {w.device for w in fresh}:
+                self.metrics.worker_up(device, False)
+            self._apply(new, model_info(fresh[0].info, new.model.imgsz))
+            self.batcher.wake.set()
+
+    @staticmethod
+    async def _retire(workers: list[DeviceWorker], timeout_s: float) -> None:
+        await asyncio.sleep(0)  # batches the batcher handed them just before reach their pipes first
+        await asyncio.gather(*(w.stop(timeout_s) for w in workers))
+
+    def _apply(self, new: Config, info: results.ModelInfo) -> None:
+        """Make `new` the running config; the workers already serve its model."""
+        logs.set_level(new.log.level)
+        self.batcher.knobs = knobs(new)
+        self.writer.output = new.output
+        self.writer.info = info
+        # preprocess.run holds this one Settings object, read once per image; it is frozen for
+        # everyone else. An image prepared meanwhile has the old or the new size: both fit a slot.
+        fresh = preprocess.Settings(new.model.imgsz, new.pipeline.reduced_decode, new.pipeline.max_pixels)
+        for field in dataclasses.fields(fresh):
+            object.__setattr__(self.settings, field.name, getattr(fresh, field.name))
+        self.config = new
 
     async def run(self) -> int:
         """Serve until stopped (or, with --once, until incoming/ is drained). Returns the exit status."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         started = time.monotonic()
         cfg = self.config
         devices = resolve_devices(cfg.model.devices)
         server = await metrics.serve(self.metrics, *cfg.metrics.listen) if cfg.metrics.listen else None
         self.notifier.status("loading the model on " + ", ".join(devices))
-        self.workers = start_workers(cfg, devices)
+        self.workers[:] = start_workers(cfg, devices)
         try:
             infos = await asyncio.gather(*(w.start(cfg.pipeline.worker_start_timeout_s) for w in self.workers))
         except WorkerStartError:
@@ -167,18 +308,15 @@ class Service:
             preprocess_threads=threads,
             torch_threads=torch_threads(cfg, devices),
             once=self.once,
+            pids=[w.pid for w in self.workers],
             startup_s=round(time.monotonic() - started, 2),
         )
-        info = results.ModelInfo(infos[0]["weights"], infos[0]["names"], cfg.model.imgsz, infos[0]["half"])
         size = cfg.pipeline.max_pending
         jobs: asyncio.Queue[Job] = asyncio.Queue(size)
         ready: asyncio.Queue[Prepared] = asyncio.Queue(size)
         outcomes: asyncio.Queue[Outcome] = asyncio.Queue(size)
-        knobs = batching.Knobs(
-            cfg.pipeline.max_batch, cfg.pipeline.max_wait_ms, cfg.model.conf, cfg.model.iou, cfg.pipeline.max_attempts
-        )
-        self.batcher = batching.Batcher(ready, self.workers, outcomes, knobs)
-        writer = results.Writer(cfg.paths, cfg.output, info, self._finished)
+        self.batcher = batching.Batcher(ready, self.workers, outcomes, knobs(cfg))
+        self.writer = results.Writer(cfg.paths, cfg.output, model_info(infos[0], cfg.model.imgsz), self._finished)
         intake_settings = intake.Settings(
             cfg.paths.incoming,
             cfg.paths.work / "processing",
@@ -190,18 +328,18 @@ class Service:
         )
         self.intake = intake.Intake(intake_settings, self.capacity, jobs, outcomes)
         pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
-        settings = preprocess.Settings(cfg.model.imgsz, cfg.pipeline.reduced_decode, cfg.pipeline.max_pixels)
+        self.settings = preprocess.Settings(cfg.model.imgsz, cfg.pipeline.reduced_decode, cfg.pipeline.max_pixels)
         stages = [
-            loop.create_task(preprocess.run(jobs, ready, outcomes, pool, settings, threads * 2)),
+            loop.create_task(preprocess.run(jobs, ready, outcomes, pool, self.settings, threads * 2)),
             loop.create_task(self.batcher.run()),
-            loop.create_task(results.run(outcomes, writer, concurrency=16)),
-            *(loop.create_task(self._supervise(w)) for w in self.workers),
+            loop.create_task(results.run(outcomes, self.writer, concurrency=16)),
+            loop.create_task(self._supervision()),
         ]
         feeders = [loop.create_task(self._feed())]
         self.queues: dict[str, asyncio.Queue[Any]] = {"jobs": jobs, "ready": ready, "outcomes": outcomes}
         self.metrics.on_scrape = self._sample
         self.metrics.healthy = True
-        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
+        self.serving.set()
         self.notifier.ready()
         reporters = [loop.create_task(self._watchdog()), loop.create_task(self._stats())]
         try:
@@ -224,7 +362,7 @@ class Service:
             left_in_processing=self.capacity.in_flight,
             uptime_s=round(time.monotonic() - started, 2),
         )
-        return 0
+        return self.exit_status
 
     async def _feed(self) -> None:
         await self.intake.recover()
@@ -250,6 +388,9 @@ class Service:
                 raise task.exception()  # type: ignore[misc]
 
     async def _drain(self, stages: list[asyncio.Task[Any]], feeders: list[asyncio.Task[Any]]) -> None:
+        if self.reloading is not None and not self.reloading.done():
+            self.reloading.cancel()  # a reload still starting its workers is dropped; a switch completes
+            await asyncio.wait([self.reloading])
         self.intake_stop.set()
         self.intake.close()
         for task in feeders:
@@ -269,6 +410,16 @@ class Service:
             task.cancel()
         await asyncio.gather(*stages, return_exceptions=True)
         await asyncio.gather(*(w.stop(0 if self.force.is_set() else 10) for w in self.workers))
+
+    async def _supervision(self) -> None:
+        """The supervisors of the current workers (a reload swaps them); one that fails is a bug."""
+        async with self.supervisors:
+            for worker in self.workers:
+                self._supervise_worker(worker)
+            await asyncio.Future()  # supervise until the drain cancels this stage
+
+    def _supervise_worker(self, worker: DeviceWorker) -> None:
+        self.supervised[worker] = self.supervisors.create_task(self._supervise(worker))
 
     async def _supervise(self, worker: DeviceWorker) -> None:
         """Restart a device process that died, with backoff; its batches were already re-queued."""

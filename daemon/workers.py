@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import mmap
 import multiprocessing
@@ -36,7 +37,15 @@ class WorkerStartError(Exception):
 
 
 class WorkerCrashed(Exception):
-    """The device process died with batches in flight."""
+    """The device process died with batches in flight.
+
+    `started` is False for a batch that cannot have caused the death: it was queued behind the
+    one being computed, or sent to a process already gone. It must not count as an attempt.
+    """
+
+    def __init__(self, message: str, *, started: bool = True) -> None:
+        super().__init__(message)
+        self.started = started
 
 
 class BatchFailed(Exception):
@@ -50,10 +59,13 @@ class BatchFailed(Exception):
 class DeviceWorker:
     """One device process and its shared batch slots."""
 
-    def __init__(self, spec_args: dict[str, Any], *, max_batch: int, slots: int = 2) -> None:
+    def __init__(self, spec_args: dict[str, Any], *, max_batch: int, slots: int = 2, slot_imgsz: int = 0) -> None:
+        """`slot_imgsz`: the largest letterboxed side a slot must hold, if more than the model's
+        imgsz (after a reload that shrank imgsz, images letterboxed for the old size still queue)."""
         self.device: str = spec_args["device"]
-        self.max_batch = max_batch  # a slot holds this many images; a reload cannot grow it
-        self.slot_bytes = max_batch * spec_args["imgsz"] * spec_args["imgsz"] * 3
+        self.max_batch = max_batch  # a slot holds this many images; a new batcher knob cannot grow it
+        self.slot_imgsz: int = max(slot_imgsz, spec_args["imgsz"])
+        self.slot_bytes = max_batch * self.slot_imgsz * self.slot_imgsz * 3
         self.slots = slots
         self.spec_args = spec_args
         self.info: dict[str, Any] = {}
@@ -66,6 +78,7 @@ class DeviceWorker:
         self._buffer: mmap.mmap | None = None
         self._ready: asyncio.Future[Any] | None = None
         self._exited = asyncio.Event()
+        self._reaped: asyncio.Future[None] | None = None
 
     @property
     def up(self) -> bool:
@@ -103,7 +116,7 @@ class DeviceWorker:
             await self.stop(0)
             raise WorkerStartError(f"{self.device}: model not ready after {timeout_s:.0f} s") from None
         except WorkerStartError:
-            await self.stop(0)
+            await self.stop(5)  # after ERROR it exits by itself
             raise
         finally:
             os.unlink(path)  # both sides have it mapped; a crash leaves nothing behind
@@ -117,7 +130,7 @@ class DeviceWorker:
         """Run one batch (same letterboxed shape); returns per-image boxes and the model time in ms."""
         slot = await self._free.get()
         if not self.up or self._conn is None or self._buffer is None:
-            raise WorkerCrashed(f"{self.device} is not running")
+            raise WorkerCrashed(f"{self.device} is not running", started=False)
         h, w = batch[0].shape
         view = np.frombuffer(self._buffer, dtype=np.uint8, count=len(batch) * h * w * 3, offset=slot * self.slot_bytes)
         np.stack([p.image for p in batch], out=view.reshape(len(batch), h, w, 3))
@@ -125,8 +138,12 @@ class DeviceWorker:
         batch_id = next(self._ids)
         metas = [(p.gain[0], p.gain[1], p.pad[0], p.pad[1], p.width, p.height) for p in batch]
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        try:
+            self._conn.send(model.Batch(batch_id, slot, len(batch), h, w, metas, conf, iou))
+        except OSError:  # it died and the loop has not read its EOF yet
+            self._free.put_nowait(slot)
+            raise WorkerCrashed(f"{self.device} is not running", started=False) from None
         self._pending[batch_id] = (future, slot)
-        self._conn.send(model.Batch(batch_id, slot, len(batch), h, w, metas, conf, iou))
         result: tuple[list[np.ndarray], float] = await future
         return result
 
@@ -138,13 +155,14 @@ class DeviceWorker:
             self._on_exit()
             return
         kind = message[0]
-        if kind == "ready":
+        if kind in ("ready", "error"):
             assert self._ready is not None
-            self._ready.set_result(message[1])
-            return
-        if kind == "error":
-            assert self._ready is not None
-            self._ready.set_exception(WorkerStartError(f"{self.device}: {message[1]}"))
+            if self._ready.done():  # start() gave up on it (timeout, cancelled): stop() is under way
+                return
+            if kind == "ready":
+                self._ready.set_result(message[1])
+            else:
+                self._ready.set_exception(WorkerStartError(f"{self.device}: {message[1]}"))
             return
         future, slot = self._pending.pop(message[1])
         self._free.put_nowait(slot)
@@ -154,20 +172,28 @@ class DeviceWorker:
             future.set_exception(BatchFailed(message[2], message[3]))
 
     def _on_exit(self) -> None:
-        """The pipe closed: the process is gone. Fail what was in flight so it can be re-queued."""
-        assert self._conn is not None
+        """The pipe closed: the process is gone. Reap it, then fail what was in flight so it can be re-queued."""
+        assert self._conn is not None and self._proc is not None
         asyncio.get_running_loop().remove_reader(self._conn.fileno())
         self._exited.set()
-        exitcode = self._proc.exitcode if self._proc else None
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(WorkerStartError(f"{self.device}: process exited during start"))
         pending, self._pending = self._pending, {}
-        for future, _slot in pending.values():
-            if not future.done():
-                future.set_exception(WorkerCrashed(f"{self.device} exited with code {exitcode}"))
+        # The pipe closes just before the process is reaped: join it (off the loop) for its exit code.
+        self._reaped = asyncio.ensure_future(asyncio.to_thread(self._proc.join))
+        self._reaped.add_done_callback(functools.partial(self._fail_in_flight, pending, self._proc))
         # Wake anyone waiting for a slot; infer() sees the worker is down.
         for slot in range(self.slots - self._free.qsize()):
             self._free.put_nowait(slot)
+
+    def _fail_in_flight(
+        self, pending: dict[int, tuple[asyncio.Future[Any], int]], proc: BaseProcess, _reaped: object
+    ) -> None:
+        running = min(pending, default=None)  # the process runs batches in the order sent
+        for batch_id, (future, _slot) in pending.items():
+            if not future.done():
+                message = f"{self.device} exited with code {proc.exitcode}"
+                future.set_exception(WorkerCrashed(message, started=batch_id == running))
 
     async def wait_exit(self) -> None:
         await self._exited.wait()
@@ -186,8 +212,10 @@ class DeviceWorker:
                 log.warning("worker_kill", device=self.device, pid=proc.pid, after_s=timeout_s)
                 os.kill(proc.pid, signal.SIGKILL)  # type: ignore[arg-type]
                 await self._exited.wait()
-        await asyncio.to_thread(proc.join)
+        # One joiner: _on_exit started it. Shielded, so a cancelled stop() leaves it to the next.
+        await asyncio.shield(self._reaped or asyncio.ensure_future(asyncio.to_thread(proc.join)))
         conn.close()
         if self._buffer is not None:
             self._buffer.close()
         self._proc = self._conn = self._buffer = None
+        self._reaped = None

@@ -82,13 +82,15 @@ def run_service(tmp_path: Path, daemon_factory: RunDaemon, config: Path, sock: s
     assert samples[("inferd_images_failed_total", (("reason", "not_an_image"),))] == 1
     assert samples[("inferd_workers_up", (("device", "cpu"),))] == 1
 
-    # A live change: the confidence threshold; and a change that needs a restart.
-    config.write_text(config.read_text().replace("0.45", "0.55").replace('"cpu"]', '"cpu"]\nimgsz = 320'))
+    # A live change: the confidence threshold; and a change that needs a restart (tests/test_reload.py
+    # covers a new model).
+    config.write_text(config.read_text().replace("0.45", "0.55") + "[intake]\nsettle_ms = 500\n")
     daemon.proc.send_signal(signal.SIGHUP)
     assert next_message("RELOADING=1").startswith("RELOADING=1")
     next_message("READY=1")
     reloaded = daemon.wait_event("reload_done")
-    assert reloaded["applied"] == ["model.conf"] and reloaded["needs_restart"] == ["model.imgsz"]
+    assert reloaded["applied"] == ["model.conf"] and reloaded["workers_restarted"] == 0
+    assert daemon.events("reload_needs_restart")[-1]["keys"] == ["intake.settle_ms"]
     config.write_text("[model]\nimgsz = 'huge'\n")
     daemon.proc.send_signal(signal.SIGHUP)
     assert "model.imgsz" in daemon.wait_event("reload_failed")["error"]
