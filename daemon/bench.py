@@ -18,6 +18,7 @@ The report is a plain-text table; `--json PATH` writes the same numbers.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import mmap
 import os
@@ -153,7 +154,7 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
         weights = resolve_weights(config.model.weights)
     except ModelError as exc:
         raise BenchError(str(exc)) from None
-    devices = resolve_devices(config.model.devices)
+    devices = asyncio.run(resolve_devices(config.model.devices))
     setup = {
         "size": "x".join(map(str, args.size)),
         "count": args.count,

@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import os
 import signal
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -32,6 +33,7 @@ from daemon.workers import DeviceWorker, WorkerStartError
 
 log = structlog.get_logger("daemon.service")
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+STABLE_S = 60.0  # a device process that ran this long before dying restarts at the first backoff step
 QUEUES = ("jobs", "ready", "outcomes", "batching")
 # Keys whose change needs new device processes (a reload starts them beside the old ones).
 ROLL_KEYS = frozenset(
@@ -54,13 +56,25 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def resolve_devices(devices: tuple[str, ...]) -> list[str]:
-    """'auto' is every CUDA device, or the CPU when there is none."""
+async def resolve_devices(devices: tuple[str, ...]) -> list[str]:
+    """'auto' is every CUDA device, or the CPU when there is none.
+
+    torch is asked in a short-lived process: imported here, it would keep some 500 MiB resident
+    in the main process, which otherwise never needs it.
+    """
     if devices != ("auto",):
         return list(devices)
-    import torch  # only here: the main process needs no torch otherwise
-
-    count = torch.cuda.device_count()
+    probe = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import torch; print(torch.cuda.device_count())",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await probe.communicate()
+    if probe.returncode != 0:
+        raise WorkerStartError(f"cannot count CUDA devices: {err.decode(errors='replace').strip()[-500:]}")
+    count = int(out.split()[-1])
     return [f"cuda:{i}" for i in range(count)] or ["cpu"]
 
 
@@ -224,7 +238,7 @@ class Service:
         Their slots keep room for images letterboxed before the switch, at the old imgsz.
         """
         room = max([new.model.imgsz, *(w.slot_imgsz for w in self.workers)])
-        fresh = start_workers(new, resolve_devices(new.model.devices), slot_imgsz=room)
+        fresh = start_workers(new, await resolve_devices(new.model.devices), slot_imgsz=room)
         try:
             for worker in fresh:
                 await worker.start(new.pipeline.worker_start_timeout_s)
@@ -287,7 +301,7 @@ class Service:
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         started = time.monotonic()
         cfg = self.config
-        devices = resolve_devices(cfg.model.devices)
+        devices = await resolve_devices(cfg.model.devices)
         server = await metrics.serve(self.metrics, *cfg.metrics.listen) if cfg.metrics.listen else None
         self.notifier.status("loading the model on " + ", ".join(devices))
         self.workers[:] = start_workers(cfg, devices)
@@ -422,21 +436,29 @@ class Service:
         self.supervised[worker] = self.supervisors.create_task(self._supervise(worker))
 
     async def _supervise(self, worker: DeviceWorker) -> None:
-        """Restart a device process that died, with backoff; its batches were already re-queued."""
-        attempt = 0
+        """Restart a device process that died, with backoff; its batches were already re-queued.
+
+        The backoff grows while the process keeps dying soon after a start (or fails to start),
+        and falls back to its first step once a process has run for STABLE_S.
+        """
+        failures = 0
+        up_since = time.monotonic()
         while True:
             await worker.wait_exit()
             await worker.stop(0)
-            delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
+            failures = failures + 1 if time.monotonic() - up_since < STABLE_S else 0
+            delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
             log.error("worker_exited", device=worker.device, restart_in_s=delay, restarts=worker.restarts)
-            await asyncio.sleep(delay)  # backoff: a crash loop must not spin
-            try:
-                await worker.start(self.config.pipeline.worker_start_timeout_s)
-            except WorkerStartError as exc:
-                attempt += 1
-                log.error("worker_restart_failed", device=worker.device, error=str(exc))
-                continue
-            attempt = 0
+            while True:
+                await asyncio.sleep(delay)  # backoff: a crash loop must not spin
+                try:
+                    await worker.start(self.config.pipeline.worker_start_timeout_s)
+                    break
+                except WorkerStartError as exc:
+                    failures += 1
+                    delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
+                    log.error("worker_restart_failed", device=worker.device, error=str(exc), retry_in_s=delay)
+            up_since = time.monotonic()
             worker.restarts += 1
             self.metrics.worker_restarted(worker.device)
             log.info("worker_restarted", device=worker.device, pid=worker.pid, restarts=worker.restarts)
@@ -490,9 +512,10 @@ class Service:
         last = -1
         while True:
             await asyncio.sleep(interval)  # a period, not a wait for something
-            finished = self.done + self.failed
-            if finished != last or self.capacity.in_flight == 0 or not all(w.up for w in self.workers):
+            # Results retrying a write (disk full) are alive too: a restart would not help them.
+            progress = self.done + self.failed + self.writer.write_errors
+            if progress != last or self.capacity.in_flight == 0 or not all(w.up for w in self.workers):
                 self.notifier.watchdog()
             else:
                 log.warning("watchdog_withheld", in_flight=self.capacity.in_flight, done=self.done)
-            last = finished
+            last = progress
