@@ -9,12 +9,14 @@ whole JPEG or PNG ends. It is claimed by an atomic rename from incoming/ into pr
 rename decides when two sources offer the same file, and at every instant an input lives in
 exactly one place. Claiming first takes a slot of `Capacity`, so a backlog of any size waits in
 incoming/, not in memory. Hidden names, temporary suffixes, symlinks and special files are
-never read: symlinks and special files are moved to failed/ with the reason.
+never read: symlinks and special files are moved to failed/ with the reason. Nothing is taken
+through a symlinked directory (watchfiles follows them), so a file outside incoming/ is never moved.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import stat
 import time
@@ -23,6 +25,7 @@ from pathlib import Path, PurePosixPath
 
 import structlog
 import watchfiles
+from watchfiles._rust_notify import WatchfilesRustInternalError  # not re-exported by watchfiles
 
 from daemon.jobs import Capacity, FailReason, Failure, ItemError, Job, Outcome
 
@@ -44,13 +47,24 @@ class Settings:
 
 
 def looks_complete(path: Path) -> bool:
-    """True when the file ends with a JPEG end-of-image or PNG IEND marker."""
+    """True when the file ends with a JPEG end-of-image or PNG IEND marker.
+
+    Opened without following a symlink or waiting on a FIFO: a producer may have swapped one in
+    since the file was looked at.
+    """
     try:
-        with open(path, "rb") as f:
-            f.seek(-len(PNG_END), os.SEEK_END)
-            tail = f.read()
-    except OSError:  # shorter than the marker, or gone
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # gone, or a symlink now
         return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size < len(PNG_END):
+            return False
+        tail = os.pread(fd, len(PNG_END), st.st_size - len(PNG_END))
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
     return tail.endswith(JPEG_END) or tail == PNG_END
 
 
@@ -76,6 +90,10 @@ class Intake:
         self._tasks: set[asyncio.Task[None]] = set()
         self._settled = asyncio.Event()
         self._settled.set()
+        self._scans = 0  # scans of the whole of incoming/ now feeding claims
+        self._no_scan = asyncio.Event()  # set while _scans == 0
+        self._no_scan.set()
+        self._rescan = asyncio.Event()  # the watcher lost events: reconcile now, not at the next interval
 
     def ignored(self, rel: PurePosixPath) -> bool:
         return any(p.startswith(".") for p in rel.parts) or rel.name.endswith(self.settings.ignore_suffixes)
@@ -93,13 +111,36 @@ class Intake:
 
     async def scan(self, root: Path | None = None) -> int:
         """Offer every complete file below `root` (default incoming/), oldest first."""
-        candidates = await asyncio.to_thread(self._walk, root or self.settings.incoming, True)
-        for path, delay in candidates:
-            await self._consider(path, delay)
+        whole = root is None
+        if whole:
+            self._scans += 1
+            self._no_scan.clear()
+        try:
+            candidates = await asyncio.to_thread(self._walk, root or self.settings.incoming, True)
+            for path, delay in candidates:
+                await self._consider(path, delay)
+        finally:
+            if whole:
+                self._scans -= 1
+                if not self._scans:
+                    self._no_scan.set()
         return len(candidates)
 
     async def watch(self, stop: asyncio.Event) -> None:
-        """Claim files as watchfiles reports them, until `stop` is set."""
+        """Claim files as watchfiles reports them, until `stop` is set.
+
+        A name that is not UTF-8 (legal on Linux) breaks a watchfiles watcher for good: it raises
+        on every later call and the batch it was collecting is lost. The watcher is then replaced
+        and a reconcile asked for, which finds what the lost events named.
+        """
+        while not stop.is_set():
+            try:
+                await self._watch(stop)
+            except* WatchfilesRustInternalError as group:
+                log.error("watch_restarted", error=str(group.exceptions[0]))
+                self._rescan.set()
+
+    async def _watch(self, stop: asyncio.Event) -> None:
         async for changes in watchfiles.awatch(
             self.settings.incoming,
             stop_event=stop,
@@ -115,13 +156,23 @@ class Intake:
                     await self._offer(Path(raw))
 
     async def reconcile(self, stop: asyncio.Event) -> None:
-        """Rescan every reconcile_interval_s, for events that never came."""
+        """Rescan every reconcile_interval_s (at once when the watcher lost events), until `stop`.
+
+        A scan offers its files one capacity slot at a time, so with a large backlog it feeds for
+        a long while; a second scan started meanwhile would only hold another list of every path
+        and offer the same files again. Such a tick waits for the running scan to end instead, and
+        the next one comes an interval later (or at once, if a rescan was asked for meanwhile).
+        """
         while True:
-            try:
-                await asyncio.wait_for(stop.wait(), self.settings.reconcile_interval_s)
+            await _first(stop, self._rescan, timeout_s=self.settings.reconcile_interval_s)
+            if stop.is_set():
                 return
-            except TimeoutError:
-                await self.scan()
+            if not self._no_scan.is_set():
+                log.info("reconcile_skipped", reason="a scan of incoming/ is still running", scans=self._scans)
+                await _first(stop, self._no_scan)
+                continue
+            self._rescan.clear()
+            await self.scan()
 
     async def wait_settled(self) -> None:
         """Until no file is waiting for its settle time (used by --once)."""
@@ -149,13 +200,26 @@ class Intake:
             await self._consider(path, delay)
 
     async def _consider(self, path: Path, delay: float) -> None:
-        if path in self._settling:
-            return
+        pending = self._settling.get(path)
+        if pending is not None:
+            if delay > 0:
+                return
+            # Seen while incomplete and complete now (it ends like a whole image): no need to
+            # wait out the settle time set when it was first seen.
+            pending.cancel()
+            del self._settling[path]
+            self._check_settled()
         if delay > 0:
-            self._settled.clear()
-            self._settling[path] = asyncio.get_running_loop().call_later(delay, self._resettle, path)
+            self._defer(path, delay)
             return
         await self._claim(path)
+
+    def _defer(self, path: Path, delay: float) -> None:
+        """Offer `path` again in `delay` seconds (replacing an earlier such plan)."""
+        if (pending := self._settling.get(path)) is not None:
+            pending.cancel()
+        self._settled.clear()
+        self._settling[path] = asyncio.get_running_loop().call_later(delay, self._resettle, path)
 
     def _resettle(self, path: Path) -> None:
         del self._settling[path]
@@ -165,6 +229,9 @@ class Intake:
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        self._check_settled()
+
+    def _check_settled(self) -> None:
         if not self._settling and not self._tasks:
             self._settled.set()
 
@@ -173,16 +240,17 @@ class Intake:
         rel = self._rel(path, self.settings.incoming)
         target = self.settings.processing / rel
         try:
-            mode = await asyncio.to_thread(_rename_into, path, target)
+            mode = await asyncio.to_thread(_rename_into, path, target, self.settings.incoming, rel)
         except FileNotFoundError:  # taken or deleted meanwhile
             self.capacity.release()
             return
+        except OutsideIncoming as exc:
+            self.capacity.release()
+            log.warning("not_claimed", path=str(rel), reason=str(exc))
+            return
         except FileExistsError:  # the same name is still being processed: retry once it is done
             self.capacity.release()
-            self._settled.clear()
-            self._settling[path] = asyncio.get_running_loop().call_later(
-                self.settings.settle_s or 0.5, self._resettle, path
-            )
+            self._defer(path, self.settings.settle_s or 0.5)
             return
         self.claimed += 1
         await self._route(Job(rel, target), mode)
@@ -239,11 +307,35 @@ class Intake:
         return [(path, delay) for _mtime, path, delay in found]
 
 
-def _rename_into(source: Path, target: Path) -> int:
-    """Atomically move `source` to `target` (never replacing one); return its lstat mode."""
+async def _first(*events: asyncio.Event, timeout_s: float | None = None) -> None:
+    """Until one of `events` is set, or `timeout_s` has passed."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+class OutsideIncoming(Exception):
+    """The path reaches its file through a symlinked directory: the file is not in incoming/."""
+
+
+def _rename_into(source: Path, target: Path, root: Path, rel: PurePosixPath) -> int:
+    """Atomically move `source` (`root`/`rel`) to `target`, never replacing one; return the moved
+    entry's lstat mode.
+
+    Raises FileNotFoundError if the source is gone, FileExistsError if the target is taken, and
+    OutsideIncoming if a directory on the way to the source is a symlink.
+    """
+    if os.path.realpath(source.parent) != os.path.normpath(os.path.join(os.path.realpath(root), rel.parent)):
+        raise OutsideIncoming("a directory on its path is a symbolic link")
     target.parent.mkdir(parents=True, exist_ok=True)
-    mode = os.lstat(source).st_mode
+    if target.is_dir() and not target.is_symlink():
+        # An empty directory left by an earlier claim of files below a directory of this name.
+        with contextlib.suppress(OSError):
+            target.rmdir()
     if os.path.lexists(target):
         raise FileExistsError(target)
     os.rename(source, target)
-    return mode
+    return os.lstat(target).st_mode  # what was moved, not what was looked at before: it may have been swapped

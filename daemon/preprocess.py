@@ -10,11 +10,16 @@ tensors equal what `model.predict` feeds the network.
 from __future__ import annotations
 
 import asyncio
+import errno
 import math
+import os
+import stat
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -55,12 +60,35 @@ def letterbox(
     return image, (new_w / ow, new_h / oh), (left, top)
 
 
-def _open(path: str) -> Image.Image:
+def _regular_file(path: str) -> BinaryIO:
+    """`path` opened for reading if it is a regular file; never through a symlink, never blocking.
+
+    Intake routes special files to failed/ by their mode, but a FIFO swapped in under the same
+    name would block a pool thread for good if opened blindly.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ItemError(FailReason.SYMLINK, "symbolic links are not followed") from None
+        raise
+    f = os.fdopen(fd, "rb")
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ItemError(FailReason.NOT_REGULAR, "not a regular file (FIFO, socket or device)")
+        os.set_blocking(fd, True)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _open(f: BinaryIO) -> Image.Image:
     """PIL's own `Image.open`. Importing Ultralytics replaces it with a wrapper that tries to
     pip-install a HEIF plugin whenever a file is not an image; the bench and tests import both."""
     patches = sys.modules.get("ultralytics.utils.patches")
     opener = getattr(patches, "_image_open", Image.open)
-    image: Image.Image = opener(path)
+    image: Image.Image = opener(f)
     return image
 
 
@@ -70,13 +98,13 @@ def decode(path: str, settings: Settings) -> tuple[np.ndarray, tuple[int, int], 
     Raises ItemError for anything that is not a decodable image within the pixel limit.
     """
     try:
-        with _open(path) as im:
+        with _regular_file(path) as f, _open(f) as im:
             w, h = im.size
             if w * h > settings.max_pixels:
                 raise ItemError(
                     FailReason.TOO_LARGE, f"{w}x{h} = {w * h} pixels exceeds pipeline.max_pixels={settings.max_pixels}"
                 )
-            orientation = int(im.getexif().get(EXIF_ORIENTATION, 1))
+            orientation = _orientation(im)
             seen = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
             if settings.reduced_decode and im.format == "JPEG":
                 r = settings.imgsz / max(w, h)
@@ -90,8 +118,26 @@ def decode(path: str, settings: Settings) -> tuple[np.ndarray, tuple[int, int], 
         raise ItemError(FailReason.TOO_LARGE, str(exc)) from None
     except UnidentifiedImageError:
         raise ItemError(FailReason.NOT_IMAGE, "not an image format that can be decoded") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except OSError as exc:
+        if exc.errno is not None:  # the system could not give us the bytes; PIL's own errors carry no errno
+            raise ItemError(FailReason.UNREADABLE, f"cannot read: {exc.strerror}") from None
         raise ItemError(FailReason.NOT_IMAGE, f"cannot decode: {exc}") from None
+    except (SyntaxError, ValueError, EOFError) as exc:
+        raise ItemError(FailReason.NOT_IMAGE, f"cannot decode: {exc}") from None
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag if it is one of 1..8, else 1.
+
+    A malformed tag (text, 0, 9) is metadata noise, not a reason to fail a good image, and
+    `ImageOps.exif_transpose` leaves such an image as it is, so it is reported as unrotated.
+    """
+    value = im.getexif().get(EXIF_ORIENTATION, 1)
+    try:
+        orientation = int(value)
+    except (TypeError, ValueError):
+        return 1
+    return orientation if 1 <= orientation <= 8 else 1
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:
@@ -102,6 +148,8 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     if im.mode == "F":
         grey = np.clip(np.asarray(im), 0, 255).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # straight to RGB, PIL warns about palette transparency given as bytes
     return np.asarray(im.convert("RGB"))
 
 
@@ -117,10 +165,13 @@ async def run(
     ready: asyncio.Queue[Prepared],
     failed: asyncio.Queue[Outcome],
     pool: ThreadPoolExecutor,
-    settings: Settings,
+    settings: Callable[[], Settings],
     concurrency: int,
 ) -> None:
-    """Take claimed jobs, preprocess up to `concurrency` at once in `pool`, pass them on."""
+    """Take claimed jobs, preprocess up to `concurrency` at once in `pool`, pass them on.
+
+    `settings` is asked once per image: a config reload may change them.
+    """
     loop = asyncio.get_running_loop()
     slots = asyncio.Semaphore(concurrency)
 
@@ -129,7 +180,7 @@ async def run(
             started = time.monotonic()
             job.timings_ms["queue"] = (started - job.claimed_at) * 1000
             try:
-                prepared = await loop.run_in_executor(pool, prepare, job, settings)
+                prepared = await loop.run_in_executor(pool, prepare, job, settings())
             except ItemError as exc:
                 await failed.put(Failure(job, exc))
                 return
