@@ -130,7 +130,7 @@ class Batcher:
             self.batches += 1
             for p, b in zip(batch, boxes, strict=True):
                 p.job.timings_ms["infer"] = infer_ms
-                await self.out.put(Inferred(p, b, worker.device, len(batch)))
+                await self.out.put(Inferred(p, b, worker.device, len(batch), worker.model))
         finally:
             self.wake.set()
 

@@ -62,6 +62,16 @@ class Prepared:
         return int(self.image.shape[0]), int(self.image.shape[1])
 
 
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """The model a device process serves, as its results name it."""
+
+    weights: str
+    names: dict[int, str]
+    imgsz: int
+    half: bool
+
+
 @dataclass(slots=True)
 class Inferred:
     """Detections for one image: rows of x1, y1, x2, y2, confidence, class in original pixels."""
@@ -70,6 +80,7 @@ class Inferred:
     boxes: np.ndarray  # (n, 6) float32
     device: str
     batch_size: int
+    model: ModelInfo  # the one that produced them (a reload may have switched since)
 
 
 @dataclass(slots=True)

@@ -14,8 +14,9 @@ import structlog
 
 from daemon.config import LogConfig, LogFormat
 
-# Third-party loggers that install their own handlers; we take their records into our stream.
-FOREIGN_LOGGERS = ("ultralytics",)
+# Third-party loggers whose info lines are banners, progress or per-event chatter (watchfiles logs
+# "N changes detected" for every batch of events): only their warnings reach our stream.
+FOREIGN_LOGGERS = ("ultralytics", "watchfiles")
 
 
 def configure(config: LogConfig, *, process: str) -> None:
@@ -47,7 +48,7 @@ def configure(config: LogConfig, *, process: str) -> None:
         foreign = logging.getLogger(name)
         foreign.handlers.clear()
         foreign.propagate = True
-        foreign.setLevel(logging.WARNING)  # Ultralytics' info lines are banners and progress, not events
+        foreign.setLevel(logging.WARNING)
     structlog.configure(
         processors=[
             structlog.stdlib.filter_by_level,

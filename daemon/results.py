@@ -14,13 +14,13 @@ import asyncio
 import contextlib
 import datetime
 import errno
+import hashlib
 import io
 import itertools
 import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +37,7 @@ from daemon.jobs import FailReason, Failure, Inferred, ItemError, Job, Outcome
 log = structlog.get_logger("daemon.results")
 _fsync = aiofiles.os.wrap(os.fsync)
 WRITE_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
-
-
-@dataclass(frozen=True, slots=True)
-class ModelInfo:
-    weights: str
-    names: dict[int, str]
-    imgsz: int
-    half: bool
+NAME_MAX = 255  # bytes in one file name, on every Linux filesystem inferd supports
 
 
 def yolo_txt(boxes: np.ndarray, width: int, height: int) -> str:
@@ -84,8 +77,21 @@ def annotate(source: Path, boxes: np.ndarray, names: dict[int, str]) -> bytes:
 
 
 def suffixed(path: Path, suffix: str) -> Path:
-    """`bus.jpg` -> `bus.jpg.json`: results keep the source's whole name."""
-    return path.with_name(path.name + suffix)
+    """`bus.jpg` -> `bus.jpg.json`: results keep the source's whole name.
+
+    A name that would pass the filesystem's 255-byte limit keeps its first bytes and gets a
+    digest of the whole name instead (`<first bytes>~<16 hex><suffix>`); the .json says which
+    source it belongs to.
+    """
+    name = path.name + suffix
+    if len(os.fsencode(name)) <= NAME_MAX:
+        return path.with_name(name)
+    keep = NAME_MAX - len(os.fsencode(suffix)) - 17
+    return path.with_name(f"{os.fsdecode(os.fsencode(path.name)[:keep])}~{digest(path.name)}{suffix}")
+
+
+def digest(name: str) -> str:
+    return hashlib.blake2b(os.fsencode(name), digest_size=8).hexdigest()
 
 
 class Writer:
@@ -95,12 +101,10 @@ class Writer:
         self,
         paths: PathsConfig,
         output: OutputConfig,
-        info: ModelInfo,
         finished: Callable[[Outcome, bool], None],
     ) -> None:
         self.paths = paths
         self.output = output
-        self.info = info
         self.finished = finished
         self.write_errors = 0  # failed write attempts, retried or not
 
@@ -111,11 +115,12 @@ class Writer:
         its own temp files for this target; they are removed first.
         """
         await aiofiles.os.makedirs(target.parent, exist_ok=True)
+        key = digest(target.name)  # temp names have a fixed length, whatever the target's
         if recovered:
-            stale = await asyncio.to_thread(lambda: list(target.parent.glob(f".{target.name}.*.tmp")))
+            stale = await asyncio.to_thread(lambda: list(target.parent.glob(f".{key}.*.tmp")))
             for path in stale:
                 await _remove_quietly(path)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp = target.with_name(f".{key}.{os.getpid()}.tmp")
         try:
             async with aiofiles.open(tmp, "wb") as f:
                 await f.write(data)
@@ -174,7 +179,7 @@ class Writer:
             text = yolo_txt(result.boxes, p.width, p.height)
             await self.write_atomic(suffixed(base, ".txt"), text.encode(), recovered=job.recovered)
         if "image" in self.output.formats:
-            data = await asyncio.to_thread(annotate, job.path, result.boxes, self.info.names)
+            data = await asyncio.to_thread(annotate, job.path, result.boxes, result.model.names)
             await self.write_atomic(suffixed(base, ".annotated.jpg"), data, recovered=job.recovered)
         job.timings_ms["write"] = (time.monotonic() - started) * 1000
         if "json" in self.output.formats:
@@ -197,7 +202,7 @@ class Writer:
         self.finished(result, True)
 
     def _json(self, result: Inferred) -> bytes:
-        p, job = result.prepared, result.prepared.job
+        p, job, model = result.prepared, result.prepared.job, result.model
         document = {
             "source": str(job.rel),
             "image": {
@@ -207,20 +212,21 @@ class Writer:
                 "orientation_applied": p.orientation != 1,
             },
             "model": {
-                "weights": self.info.weights,
-                "name": Path(self.info.weights).name,
-                "imgsz": self.info.imgsz,
-                "half": self.info.half,
+                "weights": model.weights,
+                "name": Path(model.weights).name,
+                "imgsz": model.imgsz,
+                "half": model.half,
             },
-            "names": {str(k): v for k, v in self.info.names.items()},
-            "detections": detections(result.boxes, self.info.names),
+            "names": {str(k): v for k, v in model.names.items()},
+            "detections": detections(result.boxes, model.names),
             "device": result.device,
             "batch_size": result.batch_size,
             "timings_ms": {k: round(v, 2) for k, v in job.timings_ms.items()},
             "processed_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
             "inferd_version": __version__,
         }
-        return (json.dumps(document, indent=1, ensure_ascii=False) + "\n").encode()
+        # A name that is not UTF-8 (surrogate-escaped by Python) is written as a \udcXX escape.
+        return (json.dumps(document, indent=1, ensure_ascii=False) + "\n").encode(errors="backslashreplace")
 
     async def _release_source(self, job: Job) -> None:
         if self.output.on_success is OnSuccess.DELETE:

@@ -111,11 +111,6 @@ def knobs(config: Config) -> batching.Knobs:
     return batching.Knobs(p.max_batch, p.max_wait_ms, config.model.conf, config.model.iou, p.max_attempts)
 
 
-def model_info(info: dict[str, Any], imgsz: int) -> results.ModelInfo:
-    """What the results name as their model, from a worker's READY answer."""
-    return results.ModelInfo(info["weights"], info["names"], imgsz, info["half"])
-
-
 def start_workers(config: Config, devices: list[str], *, slot_imgsz: int = 0) -> list[DeviceWorker]:
     """One (not yet started) worker per device; `slot_imgsz` as in DeviceWorker."""
     threads = torch_threads(config, devices)
@@ -229,7 +224,7 @@ class Service:
                 return
             await self._switch(new, fresh)
         else:
-            self._apply(new, self.writer.info)
+            self._apply(new)
         log.info("reload_done", applied=changed, workers_restarted=len(fresh), pids=[w.pid for w in self.workers])
 
     async def _start_fresh(self, new: Config) -> list[DeviceWorker]:
@@ -272,7 +267,7 @@ class Service:
                 self._supervise_worker(worker)
             for device in {w.device for w in old} - {w.device for w in fresh}:
                 self.metrics.worker_up(device, False)
-            self._apply(new, model_info(fresh[0].info, new.model.imgsz))
+            self._apply(new)
             self.batcher.wake.set()
 
     @staticmethod
@@ -280,17 +275,13 @@ class Service:
         await asyncio.sleep(0)  # batches the batcher handed them just before reach their pipes first
         await asyncio.gather(*(w.stop(timeout_s) for w in workers))
 
-    def _apply(self, new: Config, info: results.ModelInfo) -> None:
+    def _apply(self, new: Config) -> None:
         """Make `new` the running config; the workers already serve its model."""
         logs.set_level(new.log.level)
         self.batcher.knobs = knobs(new)
         self.writer.output = new.output
-        self.writer.info = info
-        # preprocess.run holds this one Settings object, read once per image; it is frozen for
-        # everyone else. An image prepared meanwhile has the old or the new size: both fit a slot.
-        fresh = preprocess.Settings(new.model.imgsz, new.pipeline.reduced_decode, new.pipeline.max_pixels)
-        for field in dataclasses.fields(fresh):
-            object.__setattr__(self.settings, field.name, getattr(fresh, field.name))
+        # An image prepared meanwhile has the old or the new size: both fit the new slots.
+        self.settings = preprocess.Settings(new.model.imgsz, new.pipeline.reduced_decode, new.pipeline.max_pixels)
         self.config = new
 
     async def run(self) -> int:
@@ -330,7 +321,7 @@ class Service:
         ready: asyncio.Queue[Prepared] = asyncio.Queue(size)
         outcomes: asyncio.Queue[Outcome] = asyncio.Queue(size)
         self.batcher = batching.Batcher(ready, self.workers, outcomes, knobs(cfg))
-        self.writer = results.Writer(cfg.paths, cfg.output, model_info(infos[0], cfg.model.imgsz), self._finished)
+        self.writer = results.Writer(cfg.paths, cfg.output, self._finished)
         intake_settings = intake.Settings(
             cfg.paths.incoming,
             cfg.paths.work / "processing",
@@ -344,7 +335,7 @@ class Service:
         pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
         self.settings = preprocess.Settings(cfg.model.imgsz, cfg.pipeline.reduced_decode, cfg.pipeline.max_pixels)
         stages = [
-            loop.create_task(preprocess.run(jobs, ready, outcomes, pool, self.settings, threads * 2)),
+            loop.create_task(preprocess.run(jobs, ready, outcomes, pool, lambda: self.settings, threads * 2)),
             loop.create_task(self.batcher.run()),
             loop.create_task(results.run(outcomes, self.writer, concurrency=16)),
             loop.create_task(self._supervision()),

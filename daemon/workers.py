@@ -26,7 +26,7 @@ import numpy as np
 import structlog
 
 from daemon import model
-from daemon.jobs import Prepared
+from daemon.jobs import ModelInfo, Prepared
 
 log = structlog.get_logger("daemon.workers")
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
@@ -68,7 +68,8 @@ class DeviceWorker:
         self.slot_bytes = max_batch * self.slot_imgsz * self.slot_imgsz * 3
         self.slots = slots
         self.spec_args = spec_args
-        self.info: dict[str, Any] = {}
+        self.info: dict[str, Any] = {}  # the READY answer
+        self.model = ModelInfo(spec_args["weights"], {}, spec_args["imgsz"], False)  # set from READY
         self.restarts = 0
         self._ids = itertools.count()
         self._pending: dict[int, tuple[asyncio.Future[Any], int]] = {}
@@ -112,6 +113,7 @@ class DeviceWorker:
             child_conn.close()
             loop.add_reader(self._conn.fileno(), self._on_message)
             self.info = await asyncio.wait_for(self._ready, timeout_s)
+            self.model = ModelInfo(self.info["weights"], self.info["names"], self.spec_args["imgsz"], self.info["half"])
         except TimeoutError:
             await self.stop(0)
             raise WorkerStartError(f"{self.device}: model not ready after {timeout_s:.0f} s") from None

@@ -161,9 +161,7 @@ class Daemon:
 def daemon_factory() -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def start(
-        config: Path, *args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
-    ) -> Daemon:
+    def start(config: Path, *args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()) -> Daemon:
         d = Daemon(config, *args, env=env, prefix=prefix)
         started.append(d)
         return d
