@@ -26,6 +26,7 @@ from daemon.jobs import FailReason, Failure, Inferred, ItemError, Outcome, Prepa
 from daemon.workers import BatchFailed, DeviceWorker, WorkerCrashed
 
 log = structlog.get_logger("daemon.batching")
+DONE_WITH = np.empty((0, 0, 3), np.uint8)
 
 
 @dataclass(slots=True)
@@ -130,6 +131,7 @@ class Batcher:
             self.batches += 1
             for p, b in zip(batch, boxes, strict=True):
                 p.job.timings_ms["infer"] = infer_ms
+                p.image = DONE_WITH  # the pixels are not needed any more: free them before the write
                 await self.out.put(Inferred(p, b, worker.device, len(batch), worker.model))
         finally:
             self.wake.set()

@@ -7,7 +7,8 @@ Every mode runs on the same generated JPEGs with the same model, model load excl
 - seed000: seed 000's design: each batch decoded by a `ThreadPoolExecutor().map`, then one
            batched `predict` on the decoded arrays, .txt written inline; batches do not overlap
 - bound:   the daemon's `model.Runner` (forward + NMS) on ready letterboxed tensors in batches
-           of `max_batch`: no decode, no I/O, the ceiling
+           of `max_batch`, one process per device process of the daemon (with its threads), all
+           at once: no decode, no I/O, the ceiling
 - inferd:  `inferd run --once` as a subprocess, timed from `daemon_started` to the last `image_done`
 
 `--latency` drops files one at a time into a running daemon and times drop -> `image_done`;
@@ -21,6 +22,7 @@ import argparse
 import asyncio
 import json
 import mmap
+import multiprocessing
 import os
 import queue
 import shutil
@@ -46,7 +48,7 @@ NOTES = {
     "naive": "Ultralytics predict per image, .txt written inline",
     "seed002": f"Ultralytics predict per image, .txt via Queue({SEED_QUEUE_SIZE}) + writer thread",
     "seed000": "batches of {max_batch}: ThreadPoolExecutor decode, then batched predict, .txt inline",
-    "bound": "Runner forward + NMS on ready tensors, batch {max_batch}, input {shape}, no I/O",
+    "bound": "Runner forward + NMS on ready tensors, batch {max_batch}, input {shape}, one per device process, no I/O",
     "inferd": "inferd run --once, daemon_started -> last image_done (threads: torch + decode)",
 }
 SINGLE_IMAGE_RUNS = 20  # batch-1 Runner calls; the median is the single-image model time
@@ -154,13 +156,13 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
         weights = resolve_weights(config.model.weights)
     except ModelError as exc:
         raise BenchError(str(exc)) from None
-    devices = asyncio.run(resolve_devices(config.model.devices))
+    devices = asyncio.run(resolve_devices(config))
     setup = {
         "size": "x".join(map(str, args.size)),
         "count": args.count,
         "weights": weights,
         "devices": devices,
-        "baseline_device": devices[0],  # naive, seed002 and bound run on one device
+        "baseline_device": _torch_device(devices[0]),  # the baselines run on one device
         "imgsz": config.model.imgsz,
         "max_batch": config.pipeline.max_batch,
         "cpu_cores": cores(),
@@ -174,9 +176,11 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
     images = generate(workdir / "images", args.count, args.size, args.seed) if modes or args.latency else []
     for mode in ("naive", "seed002"):
         if mode in modes:
-            results[mode] = predict_loop(images, workdir / mode, config, devices[0], queued=mode == "seed002")
+            results[mode] = predict_loop(
+                images, workdir / mode, config, setup["baseline_device"], queued=mode == "seed002"
+            )
     if "seed000" in modes:
-        results["seed000"] = predict_batches(images, workdir / "seed000", config, devices[0])
+        results["seed000"] = predict_batches(images, workdir / "seed000", config, setup["baseline_device"])
     if "bound" in modes or args.latency:
         bound = measure_runner(images, config, devices)
         report["single_image_ms"] = bound.pop("single_image_ms")
@@ -314,17 +318,58 @@ def predict_batches(images: list[Path], out: Path, config: Config, device: str) 
 
 
 def measure_runner(images: list[Path], config: Config, devices: list[str]) -> dict[str, Any]:
-    """The daemon's own Runner on ready letterboxed tensors: batches of max_batch, then batch 1."""
+    """The daemon's own Runner on ready letterboxed tensors, in batches of max_batch: one process
+    per device process the daemon runs, with its threads, all at once (on a CPU the daemon runs
+    several). Then, alone, the median batch-1 time: the single-image model time."""
+    from daemon.service import torch_threads
+
+    threads = torch_threads(config, devices)
+    ctx = multiprocessing.get_context("spawn")
+    start, finish = ctx.Barrier(len(devices)), ctx.Barrier(len(devices))
+    answers: multiprocessing.SimpleQueue[dict[str, Any]] = ctx.SimpleQueue()
+    procs = [
+        ctx.Process(
+            target=_runner_loop, args=(config, _torch_device(d), threads, images, start, finish, answers, i == 0)
+        )
+        for i, d in enumerate(devices)
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    if any(proc.exitcode != 0 for proc in procs):
+        raise BenchError(f"bound: a Runner process failed (exit codes {[proc.exitcode for proc in procs]})")
+    loops = [answers.get() for _ in procs]
+    (first,) = [a for a in loops if "single_image_ms" in a]
+    total = sum(a["images"] for a in loops)
+    return _rate(
+        total,
+        max(a["seconds"] for a in loops),  # they started together: the longest is the wall time
+        threads=f"{len(devices)}x{threads}",
+        input_shape=first["input_shape"],
+        single_image_ms=first["single_image_ms"],
+    )
+
+
+def _runner_loop(
+    config: Config,
+    device: str,
+    threads: int,
+    images: list[Path],
+    start: Any,
+    finish: Any,
+    answers: Any,
+    singles: bool,
+) -> None:
+    """One process of the bound (spawned): load, prepare, wait for the others, time the loop."""
     import numpy as np
 
     from daemon import model, preprocess
     from daemon.jobs import Job, Prepared
-    from daemon.service import torch_threads
 
     m, p = config.model, config.pipeline
     slot_bytes = p.max_batch * m.imgsz * m.imgsz * 3
-    threads = torch_threads(config, devices)
-    spec = model.WorkerSpec(devices[0], m.weights, m.imgsz, m.half, m.max_det, threads, "", slot_bytes, 1, config.log)
+    spec = model.WorkerSpec(device, m.weights, m.imgsz, m.half, m.max_det, threads, "", slot_bytes, 1, config.log)
     buffer = mmap.mmap(-1, slot_bytes)
     runner = model.Runner(spec, buffer)
     settings = preprocess.Settings(m.imgsz, p.reduced_decode, p.max_pixels)
@@ -342,12 +387,20 @@ def measure_runner(images: list[Path], config: Config, devices: list[str]) -> di
 
     chunks = [ready[i : i + p.max_batch] for i in range(0, len(ready), p.max_batch)]
     timed(chunks[0])  # warm-up at this shape: the bound is the steady state
+    start.wait()
     seconds = sum(timed(chunk) for chunk in chunks)
-    timed(ready[:1])
-    singles = sorted(timed([x]) for x in (ready * SINGLE_IMAGE_RUNS)[:SINGLE_IMAGE_RUNS])
-    shape = f"{ready[0].shape[1]}x{ready[0].shape[0]}"
-    single_ms = singles[len(singles) // 2] * 1000
-    return _rate(len(ready), seconds, threads=str(threads), input_shape=shape, single_image_ms=single_ms)
+    finish.wait()
+    answer = {"images": len(ready), "seconds": seconds, "input_shape": f"{ready[0].shape[1]}x{ready[0].shape[0]}"}
+    if singles:  # the others are done: this one is alone on the device
+        timed(ready[:1])
+        runs = sorted(timed([x]) for x in (ready * SINGLE_IMAGE_RUNS)[:SINGLE_IMAGE_RUNS])
+        answer["single_image_ms"] = runs[len(runs) // 2] * 1000
+    answers.put(answer)
+
+
+def _torch_device(name: str) -> str:
+    """cpu:1 names the daemon's second CPU process; to torch (and Ultralytics) it is the CPU."""
+    return "cpu" if name.startswith("cpu") else name
 
 
 class DaemonProcess:
@@ -515,7 +568,7 @@ def render(report: dict[str, Any]) -> str:
     images = f"{s['count']} images {s['size']}, " if report["modes"] or "latency" in report else ""
     out = [
         f"inferd bench: {images}{s['weights']}, imgsz {s['imgsz']}, batch {s['max_batch']}",
-        f"devices {','.join(s['devices'])} (baselines and bound on {s['baseline_device']}), {s['cpu_cores']} cores,"
+        f"devices {','.join(s['devices'])} (baselines on {s['baseline_device']}), {s['cpu_cores']} cores,"
         f" load average {s['loadavg_1min_start']:.2f} at start, {s['loadavg_1min_end']:.2f} at end",
     ]
     if report["modes"]:

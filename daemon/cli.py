@@ -83,7 +83,7 @@ async def check(config: Config) -> int:
     from daemon.service import resolve_devices, start_workers
 
     log = structlog.get_logger("daemon.cli")
-    devices = await resolve_devices(config.model.devices)
+    devices = await resolve_devices(config)
     workers = start_workers(config, devices)
     try:
         for worker in workers:

@@ -73,6 +73,7 @@ class PipelineConfig:
     max_pending: int
     preprocess_threads: int  # 0 = auto
     torch_threads: int  # 0 = auto
+    cpu_workers: int  # device processes for "cpu"; 0 = auto
     max_batch: int
     max_wait_ms: int
     reduced_decode: bool
@@ -142,6 +143,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "max_pending": 256,
         "preprocess_threads": "auto",
         "torch_threads": "auto",
+        "cpu_workers": "auto",
         "max_batch": 8,
         "max_wait_ms": 10,
         "reduced_decode": True,
@@ -198,6 +200,7 @@ def parse(raw: dict[str, Any], *, base: Path, source: Path | None = None) -> Con
         max_pending=t.integer("pipeline", "max_pending", low=1),
         preprocess_threads=t.auto_int("pipeline", "preprocess_threads"),
         torch_threads=t.auto_int("pipeline", "torch_threads"),
+        cpu_workers=t.auto_int("pipeline", "cpu_workers"),
         max_batch=t.integer("pipeline", "max_batch", low=1, high=256),
         max_wait_ms=t.integer("pipeline", "max_wait_ms", low=0),
         reduced_decode=t.boolean("pipeline", "reduced_decode"),

@@ -59,10 +59,13 @@ class BatchFailed(Exception):
 class DeviceWorker:
     """One device process and its shared batch slots."""
 
-    def __init__(self, spec_args: dict[str, Any], *, max_batch: int, slots: int = 2, slot_imgsz: int = 0) -> None:
+    def __init__(
+        self, spec_args: dict[str, Any], *, max_batch: int, slots: int = 2, slot_imgsz: int = 0, name: str = ""
+    ) -> None:
         """`slot_imgsz`: the largest letterboxed side a slot must hold, if more than the model's
-        imgsz (after a reload that shrank imgsz, images letterboxed for the old size still queue)."""
-        self.device: str = spec_args["device"]
+        imgsz (after a reload that shrank imgsz, images letterboxed for the old size still queue).
+        `name`: how logs and metrics call it (cpu:1), if not its torch device."""
+        self.device: str = name or spec_args["device"]
         self.max_batch = max_batch  # a slot holds this many images; a new batcher knob cannot grow it
         self.slot_imgsz: int = max(slot_imgsz, spec_args["imgsz"])
         self.slot_bytes = max_batch * self.slot_imgsz * self.slot_imgsz * 3

@@ -65,7 +65,12 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def write_config(tmp: Path, **sections: dict[str, Any]) -> Path:
     """A config.toml in `tmp` with data dirs below it; `sections` override keys."""
     lines = []
-    merged: dict[str, dict[str, Any]] = {"model": {"devices": ["cpu"]}, "log": {"format": "json"}}
+    # One CPU process unless a test asks for more: pids, restarts and batches stay predictable.
+    merged: dict[str, dict[str, Any]] = {
+        "model": {"devices": ["cpu"]},
+        "pipeline": {"cpu_workers": 1},
+        "log": {"format": "json"},
+    }
     for name, keys in sections.items():
         merged.setdefault(name, {}).update(keys)
     for name, keys in merged.items():

@@ -62,10 +62,13 @@ def test_throughput_modes_are_measured_and_compared(tmp_path: Path, tiny_weights
     report, table = run_bench(tmp_path, tiny_weights, "--count", "3")
     modes = report["modes"]
     assert list(modes) == list(bench.MODES)
+    processes = len(report["setup"]["devices"])  # the bound runs one Runner per device process
+    assert modes["bound"]["threads"].startswith(f"{processes}x")
     for mode, result in modes.items():
-        assert result["images"] == 3
+        images = 3 * processes if mode == "bound" else 3
+        assert result["images"] == images
         assert result["images_per_s"] > 0
-        assert result["images_per_s"] == pytest.approx(3 / result["seconds"])
+        assert result["images_per_s"] == pytest.approx(images / result["seconds"])
         assert mode in table
     for other in ("naive", "seed002", "seed000", "bound"):
         expected = modes["inferd"]["images_per_s"] / modes[other]["images_per_s"]

@@ -43,7 +43,7 @@ def test_drop_files_into_a_running_daemon(tmp_path: Path, daemon_factory: RunDae
     config = write_config(tmp_path, output={"formats": ["txt", "json", "image"]}, intake={"settle_ms": 300})
     daemon = daemon_factory(config)
     started = daemon.wait_event("daemon_started")
-    assert started["devices"] == ["cpu"] and started["model"].endswith("best.pt")
+    assert started["devices"] == ["cpu:0"] and started["model"].endswith("best.pt")
     incoming = tmp_path / "var" / "incoming"
     drop(incoming, "bus.jpg", assets() / "bus.jpg")
     drop(incoming, "cam 2/zidané.jpg", assets() / "zidane.jpg")
@@ -53,7 +53,7 @@ def test_drop_files_into_a_running_daemon(tmp_path: Path, daemon_factory: RunDae
     drop(incoming, ".hidden.jpg", assets() / "bus.jpg")
     for rel in ("bus.jpg", "cam 2/zidané.jpg", "gen.jpg"):
         done = daemon.wait_event("image_done", path=rel)
-        assert done["device"] == "cpu" and done["batch"] >= 1
+        assert done["device"] == "cpu:0" and done["batch"] >= 1
         for stage in ("queue_ms", "decode_ms", "infer_ms", "write_ms"):
             assert done[stage] >= 0
     failed = daemon.wait_event("image_failed", path="bad.jpg")
@@ -106,7 +106,9 @@ def test_drop_files_into_a_running_daemon(tmp_path: Path, daemon_factory: RunDae
 
 @pytest.mark.slow
 def test_once_mode_drains_a_prefilled_folder(tmp_path: Path, daemon_factory: RunDaemon, tiny_weights: Path) -> None:
-    config = write_config(tmp_path, model={"weights": str(tiny_weights), "devices": ["cpu"]})
+    config = write_config(
+        tmp_path, model={"weights": str(tiny_weights), "devices": ["cpu"]}, pipeline={"cpu_workers": 2}
+    )
     incoming = tmp_path / "var" / "incoming"
     incoming.mkdir(parents=True)
     for i in range(50):
@@ -116,6 +118,11 @@ def test_once_mode_drains_a_prefilled_folder(tmp_path: Path, daemon_factory: Run
     daemon.stop()
     assert len(daemon.events("image_done")) == 50
     assert max(r["batch"] for r in daemon.events("image_done")) > 1  # a backlog is batched
+    started = daemon.events("daemon_started")[0]
+    assert started["devices"] == ["cpu:0", "cpu:1"] and started["torch_threads"] == max(
+        1, len(os.sched_getaffinity(0)) // 2
+    )
+    assert {r["device"] for r in daemon.events("image_done")} == {"cpu:0", "cpu:1"}  # both CPU processes served
     var = tmp_path / "var"
     assert len(files(var / "done")) == 50 and files(var / "incoming") == []
     assert len([f for f in files(var / "output") if f.endswith(".json")]) == 50

@@ -23,7 +23,7 @@ def test_kill_9_five_times_loses_nothing(tmp_path: Path, daemon_factory: RunDaem
     config = write_config(
         tmp_path,
         model={"weights": str(tiny_weights), "devices": ["cpu"]},
-        pipeline={"max_pending": 16, "max_batch": 4},
+        pipeline={"max_pending": 16, "max_batch": 4, "cpu_workers": 2},  # two device processes die with it
     )
     var = tmp_path / "var"
     incoming = var / "incoming"

@@ -34,7 +34,11 @@ def test_notify_reload_metrics(tmp_path: Path, daemon_factory: RunDaemon, tiny_w
     port = free_port()
     model = {"weights": str(tiny_weights), "devices": ["cpu"], "conf": 0.45}
     config = write_config(
-        tmp_path, model=model, metrics={"listen": f"127.0.0.1:{port}"}, log={"format": "json", "stats_interval_s": 0.5}
+        tmp_path,
+        model=model,
+        pipeline={"cpu_workers": 1},
+        metrics={"listen": f"127.0.0.1:{port}"},
+        log={"format": "json", "stats_interval_s": 0.5},
     )
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(tmp_path / "notify.sock"))
@@ -78,9 +82,9 @@ def run_service(tmp_path: Path, daemon_factory: RunDaemon, config: Path, sock: s
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
-    assert samples[("inferd_images_done_total", (("device", "cpu"),))] == 1
+    assert samples[("inferd_images_done_total", (("device", "cpu:0"),))] == 1
     assert samples[("inferd_images_failed_total", (("reason", "not_an_image"),))] == 1
-    assert samples[("inferd_workers_up", (("device", "cpu"),))] == 1
+    assert samples[("inferd_workers_up", (("device", "cpu:0"),))] == 1
 
     # A live change: the confidence threshold; and a change that needs a restart (tests/test_reload.py
     # covers a new model).
