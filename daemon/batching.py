@@ -55,6 +55,7 @@ class Batcher:
         self.groups: dict[tuple[int, int], collections.deque[Prepared]] = {}
         self.solo: collections.deque[Prepared] = collections.deque()  # retried alone, first
         self.wake = asyncio.Event()
+        self.taken = asyncio.Event()  # a batch left the groups: there may be room to collect
         self.batches = 0
         # Batches given to each worker and not yet answered; counted from dispatch, as the
         # worker's own count starts only when the task runs.
@@ -64,6 +65,12 @@ class Batcher:
     def waiting(self) -> int:
         return len(self.solo) + sum(len(g) for g in self.groups.values())
 
+    @property
+    def room(self) -> int:
+        """How many decoded images may wait here: enough for a full batch per device and one more.
+        More would only hold pixels in memory (a backlog waits in incoming/, not here)."""
+        return self.knobs.max_batch * (len(self.workers) + 1)
+
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:
             group.create_task(self._collect())
@@ -72,6 +79,7 @@ class Batcher:
                 batch = self._take_batch(worker) if worker else None
                 if worker and batch:
                     self.busy[worker] += 1
+                    self.taken.set()
                     group.create_task(self._infer(worker, batch))
                     continue
                 self.wake.clear()
@@ -80,6 +88,9 @@ class Batcher:
 
     async def _collect(self) -> None:
         while True:
+            while self.waiting >= self.room:
+                self.taken.clear()
+                await self.taken.wait()
             item = await self.ready.get()
             self.groups.setdefault(item.shape, collections.deque()).append(item)
             self.wake.set()

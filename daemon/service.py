@@ -332,7 +332,8 @@ class Service:
         )
         size = cfg.pipeline.max_pending
         jobs: asyncio.Queue[Job] = asyncio.Queue(size)
-        ready: asyncio.Queue[Prepared] = asyncio.Queue(size)
+        # Decoded images: only as many as the batcher has room for (Batcher.room); more wait undecoded.
+        ready: asyncio.Queue[Prepared] = asyncio.Queue(cfg.pipeline.max_batch * (len(self.workers) + 1))
         outcomes: asyncio.Queue[Outcome] = asyncio.Queue(size)
         self.batcher = batching.Batcher(ready, self.workers, outcomes, knobs(cfg))
         self.writer = results.Writer(cfg.paths, cfg.output, self._finished)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -101,3 +103,31 @@ def run_service(tmp_path: Path, daemon_factory: RunDaemon, config: Path, sock: s
 
     assert daemon.stop(signal.SIGTERM) == 0
     next_message("STOPPING=1")
+
+
+def test_a_stuck_worker_lets_the_watchdog_fire(tmp_path: Path, daemon_factory: RunDaemon, tiny_weights: Path) -> None:
+    """WATCHDOG=1 stops while work is in flight and nothing finishes, and resumes with progress."""
+    config = write_config(tmp_path, model={"weights": str(tiny_weights), "devices": ["cpu"]})
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}  # a ping every 0.2 s
+    daemon = daemon_factory(config, env=env)
+    (worker,) = daemon.wait_event("daemon_started")["pids"]
+    os.kill(worker, signal.SIGSTOP)  # alive, but stuck: its pipe stays open, nothing comes back
+    try:
+        shutil.copyfile(assets() / "bus.jpg", tmp_path / "var" / "incoming" / "bus.jpg")
+        first = daemon.wait_event("watchdog_withheld")
+        daemon.wait_for(lambda r: r["event"] == "watchdog_withheld" and r is not first)
+        assert daemon.events("image_done") == []  # two intervals in a row without a ping: systemd would fire
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:  # what was sent before the worker got stuck
+                sock.recv(4096)
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    sock.settimeout(60)
+    daemon.wait_event("image_done", path="bus.jpg")
+    while sock.recv(4096) != b"WATCHDOG=1":  # progress: the pings resume
+        pass
+    assert daemon.stop() == 0
+    sock.close()
