@@ -42,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
 def setup(config_path: Path) -> Config:
     """Load and validate the config, create the directories, point Ultralytics at our own dirs."""
     config = load(config_path)
-    prepare_dirs(config.paths)
+    prepare_dirs(config.paths, claim_by_copy=config.intake.claim_by_copy)
     os.environ.setdefault("YOLO_CONFIG_DIR", str(config.paths.work / "ultralytics"))
     logs.configure(config.log, process="main")
     return config

@@ -66,6 +66,7 @@ class IntakeConfig:
     debounce_ms: int
     force_polling: bool
     ignore_suffixes: tuple[str, ...]
+    claim_by_copy: bool = False  # incoming/ on another filesystem: claim by copy, then delete
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +138,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "reconcile_interval_s": 30.0,
         "debounce_ms": 20,
         "force_polling": False,
+        "claim_by_copy": False,
         "ignore_suffixes": [".tmp", ".part", ".partial", ".crdownload", ".swp", "~"],
     },
     "pipeline": {
@@ -194,6 +196,7 @@ def parse(raw: dict[str, Any], *, base: Path, source: Path | None = None) -> Con
         reconcile_interval_s=t.number("intake", "reconcile_interval_s", low=0.1),
         debounce_ms=t.integer("intake", "debounce_ms", low=1),
         force_polling=t.boolean("intake", "force_polling"),
+        claim_by_copy=t.boolean("intake", "claim_by_copy"),
         ignore_suffixes=t.strings("intake", "ignore_suffixes"),
     )
     pipeline = PipelineConfig(
@@ -228,8 +231,12 @@ def parse(raw: dict[str, Any], *, base: Path, source: Path | None = None) -> Con
     return Config(source, paths, model, intake, pipeline, output, log, metrics)
 
 
-def prepare_dirs(paths: PathsConfig) -> None:
-    """Create every configured directory; a failure names the key and the reason."""
+def prepare_dirs(paths: PathsConfig, *, claim_by_copy: bool = False) -> None:
+    """Create every configured directory; a failure names the key and the reason.
+
+    work, done and failed must share incoming's filesystem (a rename is atomic only within one),
+    or, with `claim_by_copy`, work's.
+    """
     for f in fields(PathsConfig):
         target: Path = getattr(paths, f.name)
         try:
@@ -243,13 +250,14 @@ def prepare_dirs(paths: PathsConfig) -> None:
                 "point it at a directory this user can create and write, or create it with the right owner",
             ) from None
     (paths.work / "processing").mkdir(exist_ok=True)
-    incoming_dev = paths.incoming.stat().st_dev
-    for name in ("work", "done", "failed"):
-        if getattr(paths, name).stat().st_dev != incoming_dev:
+    base, others = ("work", ("done", "failed")) if claim_by_copy else ("incoming", ("work", "done", "failed"))
+    for name in others:
+        if getattr(paths, name).stat().st_dev != getattr(paths, base).stat().st_dev:
             raise ConfigError(
                 f"paths.{name}",
-                "is on a different filesystem than paths.incoming, so moving a file there is not atomic",
-                "put incoming, work, done and failed on one filesystem",
+                f"is on a different filesystem than paths.{base}, so moving a file there is not atomic",
+                "put incoming, work, done and failed on one filesystem"
+                + ("" if claim_by_copy else ", or set intake.claim_by_copy = true to claim by copying"),
             )
 
 

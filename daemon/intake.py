@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
+import shutil
 import stat
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -44,6 +47,7 @@ class Settings:
     reconcile_interval_s: float
     debounce_ms: int
     force_polling: bool
+    claim_by_copy: bool = False  # incoming/ is on another filesystem: claim by copy, then delete
 
 
 def looks_complete(path: Path) -> bool:
@@ -100,6 +104,8 @@ class Intake:
 
     async def recover(self) -> int:
         """Take up what an earlier run claimed but did not finish."""
+        for stale in self.settings.processing.parent.glob(".claim-*.tmp"):  # a copy-claim cut short:
+            stale.unlink(missing_ok=True)  # its source is still in incoming/
         paths = await asyncio.to_thread(self._walk, self.settings.processing, False)
         for path, _delay in paths:
             await self.capacity.acquire()
@@ -240,7 +246,8 @@ class Intake:
         rel = self._rel(path, self.settings.incoming)
         target = self.settings.processing / rel
         try:
-            mode = await asyncio.to_thread(_rename_into, path, target, self.settings.incoming, rel)
+            spool = self.settings.processing.parent if self.settings.claim_by_copy else None
+            mode = await asyncio.to_thread(_rename_into, path, target, self.settings.incoming, rel, spool)
         except FileNotFoundError:  # taken or deleted meanwhile
             self.capacity.release()
             return
@@ -321,7 +328,7 @@ class OutsideIncoming(Exception):
     """The path reaches its file through a symlinked directory: the file is not in incoming/."""
 
 
-def _rename_into(source: Path, target: Path, root: Path, rel: PurePosixPath) -> int:
+def _rename_into(source: Path, target: Path, root: Path, rel: PurePosixPath, spool: Path | None = None) -> int:
     """Atomically move `source` (`root`/`rel`) to `target`, never replacing one; return the moved
     entry's lstat mode.
 
@@ -337,5 +344,41 @@ def _rename_into(source: Path, target: Path, root: Path, rel: PurePosixPath) -> 
             target.rmdir()
     if os.path.lexists(target):
         raise FileExistsError(target)
-    os.rename(source, target)
+    try:
+        os.rename(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV or spool is None:
+            raise
+        _copy_into(source, target, spool)
     return os.lstat(target).st_mode  # what was moved, not what was looked at before: it may have been swapped
+
+
+def _copy_into(source: Path, target: Path, spool: Path) -> None:
+    """Claim across filesystems (intake.claim_by_copy): copy to a temp file in `spool` (work/),
+    fsync, rename into place, and only then delete the source. A crash in between leaves the
+    source in incoming/ (processed again: at-least-once). A symlink or FIFO is recreated, never
+    read, and failed by its mode. A source rewritten during the copy is claimed again later.
+    """
+    before = os.lstat(source)
+    if stat.S_ISLNK(before.st_mode):
+        os.symlink(os.readlink(source), target)
+    elif stat.S_ISFIFO(before.st_mode):
+        os.mkfifo(target)
+    elif not stat.S_ISREG(before.st_mode):
+        raise OutsideIncoming("a socket or device on another filesystem cannot be claimed")
+    else:
+        fd, name = tempfile.mkstemp(prefix=".claim-", suffix=".tmp", dir=spool)  # not in processing/
+        try:
+            with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+            after = os.lstat(source)
+            if (after.st_ino, after.st_size, after.st_mtime_ns) != (before.st_ino, before.st_size, before.st_mtime_ns):
+                raise FileExistsError(source)  # changed while copied: settle and claim again
+            os.rename(name, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+            raise
+    os.unlink(source)

@@ -345,6 +345,7 @@ class Service:
             cfg.intake.reconcile_interval_s,
             cfg.intake.debounce_ms,
             cfg.intake.force_polling,
+            cfg.intake.claim_by_copy,
         )
         self.intake = intake.Intake(intake_settings, self.capacity, jobs, outcomes)
         pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
