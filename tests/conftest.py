@@ -174,3 +174,14 @@ def daemon_factory() -> Iterator[Callable[..., Daemon]]:
     yield start
     for d in started:
         d.kill()
+
+
+def in_mount_namespace(path: Path, setup: str) -> tuple[str, ...]:
+    """A command prefix: run the shell `setup` (with $0 = path) in a mount namespace of its own
+    (`unshare -rm`: no privileges needed where user namespaces are allowed), then the command.
+    The test sees those mounts through /proc/<pid>/root."""
+    import shutil
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
+        pytest.skip("mount namespaces are not available to this user")
+    return ("unshare", "-rm", "sh", "-c", f'set -e; {setup}; exec "$@"', str(path))

@@ -15,23 +15,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, assets, write_config
+from conftest import Daemon, assets, in_mount_namespace, write_config
 
 RunDaemon = Callable[..., Daemon]
-TMPFS_ON_INCOMING = 'set -e; mount -t tmpfs -o size=16m tmpfs "$0"; exec "$@"'
-
-
-def namespace(incoming: Path) -> tuple[str, ...]:
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
-        pytest.skip("mount namespaces are not available to this user")
-    return ("unshare", "-rm", "sh", "-c", TMPFS_ON_INCOMING, str(incoming))
+TMPFS_ON_INCOMING = 'mount -t tmpfs -o size=16m tmpfs "$0"'
 
 
 def test_another_filesystem_is_refused_with_the_fix(tmp_path: Path) -> None:
     incoming = tmp_path / "var" / "incoming"
     incoming.mkdir(parents=True)
     config = write_config(tmp_path)
-    command = [*namespace(incoming), sys.executable, "-m", "daemon", "run", "--config", str(config)]
+    command = [
+        *in_mount_namespace(incoming, TMPFS_ON_INCOMING),
+        sys.executable,
+        "-m",
+        "daemon",
+        "run",
+        "--config",
+        str(config),
+    ]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 78
     assert "paths.work" in proc.stderr and "intake.claim_by_copy = true" in proc.stderr
@@ -45,7 +47,7 @@ def test_claim_by_copy_processes_and_removes_the_original(
     incoming = var / "incoming"
     incoming.mkdir(parents=True)
     config = write_config(tmp_path, model={"weights": str(tiny_weights)}, intake={"claim_by_copy": True})
-    daemon = daemon_factory(config, prefix=namespace(incoming))
+    daemon = daemon_factory(config, prefix=in_mount_namespace(incoming, TMPFS_ON_INCOMING))
     daemon.wait_event("daemon_started")
     seen = Path(f"/proc/{daemon.proc.pid}/root") / incoming.relative_to("/")  # the daemon's incoming/
     assert os.stat(seen).st_dev != os.stat(var / "work").st_dev

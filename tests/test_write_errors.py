@@ -9,22 +9,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import Daemon, assets, write_config
+from conftest import Daemon, assets, in_mount_namespace, write_config
 
 RunDaemon = Callable[..., Daemon]
-
-
-def in_mount_namespace(output: Path, setup: str) -> tuple[str, ...]:
-    """A command prefix: run `setup` (with $0 = output/) in a new mount namespace, then the daemon."""
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
-        pytest.skip("mount namespaces are not available to this user")
-    return ("unshare", "-rm", "sh", "-c", f'set -e; {setup}; exec "$@"', str(output))
 
 
 # A 64 KiB tmpfs with every page taken: the next byte written gets ENOSPC.
