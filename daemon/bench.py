@@ -150,7 +150,7 @@ def daemon_config(root: Path, args: argparse.Namespace) -> dict[str, Any]:
 def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str, Any]:
     """Every measurement asked for, in one process, on one image set: the report as a dict."""
     from daemon.model import ModelError, resolve_weights
-    from daemon.service import cores, resolve_devices
+    from daemon.workers import cores, resolve_devices
 
     try:
         weights = resolve_weights(config.model.weights)
@@ -321,7 +321,7 @@ def measure_runner(images: list[Path], config: Config, devices: list[str]) -> di
     """The daemon's own Runner on ready letterboxed tensors, in batches of max_batch: one process
     per device process the daemon runs, with its threads, all at once (on a CPU the daemon runs
     several). Then, alone, the median batch-1 time: the single-image model time."""
-    from daemon.service import torch_threads
+    from daemon.workers import torch_threads
 
     threads = torch_threads(config, devices)
     ctx = multiprocessing.get_context("spawn")

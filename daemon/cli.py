@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
 async def check(config: Config) -> int:
     """Load the model on every configured device and report what was found."""
-    from daemon.service import resolve_devices, start_workers
+    from daemon.workers import resolve_devices, start_workers
 
     log = structlog.get_logger("daemon.cli")
     devices = await resolve_devices(config)

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import signal
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -29,7 +27,7 @@ from daemon import __version__, batching, config, intake, logs, metrics, preproc
 from daemon.config import Config, ConfigError
 from daemon.jobs import Capacity, FailReason, Failure, Inferred, Job, Outcome, Prepared
 from daemon.notify import Notifier
-from daemon.workers import DeviceWorker, WorkerStartError
+from daemon.workers import DeviceWorker, WorkerStartError, cores, resolve_devices, start_workers, torch_threads
 
 log = structlog.get_logger("daemon.service")
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -51,52 +49,6 @@ ROLL_KEYS = frozenset(
 # Keys only a restart applies: the watched folders, the queues, the thread pool, the HTTP endpoint.
 RESTART_KEYS = frozenset({"pipeline.max_pending", "pipeline.preprocess_threads", "log.format"})
 RESTART_SECTIONS = ("paths.", "intake.", "metrics.")
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0))
-
-
-def cpu_workers(config: Config) -> int:
-    """Device processes for the CPU. Several single-threaded processes beat one multi-threaded
-    one: no barrier between threads, so a decode thread that takes a core stalls one process, not
-    all (2 cores: 2 x 1 thread 6.2 img/s against 1 x 2 threads 5.4, yolov8 at 640)."""
-    return config.pipeline.cpu_workers or min(cores(), 4)
-
-
-async def resolve_devices(config: Config) -> list[str]:
-    """Worker names: 'auto' is every CUDA device, or the CPU when there is none; the CPU gets
-    `cpu_workers` processes, named cpu:0, cpu:1, ..."""
-    names = await _devices(config.model.devices)
-    count = cpu_workers(config)
-    return [n for d in names for n in ([f"cpu:{i}" for i in range(count)] if d == "cpu" else [d])]
-
-
-async def _devices(devices: tuple[str, ...]) -> list[str]:
-    """torch is asked in a short-lived process: imported here, it would keep some 500 MiB resident
-    in the main process, which otherwise never needs it."""
-    if devices != ("auto",):
-        return list(devices)
-    probe = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        "import torch; print(torch.cuda.device_count())",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await probe.communicate()
-    if probe.returncode != 0:
-        raise WorkerStartError(f"cannot count CUDA devices: {err.decode(errors='replace').strip()[-500:]}")
-    count = int(out.split()[-1])
-    return [f"cuda:{i}" for i in range(count)] or ["cpu"]
-
-
-def torch_threads(config: Config, devices: list[str]) -> int:
-    """Intra-op threads per device process: a CUDA worker needs few; CPU workers share the cores."""
-    if config.pipeline.torch_threads:
-        return config.pipeline.torch_threads
-    cpu = sum(d.startswith("cpu") for d in devices)
-    return max(1, cores() // cpu) if cpu == len(devices) else 2
 
 
 def needs_restart(key: str) -> bool:
@@ -122,29 +74,6 @@ def reloadable(running: Config, new: Config) -> Config:
 def knobs(config: Config) -> batching.Knobs:
     p = config.pipeline
     return batching.Knobs(p.max_batch, p.max_wait_ms, config.model.conf, config.model.iou, p.max_attempts)
-
-
-def start_workers(config: Config, devices: list[str], *, slot_imgsz: int = 0) -> list[DeviceWorker]:
-    """One (not yet started) worker per device; `slot_imgsz` as in DeviceWorker."""
-    threads = torch_threads(config, devices)
-    m = config.model
-    return [
-        DeviceWorker(
-            dict(
-                device="cpu" if d.startswith("cpu") else d,
-                weights=m.weights,
-                imgsz=m.imgsz,
-                half=m.half,
-                max_det=m.max_det,
-                torch_threads=threads,
-                log=config.log,
-            ),
-            max_batch=config.pipeline.max_batch,
-            slot_imgsz=slot_imgsz,
-            name=d,
-        )
-        for d in devices
-    ]
 
 
 class Service:
