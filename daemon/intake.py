@@ -107,7 +107,8 @@ class Intake:
         for stale in self.settings.processing.parent.glob(".claim-*.tmp"):  # a copy-claim cut short:
             stale.unlink(missing_ok=True)  # its source is still in incoming/
         paths = await asyncio.to_thread(self._walk, self.settings.processing, False)
-        for path, _delay in paths:
+        for raw, _delay in paths:
+            path = Path(raw)
             await self.capacity.acquire()
             job = Job(self._rel(path, self.settings.processing), path, recovered=True)
             await self._route(job, os.lstat(path).st_mode)
@@ -123,8 +124,8 @@ class Intake:
             self._no_scan.clear()
         try:
             candidates = await asyncio.to_thread(self._walk, root or self.settings.incoming, True)
-            for path, delay in candidates:
-                await self._consider(path, delay)
+            for raw, delay in candidates:
+                await self._consider(Path(raw), delay)
         finally:
             if whole:
                 self._scans -= 1
@@ -288,9 +289,12 @@ class Intake:
             return 0.0
         return self.settings.settle_s - age
 
-    def _walk(self, root: Path, check: bool) -> list[tuple[Path, float]]:
-        """Every non-directory entry below root, oldest first, with its settle delay."""
-        found: list[tuple[float, Path, float]] = []
+    def _walk(self, root: Path, check: bool) -> list[tuple[str, float]]:
+        """Every non-directory entry below root, oldest first, with its settle delay.
+
+        Paths are kept as str: a backlog of 100,000 names then costs ~14 MB, not ~37 MB.
+        """
+        found: list[tuple[float, str, float]] = []
         stack = [root]
         while stack:
             try:
@@ -307,7 +311,7 @@ class Intake:
                 delay = self._inspect(path) if check else 0.0
                 if isinstance(delay, float):
                     try:
-                        found.append((entry.stat(follow_symlinks=False).st_mtime, path, delay))
+                        found.append((entry.stat(follow_symlinks=False).st_mtime, entry.path, delay))
                     except FileNotFoundError:
                         continue
         found.sort(key=lambda f: f[0])
