@@ -8,7 +8,8 @@ to the least busy worker that can take one:
 A batch that fails is retried image by image, so one bad image (or an out-of-memory on a big
 batch) fails only itself. Images in the batch a worker died on are retried alone; an image
 that has taken down `max_attempts` workers is failed as poison. A batch that was still queued
-on the dying worker is put back as it was, without counting an attempt.
+on the dying worker is put back as it was, without counting an attempt. A suspect (an image
+retried after a failure) runs alone on its device, so the next failure is its own.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Batcher:
         self.workers = workers
         self.out = inferred
         self.knobs = knobs
-        self.groups: dict[tuple[int, int], collections.deque[Prepared]] = {}
+        self.groups: dict[tuple[int, int, bool], collections.deque[Prepared]] = {}
         self.solo: collections.deque[Prepared] = collections.deque()  # retried alone, first
         self.wake = asyncio.Event()
         self.taken = asyncio.Event()  # a batch left the groups: there may be room to collect
@@ -60,6 +61,7 @@ class Batcher:
         # Batches given to each worker and not yet answered; counted from dispatch, as the
         # worker's own count starts only when the task runs.
         self.busy: collections.Counter[DeviceWorker] = collections.Counter()
+        self.alone: set[DeviceWorker] = set()  # running a suspect: nothing else goes there
 
     @property
     def waiting(self) -> int:
@@ -92,15 +94,18 @@ class Batcher:
                 self.taken.clear()
                 await self.taken.wait()
             item = await self.ready.get()
-            self.groups.setdefault(item.shape, collections.deque()).append(item)
+            self.groups.setdefault(item.key, collections.deque()).append(item)
             self.wake.set()
 
     def _pick_worker(self) -> DeviceWorker | None:
-        candidates = [w for w in self.workers if w.up and self.busy[w] < w.slots]
+        candidates = [w for w in self.workers if w.up and self.busy[w] < w.slots and w not in self.alone]
         return min(candidates, key=lambda w: self.busy[w], default=None)
 
     def _take_batch(self, worker: DeviceWorker) -> list[Prepared] | None:
         if self.solo:
+            if self.busy[worker]:
+                return None  # a suspect waits for an idle device
+            self.alone.add(worker)
             return [self.solo.popleft()]
         if not self.groups:
             return None
@@ -111,14 +116,18 @@ class Batcher:
             group = full
         elif self.busy[worker] and (time.monotonic() - group[0].ready_at) * 1000 < self.knobs.max_wait_ms:
             return None  # the device is busy: let the batch fill until it is full or due
-        batch = [group.popleft() for _ in range(min(len(group), size))]
+        batch = [group.popleft()]
+        used = batch[0].image.nbytes
+        while group and len(batch) < size and used + group[0].image.nbytes <= worker.slot_bytes:
+            used += group[0].image.nbytes  # JPEG bytes vary; decoded pixels always fit
+            batch.append(group.popleft())
         for key in [k for k, v in self.groups.items() if not v]:
             del self.groups[key]
         return batch
 
     def _next_deadline(self, worker: DeviceWorker | None) -> float | None:
         """Seconds until the oldest group is due, if a worker could take it; else wait for a wake."""
-        if worker is None or not self.groups:
+        if worker is None or not self.groups or self.solo:  # a waiting suspect goes first, on a wake
             return None
         oldest = min(g[0].ready_at for g in self.groups.values())
         return max(0.0, oldest + self.knobs.max_wait_ms / 1000 - time.monotonic())
@@ -143,7 +152,10 @@ class Batcher:
             for p, b in zip(batch, boxes, strict=True):
                 p.job.timings_ms["infer"] = infer_ms
                 p.image = DONE_WITH  # the pixels are not needed any more: free them before the write
-                await self.out.put(Inferred(p, b, worker.device, len(batch), worker.model))
+                if isinstance(b, str):  # its JPEG failed on the device's decoder
+                    await self.out.put(Failure(p.job, ItemError(FailReason.NOT_IMAGE, b)))
+                else:
+                    await self.out.put(Inferred(p, b, worker.device, len(batch), worker.model))
         finally:
             self.wake.set()
 
@@ -154,6 +166,7 @@ class Batcher:
             self.busy[worker] -= 1
             if not self.busy[worker]:
                 del self.busy[worker]  # a worker retired by a reload leaves no entry behind
+                self.alone.discard(worker)
             self.wake.set()
 
     def _requeue(self, batch: list[Prepared]) -> None:
@@ -162,7 +175,7 @@ class Batcher:
             if p.job.attempts:  # a suspect from an earlier failure is still only tried alone
                 self.solo.appendleft(p)
             else:
-                self.groups.setdefault(p.shape, collections.deque()).appendleft(p)
+                self.groups.setdefault(p.key, collections.deque()).appendleft(p)
 
     async def _retry(self, batch: list[Prepared], *, crashed: bool, why: str) -> None:
         for p in batch:

@@ -27,6 +27,7 @@ import os
 import queue
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", default="auto", help='"auto", or comma-separated: cpu, cuda:0, ...')
     p.add_argument("--batch", type=int, default=8, help="the daemon's pipeline.max_batch (default 8)")
     p.add_argument("--imgsz", type=int, default=640, help="model input size (default 640)")
+    p.add_argument(
+        "--decode", choices=("host", "device"), default="host", help="the daemon's pipeline.decode (default host)"
+    )
     p.add_argument("--modes", type=_modes, help=f"comma-separated subset of {','.join(MODES)} (default all)")
     p.add_argument("--latency", action="store_true", help="measure drop -> result latency on a running daemon")
     p.add_argument("--rate", type=_positive(float), default=2.0, help="files/s dropped by --latency (default 2)")
@@ -142,7 +146,7 @@ def daemon_config(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "paths": {name: str(root / name) for name in DEFAULTS["paths"]},
         "model": {"weights": weights, "imgsz": args.imgsz, "devices": devices},
-        "pipeline": {"max_batch": args.batch},
+        "pipeline": {"max_batch": args.batch, "decode": args.decode},
         "log": {"format": "json"},
     }
 
@@ -165,6 +169,7 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
         "baseline_device": _torch_device(devices[0]),  # the baselines run on one device
         "imgsz": config.model.imgsz,
         "max_batch": config.pipeline.max_batch,
+        "decode": config.pipeline.decode.value,
         "cpu_cores": cores(),
         "seed": args.seed,
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "CUDA_VISIBLE_DEVICES")},
@@ -224,11 +229,24 @@ def photo_like(width: int, height: int, seed: int) -> Image.Image:
 
 
 def generate(folder: Path, count: int, size: tuple[int, int], seed: int) -> list[Path]:
-    """`count` distinct photo-like JPEGs (quality 90), made once and shared by every mode."""
+    """`count` distinct photo-like JPEGs (quality 90), made once and shared by every mode; with
+    `--workdir`, a later run of the same size and seed finds them there."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from daemon.workers import cores
+
+    folder = folder / f"{size[0]}x{size[1]}-seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"img-{i:05d}.jpg" for i in range(count)]
-    for i, path in enumerate(paths):
-        photo_like(*size, seed=seed * 1_000_003 + i).save(path, quality=90)
+
+    def make(i: int) -> None:
+        if not paths[i].exists():  # written under another name, then renamed: it exists whole
+            tmp = paths[i].with_suffix(".tmp")
+            photo_like(*size, seed=seed * 1_000_003 + i).save(tmp, "JPEG", quality=90)
+            tmp.rename(paths[i])
+
+    with ThreadPoolExecutor(cores()) as pool:  # NumPy, resizing and encoding release the GIL
+        list(pool.map(make, range(count)))
     return paths
 
 
@@ -362,38 +380,59 @@ def _runner_loop(
     singles: bool,
 ) -> None:
     """One process of the bound (spawned): load, prepare, wait for the others, time the loop."""
+    import dataclasses
+
     import numpy as np
 
     from daemon import model, preprocess
-    from daemon.jobs import Job, Prepared
+    from daemon.jobs import Job
 
     m, p = config.model, config.pipeline
-    slot_bytes = p.max_batch * m.imgsz * m.imgsz * 3
-    spec = model.WorkerSpec(device, m.weights, m.imgsz, m.half, m.max_det, threads, "", slot_bytes, 1, config.log)
-    buffer = mmap.mmap(-1, slot_bytes)
-    runner = model.Runner(spec, buffer)
     settings = preprocess.Settings(m.imgsz, p.reduced_decode, p.max_pixels)
     ready = [preprocess.prepare(Job(PurePosixPath(x.name), x), settings) for x in images]
-
-    def timed(items: list[Prepared]) -> float:
-        """Fill the slot as DeviceWorker.infer does, then time Runner.run alone."""
+    chunks = [ready[i : i + p.max_batch] for i in range(0, len(ready), p.max_batch)]
+    slot_bytes = p.max_batch * m.imgsz * m.imgsz * 3
+    # Every batch in its own slot, filled before the clock starts, page-locked on a GPU as the daemon's are.
+    buffer = mmap.mmap(-1, slot_bytes * len(chunks))
+    spec = model.WorkerSpec(
+        device, m.weights, m.imgsz, m.half, m.max_det, threads, "", slot_bytes, len(chunks), config.log
+    )
+    runner = model.Runner(spec, buffer)
+    batches = []
+    for slot, items in enumerate(chunks):
         h, w = items[0].shape
-        view = np.frombuffer(buffer, dtype=np.uint8, count=len(items) * h * w * 3)
+        view = np.frombuffer(buffer, dtype=np.uint8, count=len(items) * h * w * 3, offset=slot * slot_bytes)
         np.stack([x.image for x in items], out=view.reshape(len(items), h, w, 3))
         metas = [(x.gain[0], x.gain[1], x.pad[0], x.pad[1], x.width, x.height) for x in items]
+        batches.append(model.Batch(slot, slot, len(items), h, w, metas, m.conf, m.iou))
+    del view
+
+    def timed(todo: list[model.Batch]) -> float:
+        """Runner's launch/finish as the device process runs them: on a GPU the next batch is
+        launched before the last one finishes."""
         started = time.perf_counter()
-        runner.run(model.Batch(0, 0, len(items), h, w, metas, m.conf, m.iou))
+        last = None
+        for batch in todo:
+            launched = runner.launch(batch)
+            if last is not None:
+                runner.finish(last)
+            last = launched
+            if not runner.pipelined:
+                runner.finish(last)
+                last = None
+        if last is not None:
+            runner.finish(last)
         return time.perf_counter() - started
 
-    chunks = [ready[i : i + p.max_batch] for i in range(0, len(ready), p.max_batch)]
-    timed(chunks[0])  # warm-up at this shape: the bound is the steady state
+    timed(batches[:2])  # warm-up at this shape: the bound is the steady state
     start.wait()
-    seconds = sum(timed(chunk) for chunk in chunks)
+    seconds = timed(batches)
     finish.wait()
     answer = {"images": len(ready), "seconds": seconds, "input_shape": f"{ready[0].shape[1]}x{ready[0].shape[0]}"}
     if singles:  # the others are done: this one is alone on the device
-        timed(ready[:1])
-        runs = sorted(timed([x]) for x in (ready * SINGLE_IMAGE_RUNS)[:SINGLE_IMAGE_RUNS])
+        one = [dataclasses.replace(b, n=1, metas=b.metas[:1]) for b in batches]
+        timed(one[:1])
+        runs = sorted(timed([b]) for b in (one * SINGLE_IMAGE_RUNS)[:SINGLE_IMAGE_RUNS])
         answer["single_image_ms"] = runs[len(runs) // 2] * 1000
     answers.put(answer)
 
@@ -497,11 +536,14 @@ def run_once(raw: dict[str, Any], sources: list[Path], names: list[str]) -> dict
     with DaemonProcess(raw, once=True) as daemon:
         started, info, _ = daemon.until("daemon_started")
         done: set[str] = set()
+        stages: dict[str, list[float]] = {}
         finished = started  # the last result durable: the daemon's own exit is not throughput
         for arrived, record in daemon.records():
             if record.get("event") == "image_done":
                 done.add(record["path"])
                 finished = arrived
+                for key in ("batch", *(k for k in record if k.endswith("_ms"))):
+                    stages.setdefault(key, []).append(record[key])
             elif record.get("event") == "daemon_stopped":
                 break
         status = daemon.exit_status()
@@ -513,7 +555,8 @@ def run_once(raw: dict[str, Any], sources: list[Path], names: list[str]) -> dict
         raise BenchError(f"inferd --once: exit status {status}, missing results {missing[:5]}")
     rss_mib = peak_rss_kib / 1024 if peak_rss_kib else None  # None: it exited before /proc was read
     threads = f"{info['torch_threads']}+{info['preprocess_threads']}"
-    return _rate(len(names), finished - started, threads=threads, rss_mib=rss_mib)
+    medians = {k: statistics.median(v) for k, v in stages.items()}  # where an image's time went
+    return _rate(len(names), finished - started, threads=threads, rss_mib=rss_mib, medians=medians)
 
 
 def latency(images: list[Path], raw: dict[str, Any], rate: float) -> dict[str, Any]:

@@ -29,6 +29,11 @@ class OnSuccess(enum.Enum):
     DELETE = "delete"  # source is removed once its results are durable
 
 
+class Decode(enum.Enum):
+    HOST = "host"  # PIL in the daemon's thread pool, at reduced size for large JPEGs
+    DEVICE = "device"  # JPEGs in the device process: nvJPEG on a GPU (other formats stay on host)
+
+
 class LogFormat(enum.Enum):
     JSON = "json"
     CONSOLE = "console"
@@ -78,6 +83,7 @@ class PipelineConfig:
     max_batch: int
     max_wait_ms: int
     reduced_decode: bool
+    decode: Decode
     max_pixels: int
     max_attempts: int
     worker_start_timeout_s: float
@@ -149,6 +155,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "max_batch": 8,
         "max_wait_ms": 10,
         "reduced_decode": True,
+        "decode": "host",
         "max_pixels": 100_000_000,
         "max_attempts": 3,
         "worker_start_timeout_s": 120.0,
@@ -207,6 +214,7 @@ def parse(raw: dict[str, Any], *, base: Path, source: Path | None = None) -> Con
         max_batch=t.integer("pipeline", "max_batch", low=1, high=256),
         max_wait_ms=t.integer("pipeline", "max_wait_ms", low=0),
         reduced_decode=t.boolean("pipeline", "reduced_decode"),
+        decode=Decode(t.choice("pipeline", "decode", [e.value for e in Decode])),
         max_pixels=t.integer("pipeline", "max_pixels", low=1),
         max_attempts=t.integer("pipeline", "max_attempts", low=1),
         worker_start_timeout_s=t.number("pipeline", "worker_start_timeout_s", low=1.0),

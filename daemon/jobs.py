@@ -49,17 +49,24 @@ class Prepared:
     """A decoded, letterboxed image ready for a device, with what is needed to map boxes back."""
 
     job: Job
-    image: np.ndarray  # (h, w, 3) uint8 RGB, letterboxed; h and w are multiples of the stride
+    image: np.ndarray  # (h, w, 3) uint8 RGB, letterboxed, h and w multiples of the stride; or JPEG bytes
     width: int  # original size, as the user sees it (EXIF orientation applied)
     height: int
     orientation: int  # EXIF orientation tag that was applied (1 = none)
     gain: tuple[float, float]  # letterbox scale (x, y) from original pixels to model pixels
     pad: tuple[int, int]  # letterbox padding (left, top) in model pixels
     ready_at: float = 0.0
+    encoded_shape: tuple[int, int] | None = None  # `image` is a JPEG the device letterboxes to this (h, w)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return int(self.image.shape[0]), int(self.image.shape[1])
+        """The letterboxed (h, w)."""
+        return self.encoded_shape or (int(self.image.shape[0]), int(self.image.shape[1]))
+
+    @property
+    def key(self) -> tuple[int, int, bool]:
+        """What a batch must share: one shape, and pixels or JPEG bytes, not both."""
+        return *self.shape, self.encoded_shape is not None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,24 +1,33 @@
 """Runs inside a device process: load the model once, then serve batches from shared memory.
 
-The parent writes letterboxed uint8 images into a slot of a memory-mapped buffer and sends a
-small `Batch` message; this process runs the forward pass and Ultralytics' NMS, maps boxes back
+The parent writes letterboxed uint8 images (or whole JPEGs, with `pipeline.decode = "device"`)
+into a slot of a memory-mapped buffer and sends a small `Batch` message; this process decodes
+the JPEGs if any (nvJPEG on a GPU), runs the forward pass and Ultralytics' NMS, maps boxes back
 to original pixels and answers with the detections. It exits when the parent sends None or the
 pipe closes (the parent died), so it can never outlive the daemon.
+
+On a GPU two batches overlap: the next one is copied (on a second stream) and launched before
+the current one's NMS waits for its results, so the device never idles between batches.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
+import io
 import mmap
 import os
 import signal
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from daemon import logs
 from daemon.config import DEFAULT_WEIGHTS, LogConfig
@@ -45,6 +54,7 @@ class WorkerSpec:
     slot_bytes: int
     slots: int
     log: LogConfig
+    decode_jpegs: bool = False  # the parent sends JPEG bytes (warm the decoder up at start)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +69,17 @@ class Batch:
     metas: list[tuple[float, float, int, int, int, int]]
     conf: float
     iou: float
+    jpegs: list[tuple[int, int]] | None = None  # the slot holds JPEGs back to back: (bytes, EXIF orientation)
+
+
+@dataclass(slots=True)
+class Launched:
+    """A batch whose forward pass is queued on the device; NMS and results come in `finish`."""
+
+    batch: Batch
+    preds: Any
+    errors: dict[int, str]  # index -> why its JPEG could not be decoded
+    started: float
 
 
 def resolve_weights(weights: str) -> str:
@@ -92,9 +113,10 @@ class Runner:
         self.nms = nms.non_max_suppression
         self.spec = spec
         self.device = torch.device(spec.device)
-        if self.device.type == "cuda":
+        cuda = self.device.type == "cuda"
+        if cuda:
             torch.cuda.set_device(self.device)
-        half = spec.half if spec.half is not None else self.device.type == "cuda"
+        half = spec.half if spec.half is not None else cuda
         self.weights = resolve_weights(spec.weights)
         self.backend = AutoBackend(model=self.weights, device=self.device, fp16=half, fuse=True, verbose=False)
         self.backend.eval()
@@ -102,7 +124,9 @@ class Runner:
         self.names = {int(k): str(v) for k, v in self.backend.names.items()}
         self.buffer = buffer
         self.pinned = False
-        if self.device.type == "cuda":  # page-lock the shared slots so host->device copies are DMA
+        self.copies = torch.cuda.Stream(self.device) if cuda else None  # type: ignore[no-untyped-call]
+        self.pipelined = cuda  # on a CPU a launch is the whole computation: nothing to overlap
+        if cuda:  # page-lock the shared slots so host->device copies are DMA
             view = torch.frombuffer(buffer, dtype=torch.uint8)
             self.pinned = (
                 torch.cuda.cudart().cudaHostRegister(  # type: ignore[no-untyped-call]
@@ -110,7 +134,13 @@ class Runner:
                 )
                 == 0
             )
-        self._forward(torch.zeros(1, spec.imgsz, spec.imgsz, 3, dtype=torch.uint8), 0.25, 0.7)  # warm-up
+        imgsz = spec.imgsz  # warm-up, through the real path: cuDNN's autotuning, then nvJPEG's handle
+        self.run(Batch(-1, 0, 1, imgsz, imgsz, [(1.0, 1.0, 0, 0, imgsz, imgsz)], 0.25, 0.7))
+        if spec.decode_jpegs:
+            jpeg = io.BytesIO()
+            Image.new("RGB", (64, 64), (90, 120, 150)).save(jpeg, "JPEG")
+            buffer[: jpeg.tell()] = jpeg.getvalue()  # the parent writes no slot before READY
+            self.run(Batch(-1, 0, 1, 64, 64, [(1.0, 1.0, 0, 0, 64, 64)], 0.25, 0.7, [(jpeg.tell(), 1)]))
 
     def info(self) -> dict[str, Any]:
         return {
@@ -120,41 +150,150 @@ class Runner:
             "half": self.half,
             "format": str(getattr(self.backend, "format", "pt")),
             "pinned": self.pinned,
+            "pipelined": self.pipelined,
         }
 
-    def _forward(self, images: Any, conf: float, iou: float) -> list[Any]:
-        torch = self.torch
-        with torch.inference_mode():
-            x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
-            x = (x.half() if self.half else x.float()).div_(255)
-            preds = self.backend(x)
-            return list(
-                self.nms(
-                    preds,
-                    conf,
-                    iou,
-                    None,
-                    False,
-                    max_det=self.spec.max_det,
-                    nc=0,
-                    end2end=getattr(self.backend, "end2end", False),
-                )
-            )
+    def _scale(self, x: Any) -> Any:
+        dtype = self.torch.half if self.half else self.torch.float
+        return x.to(dtype, memory_format=self.torch.contiguous_format).div_(255)
 
-    def run(self, batch: Batch) -> tuple[list[np.ndarray], float]:
-        """Detections per image (x1, y1, x2, y2, conf, cls in original pixels) and the model time in ms."""
-        started = time.perf_counter()
+    def _pixels(self, batch: Batch) -> Any:
+        torch = self.torch
         offset = batch.slot * self.spec.slot_bytes
         count = batch.n * batch.h * batch.w * 3
-        images = self.torch.frombuffer(self.buffer, dtype=self.torch.uint8, count=count, offset=offset)
-        results = self._forward(images.view(batch.n, batch.h, batch.w, 3), batch.conf, batch.iou)
-        out = []
-        for det, (gx, gy, px, py, w, h) in zip(results, batch.metas, strict=True):
-            boxes = det[:, :6].float().cpu().numpy()
-            boxes[:, [0, 2]] = ((boxes[:, [0, 2]] - px) / gx).clip(0, w)
-            boxes[:, [1, 3]] = ((boxes[:, [1, 3]] - py) / gy).clip(0, h)
-            out.append(boxes)
-        return out, (time.perf_counter() - started) * 1000
+        host = torch.frombuffer(self.buffer, dtype=torch.uint8, count=count, offset=offset)
+        host = host.view(batch.n, batch.h, batch.w, 3)
+        if self.copies is None:
+            return self._scale(host.permute(0, 3, 1, 2))
+        with torch.cuda.stream(self.copies):
+            x = host.to(self.device, non_blocking=True)
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self.copies)
+        x.record_stream(compute)  # allocated on the copy stream, used on this one
+        return self._scale(x.permute(0, 3, 1, 2))
+
+    def _jpegs(self, batch: Batch) -> tuple[Any, dict[int, str]]:
+        assert batch.jpegs is not None
+        torch = self.torch
+        sizes = [size for size, _ in batch.jpegs]
+        data = torch.frombuffer(
+            self.buffer, dtype=torch.uint8, count=sum(sizes), offset=batch.slot * self.spec.slot_bytes
+        )
+        metas = [(*m, orientation) for m, (_, orientation) in zip(batch.metas, batch.jpegs, strict=True)]
+        return decode_batch(list(data.split(sizes)), metas, batch.h, batch.w, self.device, half=self.half)
+
+    def launch(self, batch: Batch) -> Launched:
+        """Queue the batch's inputs and forward pass on the device."""
+        started = time.perf_counter()
+        with self.torch.inference_mode():
+            errors: dict[int, str] = {}
+            if batch.jpegs is None:
+                x = self._pixels(batch)
+            else:
+                x, errors = self._jpegs(batch)
+            return Launched(batch, self.backend(x), errors, started)
+
+    def finish(self, launched: Launched) -> tuple[list[np.ndarray | str], float]:
+        """Detections per image (x1, y1, x2, y2, conf, cls in original pixels) or why its JPEG
+        could not be decoded; and the model time in ms."""
+        batch = launched.batch
+        with self.torch.inference_mode():
+            results = self.nms(
+                launched.preds,
+                batch.conf,
+                batch.iou,
+                None,
+                False,
+                max_det=self.spec.max_det,
+                nc=0,
+                end2end=getattr(self.backend, "end2end", False),
+            )
+            out: list[np.ndarray | str] = []
+            for i, (det, (gx, gy, px, py, w, h)) in enumerate(zip(results, batch.metas, strict=True)):
+                if i in launched.errors:
+                    out.append(launched.errors[i])
+                    continue
+                boxes = det[:, :6].float().cpu().numpy()
+                boxes[:, [0, 2]] = ((boxes[:, [0, 2]] - px) / gx).clip(0, w)
+                boxes[:, [1, 3]] = ((boxes[:, [1, 3]] - py) / gy).clip(0, h)
+                out.append(boxes)
+        return out, (time.perf_counter() - launched.started) * 1000
+
+    def run(self, batch: Batch) -> tuple[list[np.ndarray | str], float]:
+        return self.finish(self.launch(batch))
+
+
+def decode_batch(
+    jpegs: list[Any],
+    metas: list[tuple[float, float, int, int, int, int, int]],
+    h: int,
+    w: int,
+    device: Any,
+    *,
+    half: bool,
+) -> tuple[Any, dict[int, str]]:
+    """Decode JPEGs (1-D uint8 CPU tensors) on `device`, orient and letterbox each to (h, w) as
+    `preprocess.geometry` laid out; `metas` per image: (gain_x, gain_y, pad_x, pad_y, width,
+    height as seen, EXIF orientation). Returns the (n, 3, h, w) model input scaled to 0..1 and,
+    by index, why an image could not be decoded (its input is left as padding)."""
+    import torch
+    import torch.nn.functional as F
+
+    images, errors = _decode_jpegs(jpegs, device)
+    x = torch.full((len(jpegs), 3, h, w), 114.0, dtype=torch.float32, device=device)
+    for i, (image, (gx, gy, px, py, ow, oh, orientation)) in enumerate(zip(images, metas, strict=True)):
+        if image is None:
+            continue
+        image = _orient(image.expand(3, -1, -1), orientation)  # a grey JPEG is one channel
+        size = (max(round(oh * gy), 1), max(round(ow * gx), 1))
+        if tuple(image.shape[1:]) != size:
+            # Plain bilinear, as Ultralytics' own resize; antialiased where the host path would
+            # decode at reduced size (DCT scaling averages pixels, it does not drop them).
+            antialias = size[0] < image.shape[1] / 2
+            image = F.interpolate(image[None].float(), size, mode="bilinear", antialias=antialias, align_corners=False)
+            image = image[0]
+        x[i, :, py : py + size[0], px : px + size[1]] = image
+    x = x.round_().div_(255)  # rounded to uint8 levels, as the host path's pixels are
+    return (x.half() if half else x), errors
+
+
+def _decode_jpegs(jpegs: list[Any], device: Any) -> tuple[list[Any], dict[int, str]]:
+    """The batch in one call (nvJPEG batches it); if that fails, image by image, so that only
+    the broken ones fail."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its image decoders in favour of torchcodec, which would
+        # bring FFmpeg with it; these still decode with the same nvJPEG.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
+        try:
+            return list(decode_jpeg(jpegs, mode=ImageReadMode.UNCHANGED, device=device)), {}
+        except RuntimeError:
+            pass
+        images: list[Any] = []
+        errors: dict[int, str] = {}
+        for i, data in enumerate(jpegs):
+            try:
+                images.append(decode_jpeg(data, mode=ImageReadMode.UNCHANGED, device=device))
+            except RuntimeError as exc:
+                images.append(None)
+                errors[i] = "cannot decode: " + str(exc).splitlines()[0].rsplit(", ", 1)[-1]  # past the C++ location
+        return images, errors
+
+
+def _orient(image: Any, orientation: int) -> Any:
+    """Apply an EXIF orientation to a (c, h, w) tensor, as PIL's `ImageOps.exif_transpose` does."""
+    import torch
+
+    if orientation in (5, 7):  # transpose; transverse is a transpose turned half round
+        image = image.transpose(1, 2)
+    if orientation in (3, 7):
+        return image.flip(1, 2)
+    if orientation in (2, 4):  # mirror, left-right or top-bottom
+        return image.flip(2 if orientation == 2 else 1)
+    if orientation in (6, 8):  # a quarter turn, clockwise or counter-clockwise
+        return torch.rot90(image, -1 if orientation == 6 else 1, (1, 2))
+    return image
 
 
 def serve(spec: WorkerSpec, conn: Connection) -> None:
@@ -174,21 +313,37 @@ def serve(spec: WorkerSpec, conn: Connection) -> None:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
     conn.send(("ready", runner.info(), os.getpid()))
-    torch = runner.torch
+    launched: Launched | None = None  # launched, not yet answered
     while True:
+        if launched is not None and not (runner.pipelined and conn.poll()):
+            _answer(conn, runner, launched.batch, functools.partial(runner.finish, launched))  # nothing to overlap
+            launched = None
+            continue
         try:
             batch = conn.recv()
         except EOFError:  # the parent is gone
             return
         if batch is None:
             return
-        try:
-            boxes, infer_ms = runner.run(batch)
-        except torch.OutOfMemoryError as exc:
-            if runner.device.type == "cuda":
-                torch.cuda.empty_cache()
-            conn.send(("failed", batch.batch_id, "oom", str(exc)))
-        except Exception as exc:  # noqa: BLE001 - a model error fails this batch, not the worker
-            conn.send(("failed", batch.batch_id, "error", f"{type(exc).__name__}: {exc}"))
-        else:
-            conn.send(("done", batch.batch_id, boxes, infer_ms))
+        current = launched
+        launched = _answer(conn, runner, batch, functools.partial(runner.launch, batch))
+        if current is not None:  # the next batch is queued behind it: now wait for its results
+            _answer(conn, runner, current.batch, functools.partial(runner.finish, current))
+
+
+def _answer(conn: Connection, runner: Runner, batch: Batch, step: Callable[[], Any]) -> Launched | None:
+    """Run one step of a batch; a failure is answered at once, a finished batch with its boxes."""
+    torch = runner.torch
+    try:
+        result = step()
+    except torch.OutOfMemoryError as exc:
+        if runner.device.type == "cuda":
+            torch.cuda.empty_cache()
+        conn.send(("failed", batch.batch_id, "oom", str(exc)))
+    except Exception as exc:  # noqa: BLE001 - a model error fails this batch, not the worker
+        conn.send(("failed", batch.batch_id, "error", f"{type(exc).__name__}: {exc}"))
+    else:
+        if isinstance(result, Launched):
+            return result
+        conn.send(("done", batch.batch_id, *result))
+    return None

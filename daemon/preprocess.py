@@ -1,16 +1,21 @@
 """Stage 2: decode, orient and letterbox images in a bounded thread pool.
 
-PIL's decoder and OpenCV's resize release the GIL, so threads scale across cores. JPEGs much
-larger than the model input are decoded at reduced size through libjpeg's DCT scaling
-(`Image.draft`): a 2048x12000 photo letterboxed to 640 never needs its 24 M pixels.
+JPEGs are decoded by OpenCV, which holds the GIL for none of it, so threads scale across cores;
+other formats by PIL. JPEGs much larger than the model input are decoded at reduced size through
+libjpeg's DCT scaling: a 2048x12000 photo letterboxed to 640 never needs its 24 M pixels.
 The letterbox arithmetic is Ultralytics' own (`LetterBox(auto=True, center=True)`), so the
 tensors equal what `model.predict` feeds the network.
+
+With `pipeline.decode = "device"`, a baseline JPEG is only read and its header parsed here: its
+bytes travel to the device process, which decodes (nvJPEG on a GPU), orients and letterboxes it
+to the geometry computed here (`model.decode_batch`). Anything else is decoded here as usual.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import io
 import math
 import os
 import stat
@@ -32,11 +37,44 @@ PAD_VALUE = 114
 EXIF_ORIENTATION = 0x0112
 
 
+JPEG_END = b"\xff\xd9"
+READ_WHOLE_BYTES = 64 << 20  # files up to this size are read into memory at once; larger ones stream
+REDUCED_COLOR = {
+    1: cv2.IMREAD_COLOR,
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     imgsz: int
     reduced_decode: bool
     max_pixels: int
+    device_max_bytes: int = 0  # JPEGs up to this size are decoded by the device process; 0 = none
+
+
+@dataclass(frozen=True, slots=True)
+class Geometry:
+    """Where an image of `source` size (w, h) lands in its letterboxed model input."""
+
+    size: tuple[int, int]  # resized (w, h)
+    pad: tuple[int, int, int, int]  # left, top, right, bottom
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The letterboxed (h, w): multiples of the stride."""
+        left, top, right, bottom = self.pad
+        return self.size[1] + top + bottom, self.size[0] + left + right
+
+
+def geometry(source: tuple[int, int], imgsz: int) -> Geometry:
+    ow, oh = source
+    r = min(imgsz / oh, imgsz / ow)
+    new_w, new_h = max(round(ow * r), 1), max(round(oh * r), 1)
+    dw, dh = (imgsz - new_w) % STRIDE / 2, (imgsz - new_h) % STRIDE / 2
+    return Geometry((new_w, new_h), (round(dw - 0.1), round(dh - 0.1), round(dw + 0.1), round(dh + 0.1)))
 
 
 def letterbox(
@@ -49,15 +87,12 @@ def letterbox(
     """
     h, w = image.shape[:2]
     ow, oh = source_size or (w, h)
-    r = min(imgsz / oh, imgsz / ow)
-    new_w, new_h = max(round(ow * r), 1), max(round(oh * r), 1)
-    dw, dh = (imgsz - new_w) % STRIDE / 2, (imgsz - new_h) % STRIDE / 2
-    if (w, h) != (new_w, new_h):
-        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    top, bottom = round(dh - 0.1), round(dh + 0.1)
-    left, right = round(dw - 0.1), round(dw + 0.1)
+    g = geometry((ow, oh), imgsz)
+    if (w, h) != g.size:
+        image = cv2.resize(image, g.size, interpolation=cv2.INTER_LINEAR)
+    left, top, right, bottom = g.pad
     image = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
-    return image, (new_w / ow, new_h / oh), (left, top)
+    return image, (g.size[0] / ow, g.size[1] / oh), (left, top)
 
 
 def _regular_file(path: str) -> BinaryIO:
@@ -92,26 +127,33 @@ def _open(f: BinaryIO) -> Image.Image:
     return image
 
 
-def decode(path: str, settings: Settings) -> tuple[np.ndarray, tuple[int, int], int]:
+def decode(path: str, settings: Settings) -> tuple[np.ndarray | bytes, tuple[int, int], int]:
     """Decode to RGB uint8 with EXIF orientation applied: (array, (width, height) as seen, orientation).
 
+    A JPEG the device process will decode (`Settings.device_max_bytes`) is returned as its bytes.
     Raises ItemError for anything that is not a decodable image within the pixel limit.
     """
     try:
-        with _regular_file(path) as f, _open(f) as im:
-            w, h = im.size
-            if w * h > settings.max_pixels:
-                raise ItemError(
-                    FailReason.TOO_LARGE, f"{w}x{h} = {w * h} pixels exceeds pipeline.max_pixels={settings.max_pixels}"
-                )
-            orientation = _orientation(im)
-            seen = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-            if settings.reduced_decode and im.format == "JPEG":
-                r = settings.imgsz / max(w, h)
-                if r < 0.5:  # libjpeg scales by 1/2, 1/4 or 1/8; never below the letterbox size
-                    im.draft("RGB", (math.ceil(w * r), math.ceil(h * r)))
-            oriented = ImageOps.exif_transpose(im)
-            return _to_rgb(oriented), seen, orientation
+        with _regular_file(path) as raw:
+            f: BinaryIO = raw
+            data = b""
+            if os.fstat(raw.fileno()).st_size <= READ_WHOLE_BYTES:
+                data = raw.read()  # one read; the header is parsed from memory
+                f = io.BytesIO(data)
+            with _open(f) as im:
+                w, h = im.size
+                if w * h > settings.max_pixels:
+                    raise ItemError(
+                        FailReason.TOO_LARGE,
+                        f"{w}x{h} = {w * h} pixels exceeds pipeline.max_pixels={settings.max_pixels}",
+                    )
+                orientation = _orientation(im)
+                seen = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+                if not _plain_jpeg(im, data):
+                    return _decode(im, settings), seen, orientation
+                if len(data) <= settings.device_max_bytes and not im.info.get("progressive"):
+                    return data, seen, orientation
+        return _decode_jpeg(data, (w, h), orientation, settings), seen, orientation
     except ItemError:
         raise
     except Image.DecompressionBombError as exc:
@@ -124,6 +166,55 @@ def decode(path: str, settings: Settings) -> tuple[np.ndarray, tuple[int, int], 
         raise ItemError(FailReason.NOT_IMAGE, f"cannot decode: {exc}") from None
     except (SyntaxError, ValueError, EOFError) as exc:
         raise ItemError(FailReason.NOT_IMAGE, f"cannot decode: {exc}") from None
+
+
+def _plain_jpeg(im: Image.Image, data: bytes) -> bool:
+    """A whole JPEG in memory, in a colour space every decoder handles. Anything less common
+    (CMYK, a missing end marker) goes through PIL, which reports errors precisely."""
+    return im.format == "JPEG" and im.mode in ("RGB", "L") and data.endswith(JPEG_END)
+
+
+def _reduction(size: tuple[int, int], settings: Settings) -> int:
+    """The DCT scale-down (1, 2, 4 or 8) that still decodes at least the letterboxed size:
+    PIL's `draft` rule, so both decoders give the same pixels."""
+    w, h = size
+    r = settings.imgsz / max(w, h)
+    if not settings.reduced_decode or r >= 0.5:
+        return 1
+    most = min(w // math.ceil(w * r), h // math.ceil(h * r))
+    return max(s for s in (1, 2, 4, 8) if s <= most)
+
+
+def _decode_jpeg(data: bytes, size: tuple[int, int], orientation: int, settings: Settings) -> np.ndarray:
+    """OpenCV's decoder: unlike PIL's, nothing of it holds the GIL (PIL copies an image three
+    times under it on the way to an array), so decode threads scale with the cores."""
+    flags = REDUCED_COLOR[_reduction(size, settings)] | cv2.IMREAD_IGNORE_ORIENTATION
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if image is None:
+        raise ItemError(FailReason.NOT_IMAGE, "cannot decode: corrupt JPEG data")
+    cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image)
+    return _orient(image, orientation)
+
+
+def _orient(image: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation as PIL's `ImageOps.exif_transpose` does."""
+    if orientation in (5, 7):  # transpose; transverse is a transpose turned half round
+        image = cv2.transpose(image)
+    if orientation in (3, 7):
+        return cv2.rotate(image, cv2.ROTATE_180)
+    if orientation in (2, 4):  # mirror, left-right or top-bottom
+        return cv2.flip(image, 1 if orientation == 2 else 0)
+    if orientation in (6, 8):
+        return cv2.rotate(image, cv2.ROTATE_90_CLOCKWISE if orientation == 6 else cv2.ROTATE_90_COUNTERCLOCKWISE)
+    return image
+
+
+def _decode(im: Image.Image, settings: Settings) -> np.ndarray:
+    if settings.reduced_decode and im.format == "JPEG":
+        r = settings.imgsz / max(im.size)
+        if r < 0.5:  # libjpeg scales by 1/2, 1/4 or 1/8; never below the letterbox size
+            im.draft("RGB", (math.ceil(im.size[0] * r), math.ceil(im.size[1] * r)))
+    return _to_rgb(ImageOps.exif_transpose(im))
 
 
 def _orientation(im: Image.Image) -> int:
@@ -156,6 +247,11 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
 def prepare(job: Job, settings: Settings) -> Prepared:
     """Decode and letterbox one claimed file (runs in a pool thread)."""
     image, seen, orientation = decode(str(job.path), settings)
+    if isinstance(image, bytes):
+        g = geometry(seen, settings.imgsz)
+        gain = (g.size[0] / seen[0], g.size[1] / seen[1])
+        encoded = np.frombuffer(image, np.uint8)
+        return Prepared(job, encoded, seen[0], seen[1], orientation, gain, g.pad[:2], encoded_shape=g.shape)
     boxed, gain, pad = letterbox(image, settings.imgsz, source_size=seen)
     return Prepared(job, boxed, seen[0], seen[1], orientation, gain, pad)
 

@@ -24,10 +24,18 @@ from typing import Any
 import structlog
 
 from daemon import __version__, batching, config, intake, logs, metrics, preprocess, results
-from daemon.config import Config, ConfigError
+from daemon.config import Config, ConfigError, Decode
 from daemon.jobs import Capacity, FailReason, Failure, Inferred, Job, Outcome, Prepared
 from daemon.notify import Notifier
-from daemon.workers import DeviceWorker, WorkerStartError, cores, resolve_devices, start_workers, torch_threads
+from daemon.workers import (
+    JPEG_SLOT_BYTES,
+    DeviceWorker,
+    WorkerStartError,
+    cores,
+    resolve_devices,
+    start_workers,
+    torch_threads,
+)
 
 log = structlog.get_logger("daemon.service")
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -47,7 +55,7 @@ ROLL_KEYS = frozenset(
     }
 )
 # Keys only a restart applies: the watched folders, the queues, the thread pool, the HTTP endpoint.
-RESTART_KEYS = frozenset({"pipeline.max_pending", "pipeline.preprocess_threads", "log.format"})
+RESTART_KEYS = frozenset({"pipeline.max_pending", "pipeline.preprocess_threads", "pipeline.decode", "log.format"})
 RESTART_SECTIONS = ("paths.", "intake.", "metrics.")
 
 
@@ -66,9 +74,16 @@ def reloadable(running: Config, new: Config) -> Config:
             new.pipeline,
             max_pending=running.pipeline.max_pending,
             preprocess_threads=running.pipeline.preprocess_threads,
+            decode=running.pipeline.decode,  # the slots are sized for it
         ),
         log=dataclasses.replace(new.log, format=running.log.format),
     )
+
+
+def prep_settings(config: Config) -> preprocess.Settings:
+    p = config.pipeline
+    device_max_bytes = JPEG_SLOT_BYTES if p.decode is Decode.DEVICE else 0
+    return preprocess.Settings(config.model.imgsz, p.reduced_decode, p.max_pixels, device_max_bytes)
 
 
 def knobs(config: Config) -> batching.Knobs:
@@ -224,7 +239,7 @@ class Service:
         self.batcher.knobs = knobs(new)
         self.writer.output = new.output
         # An image prepared meanwhile has the old or the new size: both fit the new slots.
-        self.settings = preprocess.Settings(new.model.imgsz, new.pipeline.reduced_decode, new.pipeline.max_pixels)
+        self.settings = prep_settings(new)
         self.config = new
 
     async def run(self) -> int:
@@ -278,7 +293,7 @@ class Service:
         )
         self.intake = intake.Intake(intake_settings, self.capacity, jobs, outcomes)
         pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
-        self.settings = preprocess.Settings(cfg.model.imgsz, cfg.pipeline.reduced_decode, cfg.pipeline.max_pixels)
+        self.settings = prep_settings(cfg)
         stages = [
             loop.create_task(preprocess.run(jobs, ready, outcomes, pool, lambda: self.settings, threads * 2)),
             loop.create_task(self.batcher.run()),

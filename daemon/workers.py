@@ -4,6 +4,7 @@ Each device gets one spawned process (`model.serve`) and a memory-mapped buffer 
 batch slots. Images are copied into a free slot and only a small message crosses the pipe; the
 reply arrives through the event loop's reader on the pipe, so nothing polls. `slots` batches may
 be in flight at once: while the device computes one, the next is already waiting in memory.
+With `pipeline.decode = "device"` a slot holds whole JPEGs instead, up to JPEG_SLOT_BYTES.
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ import numpy as np
 import structlog
 
 from daemon import model
-from daemon.config import Config
+from daemon.config import Config, Decode
 from daemon.jobs import ModelInfo, Prepared
 
 log = structlog.get_logger("daemon.workers")
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+# A batch of JPEGs for the device to decode fits in this; a larger JPEG is decoded on the host.
+# Five 2048x12000 photos (~6 MB each); the pages are touched only as far as they are used.
+JPEG_SLOT_BYTES = 32 << 20
 
 
 class WorkerStartError(Exception):
@@ -71,6 +75,8 @@ class DeviceWorker:
         self.max_batch = max_batch  # a slot holds this many images; a new batcher knob cannot grow it
         self.slot_imgsz: int = max(slot_imgsz, spec_args["imgsz"])
         self.slot_bytes = max_batch * self.slot_imgsz * self.slot_imgsz * 3
+        if spec_args.get("decode_jpegs"):
+            self.slot_bytes = max(self.slot_bytes, JPEG_SLOT_BYTES)
         self.slots = slots
         self.spec_args = spec_args
         self.info: dict[str, Any] = {}  # the READY answer
@@ -139,14 +145,20 @@ class DeviceWorker:
         if not self.up or self._conn is None or self._buffer is None:
             raise WorkerCrashed(f"{self.device} is not running", started=False)
         h, w = batch[0].shape
-        view = np.frombuffer(self._buffer, dtype=np.uint8, count=len(batch) * h * w * 3, offset=slot * self.slot_bytes)
-        np.stack([p.image for p in batch], out=view.reshape(len(batch), h, w, 3))
+        size = sum(p.image.nbytes for p in batch)
+        view = np.frombuffer(self._buffer, dtype=np.uint8, count=size, offset=slot * self.slot_bytes)
+        jpegs = None
+        if batch[0].encoded_shape is None:
+            np.stack([p.image for p in batch], out=view.reshape(len(batch), h, w, 3))
+        else:
+            np.concatenate([p.image for p in batch], out=view)
+            jpegs = [(p.image.nbytes, p.orientation) for p in batch]
         del view  # a live view of the mmap would keep it from closing at stop()
         batch_id = next(self._ids)
         metas = [(p.gain[0], p.gain[1], p.pad[0], p.pad[1], p.width, p.height) for p in batch]
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         try:
-            self._conn.send(model.Batch(batch_id, slot, len(batch), h, w, metas, conf, iou))
+            self._conn.send(model.Batch(batch_id, slot, len(batch), h, w, metas, conf, iou, jpegs))
         except OSError:  # it died and the loop has not read its EOF yet
             self._free.put_nowait(slot)
             raise WorkerCrashed(f"{self.device} is not running", started=False) from None
@@ -196,11 +208,12 @@ class DeviceWorker:
     def _fail_in_flight(
         self, pending: dict[int, tuple[asyncio.Future[Any], int]], proc: BaseProcess, _reaped: object
     ) -> None:
-        running = min(pending, default=None)  # the process runs batches in the order sent
+        # The process runs batches in the order sent; on a GPU it has two under way at once.
+        running = sorted(pending)[: 2 if self.info.get("pipelined") else 1]
         for batch_id, (future, _slot) in pending.items():
             if not future.done():
                 message = f"{self.device} exited with code {proc.exitcode}"
-                future.set_exception(WorkerCrashed(message, started=batch_id == running))
+                future.set_exception(WorkerCrashed(message, started=batch_id in running))
 
     async def wait_exit(self) -> None:
         await self._exited.wait()
@@ -288,6 +301,7 @@ def start_workers(config: Config, devices: list[str], *, slot_imgsz: int = 0) ->
                 max_det=m.max_det,
                 torch_threads=threads,
                 log=config.log,
+                decode_jpegs=config.pipeline.decode is Decode.DEVICE,
             ),
             max_batch=config.pipeline.max_batch,
             slot_imgsz=slot_imgsz,

@@ -304,6 +304,7 @@ class HeldWorker:
         self.up = True
         self.slots = 2
         self.max_batch = 4
+        self.slot_bytes = 4 * 640 * 640 * 3
         self.in_flight = 0  # what the batcher read before it kept its own count
         self.calls = calls
         self.release = asyncio.Event()
