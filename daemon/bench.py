@@ -71,7 +71,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=8, help="the daemon's pipeline.max_batch (default 8)")
     p.add_argument("--imgsz", type=int, default=640, help="model input size (default 640)")
     p.add_argument(
-        "--decode", choices=("host", "device"), default="host", help="the daemon's pipeline.decode (default host)"
+        "--decode",
+        choices=("auto", "host", "device"),
+        default="auto",
+        help="the daemon's pipeline.decode (default auto: device on GPUs)",
     )
     p.add_argument("--modes", type=_modes, help=f"comma-separated subset of {','.join(MODES)} (default all)")
     p.add_argument("--latency", action="store_true", help="measure drop -> result latency on a running daemon")
@@ -154,13 +157,14 @@ def daemon_config(root: Path, args: argparse.Namespace) -> dict[str, Any]:
 def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str, Any]:
     """Every measurement asked for, in one process, on one image set: the report as a dict."""
     from daemon.model import ModelError, resolve_weights
-    from daemon.workers import cores, resolve_devices
+    from daemon.workers import cores, resolve_decode, resolve_devices
 
     try:
         weights = resolve_weights(config.model.weights)
     except ModelError as exc:
         raise BenchError(str(exc)) from None
     devices = asyncio.run(resolve_devices(config))
+    config = resolve_decode(config, devices)
     setup = {
         "size": "x".join(map(str, args.size)),
         "count": args.count,

@@ -80,10 +80,11 @@ def main(argv: list[str] | None = None) -> int:
 
 async def check(config: Config) -> int:
     """Load the model on every configured device and report what was found."""
-    from daemon.workers import resolve_devices, start_workers
+    from daemon.workers import resolve_decode, resolve_devices, start_workers
 
     log = structlog.get_logger("daemon.cli")
     devices = await resolve_devices(config)
+    config = resolve_decode(config, devices)
     workers = start_workers(config, devices)
     try:
         for worker in workers:

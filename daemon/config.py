@@ -32,6 +32,7 @@ class OnSuccess(enum.Enum):
 class Decode(enum.Enum):
     HOST = "host"  # PIL in the daemon's thread pool, at reduced size for large JPEGs
     DEVICE = "device"  # JPEGs in the device process: nvJPEG on a GPU (other formats stay on host)
+    AUTO = "auto"  # device when every device is a GPU, else host (workers.resolve_decode)
 
 
 class LogFormat(enum.Enum):
@@ -155,7 +156,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "max_batch": 8,
         "max_wait_ms": 10,
         "reduced_decode": True,
-        "decode": "host",
+        "decode": "auto",
         "max_pixels": 100_000_000,
         "max_attempts": 3,
         "worker_start_timeout_s": 120.0,

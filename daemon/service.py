@@ -32,6 +32,7 @@ from daemon.workers import (
     DeviceWorker,
     WorkerStartError,
     cores,
+    resolve_decode,
     resolve_devices,
     start_workers,
     torch_threads,
@@ -166,6 +167,7 @@ class Service:
         except ConfigError as exc:
             log.error("reload_failed", error=str(exc))
             return
+        read = resolve_decode(read, [w.device for w in self.workers])  # "auto" as it was resolved at start
         restart = sorted(key for key in config.differences(running, read) if needs_restart(key))
         if restart:
             log.warning("reload_needs_restart", keys=restart)
@@ -251,6 +253,7 @@ class Service:
         started = time.monotonic()
         cfg = self.config
         devices = await resolve_devices(cfg)
+        cfg = self.config = resolve_decode(cfg, devices)
         server = await metrics.serve(self.metrics, *cfg.metrics.listen) if cfg.metrics.listen else None
         self.notifier.status("loading the model on " + ", ".join(devices))
         self.workers[:] = start_workers(cfg, devices)
@@ -270,6 +273,7 @@ class Service:
             incoming=str(cfg.paths.incoming),
             preprocess_threads=threads,
             torch_threads=torch_threads(cfg, devices),
+            decode=cfg.pipeline.decode.value,
             once=self.once,
             pids=[w.pid for w in self.workers],
             startup_s=round(time.monotonic() - started, 2),

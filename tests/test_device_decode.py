@@ -21,9 +21,9 @@ from PIL import Image, ImageEnhance, ImageOps
 from test_workers import CONF, IOU, match
 
 from daemon import model, preprocess
-from daemon.config import LogConfig, LogFormat
+from daemon.config import Decode, LogConfig, LogFormat, parse
 from daemon.jobs import Job, Prepared
-from daemon.workers import JPEG_SLOT_BYTES, DeviceWorker
+from daemon.workers import JPEG_SLOT_BYTES, DeviceWorker, resolve_decode
 
 HOST = preprocess.Settings(640, True, 10**9)
 DEVICE = preprocess.Settings(640, True, 10**9, JPEG_SLOT_BYTES)
@@ -105,6 +105,16 @@ def test_what_goes_to_the_device(tmp_path: Path) -> None:
     grey = prepare(tmp_path / "grey.jpg", DEVICE)
     diff = (device_input([grey])[0][0] - host_input(prepare(tmp_path / "grey.jpg", HOST))).abs() * 255
     assert diff.max() <= 1.01
+
+
+def test_auto_decodes_on_the_device_only_when_every_device_is_a_gpu(tmp_path: Path) -> None:
+    auto = parse({}, base=tmp_path)
+    assert auto.pipeline.decode is Decode.AUTO
+    assert resolve_decode(auto, ["cuda:0", "cuda:1"]).pipeline.decode is Decode.DEVICE
+    assert resolve_decode(auto, ["cuda:0", "cpu:0"]).pipeline.decode is Decode.HOST
+    assert resolve_decode(auto, ["cpu:0", "cpu:1"]).pipeline.decode is Decode.HOST
+    explicit = parse({"pipeline": {"decode": "device"}}, base=tmp_path)
+    assert resolve_decode(explicit, ["cpu:0"]).pipeline.decode is Decode.DEVICE
 
 
 def test_a_broken_jpeg_fails_alone(tmp_path: Path) -> None:
@@ -244,6 +254,7 @@ def test_daemon_with_device_decode(tmp_path: Path, daemon_factory: Callable[...,
         daemon = daemon_factory(config, "--once")
         assert daemon.proc.wait(300) == 0, daemon.stderr()
         daemon.stop()
+        assert daemon.events("daemon_started")[0]["decode"] == decode
         failed = {r["path"]: r["reason"] for r in daemon.events("image_failed")}
         assert failed == {"badtable.jpg": "not_an_image"}
         assert (root / "var" / "failed" / "badtable.jpg").exists()

@@ -81,7 +81,14 @@ def test_a_new_model_takes_over_without_losing_a_file(
 
     assert sorted(p.name for p in (var / "done").iterdir()) == sorted(before + during + after)
     assert not list((var / "failed").iterdir())
-    for event in ("image_failed", "worker_crashed", "worker_exited", "worker_kill", "reload_failed"):
+    for event in (
+        "image_failed",
+        "worker_crashed",
+        "worker_exited",
+        "worker_kill",
+        "reload_failed",
+        "reload_needs_restart",
+    ):
         assert not daemon.events(event), daemon.events(event)
     old = {"weights": str(tiny_weights), "imgsz": 320}
     new = {"weights": str(second), "imgsz": 256}
