@@ -18,10 +18,10 @@ import torch
 import uvloop
 from conftest import Daemon, assets, photo_like, write_config
 from PIL import Image, ImageEnhance, ImageOps
-from test_workers import CONF, IOU, match
+from test_workers import CONF, IOU, make_worker, match
 
 from daemon import model, preprocess
-from daemon.config import Decode, LogConfig, LogFormat, parse
+from daemon.config import Decode, parse
 from daemon.jobs import Job, Prepared
 from daemon.workers import JPEG_SLOT_BYTES, DeviceWorker, resolve_decode
 
@@ -132,17 +132,7 @@ def runner() -> Iterator[asyncio.Runner]:
 
 
 def start(runner: asyncio.Runner, device: str, *, decode_jpegs: bool) -> DeviceWorker:
-    spec = dict(
-        device=device,
-        weights="default",
-        imgsz=640,
-        half=None,
-        max_det=300,
-        torch_threads=2,
-        log=LogConfig("warning", LogFormat.JSON),
-        decode_jpegs=decode_jpegs,
-    )
-    worker = DeviceWorker(spec, max_batch=4)
+    worker = make_worker("default", device=device, decode_jpegs=decode_jpegs)
     runner.run(worker.start(120))
     return worker
 

@@ -34,15 +34,16 @@ def runner() -> Iterator[asyncio.Runner]:
         yield r
 
 
-def make_worker(weights: str, max_batch: int = 4) -> DeviceWorker:
+def make_worker(weights: str, max_batch: int = 4, *, device: str = "cpu", decode_jpegs: bool = False) -> DeviceWorker:
     spec = dict(
-        device="cpu",
+        device=device,
         weights=weights,
         imgsz=640,
         half=None,
         max_det=300,
         torch_threads=2,
         log=LogConfig("warning", LogFormat.JSON),
+        decode_jpegs=decode_jpegs,
     )
     return DeviceWorker(spec, max_batch=max_batch)
 
@@ -168,18 +169,7 @@ def cuda_available() -> bool:
 
 @pytest.mark.skipif(not cuda_available(), reason="no CUDA device")
 def test_cuda_fp16_matches_cpu(runner: asyncio.Runner, default_worker: DeviceWorker) -> None:
-    worker = DeviceWorker(
-        dict(
-            device="cuda:0",
-            weights="default",
-            imgsz=640,
-            half=None,
-            max_det=300,
-            torch_threads=2,
-            log=LogConfig("warning", LogFormat.JSON),
-        ),
-        max_batch=4,
-    )
+    worker = make_worker("default", device="cuda:0")
     info = runner.run(worker.start(120))
     try:
         assert info["half"] and info["pinned"]
