@@ -55,6 +55,7 @@ class WorkerSpec:
     slots: int
     log: LogConfig
     decode_jpegs: bool = False  # the parent sends JPEG bytes (warm the decoder up at start)
+    pipelined: bool | None = None  # overlap two batches; None = on CUDA only (a test forces it on a CPU)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +126,8 @@ class Runner:
         self.buffer = buffer
         self.pinned = False
         self.copies = torch.cuda.Stream(self.device) if cuda else None  # type: ignore[no-untyped-call]
-        self.pipelined = cuda  # on a CPU a launch is the whole computation: nothing to overlap
+        # On a CPU a launch is the whole computation: there is nothing to overlap.
+        self.pipelined = cuda if spec.pipelined is None else spec.pipelined
         if cuda:  # page-lock the shared slots so host->device copies are DMA
             view = torch.frombuffer(buffer, dtype=torch.uint8)
             self.pinned = (
@@ -323,7 +325,9 @@ def serve(spec: WorkerSpec, conn: Connection) -> None:
             batch = conn.recv()
         except EOFError:  # the parent is gone
             return
-        if batch is None:
+        if batch is None:  # asked to stop: what was launched is still answered
+            if launched is not None:
+                _answer(conn, runner, launched.batch, functools.partial(runner.finish, launched))
             return
         current = launched
         launched = _answer(conn, runner, batch, functools.partial(runner.launch, batch))

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
@@ -34,7 +36,9 @@ def runner() -> Iterator[asyncio.Runner]:
         yield r
 
 
-def make_worker(weights: str, max_batch: int = 4, *, device: str = "cpu", decode_jpegs: bool = False) -> DeviceWorker:
+def make_worker(
+    weights: str, max_batch: int = 4, *, device: str = "cpu", decode_jpegs: bool = False, pipelined: bool | None = None
+) -> DeviceWorker:
     spec = dict(
         device=device,
         weights=weights,
@@ -44,6 +48,7 @@ def make_worker(weights: str, max_batch: int = 4, *, device: str = "cpu", decode
         torch_threads=2,
         log=LogConfig("warning", LogFormat.JSON),
         decode_jpegs=decode_jpegs,
+        pipelined=pipelined,
     )
     return DeviceWorker(spec, max_batch=max_batch)
 
@@ -153,6 +158,42 @@ def test_killed_worker_fails_batch_and_restarts(runner: asyncio.Runner, tiny_wei
         await worker.stop(10)
 
     runner.run(main())
+
+
+def test_overlapped_batches_are_answered_even_when_stopped(runner: asyncio.Runner) -> None:
+    """The GPU's protocol, forced on a CPU: the next batch is launched before the last one is
+    answered. Answers equal the batches sent alone, and a stop answers what was launched."""
+    worker = make_worker("default", pipelined=True)
+    conf = 0.1  # more boxes to compare
+
+    async def main() -> None:
+        await worker.start(120)
+        assert worker.info["pipelined"]
+        with Image.open(assets() / "bus.jpg") as bus:
+            variants = [bus, ImageOps.mirror(bus), ImageEnhance.Brightness(bus).enhance(0.6)]
+            items = []
+            for i, image in enumerate(variants):
+                image.save(worker_dir / f"{i}.jpg", quality=92)
+                items.append(prepare(worker_dir / f"{i}.jpg"))
+        batches = [items[: k % 3 + 1] for k in range(6)]
+        together = await asyncio.gather(*(worker.infer(b, conf, IOU) for b in batches))
+        assert sum(len(boxes) for boxes in together[0][0]) > 0
+        for batch, (boxes, _ms) in zip(batches, together, strict=True):
+            alone, _ = await worker.infer(batch, conf, IOU)
+            for ours, theirs in zip(boxes, alone, strict=True):
+                match(ours, theirs, px=1e-3, conf=1e-5)
+        last = [asyncio.create_task(worker.infer(b, conf, IOU)) for b in batches[:2]]
+        await asyncio.sleep(0)  # both sent: one launched, one behind it
+        await worker.stop(60)
+        for task in last:
+            boxes, _ms = await task  # answered, not WorkerCrashed
+            assert all(isinstance(b, np.ndarray) for b in boxes)
+
+    worker_dir = Path(tempfile.mkdtemp())
+    try:
+        runner.run(main())
+    finally:
+        shutil.rmtree(worker_dir)
 
 
 def test_missing_weights_is_a_start_error(runner: asyncio.Runner, tmp_path: Path) -> None:
