@@ -174,14 +174,23 @@ def _plain_jpeg(im: Image.Image, data: bytes) -> bool:
     return im.format == "JPEG" and im.mode in ("RGB", "L") and data.endswith(JPEG_END)
 
 
-def _reduction(size: tuple[int, int], settings: Settings) -> int:
-    """The DCT scale-down (1, 2, 4 or 8) that still decodes at least the letterboxed size:
-    PIL's `draft` rule, so both decoders give the same pixels."""
+def _draft_size(size: tuple[int, int], settings: Settings) -> tuple[int, int] | None:
+    """The least (w, h) a reduced-size JPEG decode must keep (the letterboxed size), or None when
+    libjpeg's 1/2, 1/4 or 1/8 scaling cannot help."""
     w, h = size
     r = settings.imgsz / max(w, h)
     if not settings.reduced_decode or r >= 0.5:
+        return None
+    return math.ceil(w * r), math.ceil(h * r)
+
+
+def _reduction(size: tuple[int, int], settings: Settings) -> int:
+    """The DCT scale-down (1, 2, 4 or 8) for OpenCV: PIL's `draft` rule for `_draft_size`, so
+    both decoders give the same pixels."""
+    least = _draft_size(size, settings)
+    if least is None:
         return 1
-    most = min(w // math.ceil(w * r), h // math.ceil(h * r))
+    most = min(size[0] // least[0], size[1] // least[1])
     return max(s for s in (1, 2, 4, 8) if s <= most)
 
 
@@ -210,10 +219,9 @@ def _orient(image: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def _decode(im: Image.Image, settings: Settings) -> np.ndarray:
-    if settings.reduced_decode and im.format == "JPEG":
-        r = settings.imgsz / max(im.size)
-        if r < 0.5:  # libjpeg scales by 1/2, 1/4 or 1/8; never below the letterbox size
-            im.draft("RGB", (math.ceil(im.size[0] * r), math.ceil(im.size[1] * r)))
+    least = _draft_size(im.size, settings) if im.format == "JPEG" else None
+    if least is not None:
+        im.draft("RGB", least)
     return _to_rgb(ImageOps.exif_transpose(im))
 
 

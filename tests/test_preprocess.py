@@ -104,3 +104,19 @@ def test_pixel_limit(tmp_path: Path) -> None:
         preprocess.prepare(job_for(path), preprocess.Settings(640, True, max_pixels=1_000_000))
     assert err.value.reason is FailReason.TOO_LARGE
     assert "pipeline.max_pixels" in str(err.value)
+
+
+@pytest.mark.parametrize(("size", "orientation"), [((810, 1080), 6), ((1920, 1080), 1), ((4000, 3000), 3)])
+def test_opencv_jpeg_decode_gives_pils_pixels(tmp_path: Path, size: tuple[int, int], orientation: int) -> None:
+    """JPEGs decode through OpenCV (no GIL); at every DCT scale and orientation the pixels are
+    those PIL's draft decode and `exif_transpose` give."""
+    path = tmp_path / "photo.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    photo_like(*size, seed=5).save(path, quality=90, exif=exif)
+    settings = preprocess.Settings(imgsz=640, reduced_decode=True, max_pixels=100_000_000)
+    ours, _seen, applied = preprocess.decode(str(path), settings)
+    with Image.open(path) as im:
+        theirs = preprocess._decode(im, settings)  # the PIL path other formats take
+    assert applied == orientation and isinstance(ours, np.ndarray)
+    np.testing.assert_array_equal(ours, theirs)
