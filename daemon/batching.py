@@ -24,7 +24,7 @@ import numpy as np
 import structlog
 
 from daemon.jobs import FailReason, Failure, Inferred, ItemError, Outcome, Prepared
-from daemon.workers import BatchFailed, DeviceWorker, WorkerCrashed
+from daemon.workers import BatchFailed, DeviceWorker, WorkerCrashed, WorkerRetired
 
 log = structlog.get_logger("daemon.batching")
 DONE_WITH = np.empty((0, 0, 3), np.uint8)
@@ -138,6 +138,8 @@ class Batcher:
             p.job.timings_ms["batch_wait"] = (sent - p.ready_at) * 1000
         try:
             boxes, infer_ms = await self._call(worker, batch)
+        except WorkerRetired:  # a reload retires it: the new workers take the batch
+            self._requeue(batch)
         except WorkerCrashed as exc:
             log.error("worker_crashed", device=worker.device, in_flight=len(batch), started=exc.started, error=str(exc))
             if exc.started:
@@ -147,9 +149,13 @@ class Batcher:
         except BatchFailed as exc:
             log.warning("batch_failed", device=worker.device, size=len(batch), kind=exc.kind, error=str(exc))
             await self._retry(batch, crashed=False, why=str(exc))
+        except Exception as exc:
+            log.error("internal_error", stage="batching", device=worker.device, size=len(batch), exc_info=exc)
+            for p in batch:
+                await self.out.put(Failure(p.job, ItemError.internal(exc)))
         else:
             self.batches += 1
-            for p, b in zip(batch, boxes, strict=True):
+            for p, b in zip(batch, boxes, strict=True):  # the device answers one entry per image
                 p.job.timings_ms["infer"] = infer_ms
                 p.image = DONE_WITH  # the pixels are not needed any more: free them before the write
                 if isinstance(b, str):  # its JPEG failed on the device's decoder

@@ -1,8 +1,9 @@
 """Command line: `inferd run | check | bench`, exit statuses, process-wide setup.
 
-Exit statuses: 0 success; 1 runtime failure; 2 usage error; 78 (EX_CONFIG) bad configuration or
-a model that cannot load. systemd's unit lists 78 in RestartPreventExitStatus, so a bad config
-does not restart in a loop.
+Exit statuses: 0 success; 1 runtime failure, or a start that may succeed later (a model load
+that timed out, a device process that died while loading); 2 usage error; 78 (EX_CONFIG) a bad
+configuration or a model that can never load. systemd's unit lists 78 in
+RestartPreventExitStatus, so only what cannot work is kept from restarting in a loop.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def setup(config_path: Path) -> Config:
     config = load(config_path)
     prepare_dirs(config.paths, claim_by_copy=config.intake.claim_by_copy)
     os.environ.setdefault("YOLO_CONFIG_DIR", str(config.paths.work / "ultralytics"))
-    logs.configure(config.log, process="main")
+    logs.configure(config.log, process="main", background=True)
     return config
 
 
@@ -73,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"inferd: {exc}\n")
         return EXIT_CONFIG
     except WorkerStartError as exc:
-        structlog.get_logger("daemon.cli").error("start_failed", error=str(exc))
+        structlog.get_logger("daemon.cli").error("start_failed", error=str(exc), permanent=exc.permanent)
         sys.stderr.write(f"inferd: cannot start: {exc}\n")
-        return EXIT_CONFIG
+        return EXIT_CONFIG if exc.permanent else EXIT_RUNTIME
 
 
 async def check(config: Config) -> int:

@@ -36,6 +36,7 @@ log = structlog.get_logger("daemon.intake")
 
 JPEG_END = b"\xff\xd9"
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+WATCH_RETRY_S = 5.0  # a watcher that failed is replaced after this; scans cover the gap
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,23 +99,31 @@ class Intake:
         self._no_scan = asyncio.Event()  # set while _scans == 0
         self._no_scan.set()
         self._rescan = asyncio.Event()  # the watcher lost events: reconcile now, not at the next interval
+        self._closed = False  # the drain began: no new claim
+        self._claim_errors: set[tuple[PurePosixPath, int | None]] = set()  # reported in this scan
+        self._copied_dirs: set[PurePosixPath] = set()
+        self._unreadable = Unreadable()
+        self.watching = asyncio.Event()  # set once the watcher is in place (scan after it, miss nothing)
 
     def ignored(self, rel: PurePosixPath) -> bool:
         return any(p.startswith(".") for p in rel.parts) or rel.name.endswith(self.settings.ignore_suffixes)
 
     async def recover(self) -> int:
         """Take up what an earlier run claimed but did not finish."""
-        for stale in self.settings.processing.parent.glob(".claim-*.tmp"):  # a copy-claim cut short:
-            stale.unlink(missing_ok=True)  # its source is still in incoming/
-        paths = await asyncio.to_thread(self._walk, self.settings.processing, False)
-        for raw, _delay in paths:
+        await asyncio.to_thread(self._remove_stale_copies)
+        paths, _unreadable = await asyncio.to_thread(self._walk, self.settings.processing, False)
+        for raw, mode in paths:
             path = Path(raw)
             await self.capacity.acquire()
             job = Job(self._rel(path, self.settings.processing), path, recovered=True)
-            await self._route(job, os.lstat(path).st_mode)
+            await self._route(job, int(mode))
         if paths:
             log.info("recovered", count=len(paths))
         return len(paths)
+
+    def _remove_stale_copies(self) -> None:
+        for stale in self.settings.processing.parent.glob(".claim-*.tmp"):  # a copy-claim cut short:
+            stale.unlink(missing_ok=True)  # its source is still in incoming/
 
     async def scan(self, root: Path | None = None) -> int:
         """Offer every complete file below `root` (default incoming/), oldest first."""
@@ -123,7 +132,10 @@ class Intake:
             self._scans += 1
             self._no_scan.clear()
         try:
-            candidates = await asyncio.to_thread(self._walk, root or self.settings.incoming, True)
+            candidates, unreadable = await asyncio.to_thread(self._walk, root or self.settings.incoming, True)
+            if whole:
+                self._claim_errors.clear()  # a problem that persists is reported again once per scan
+                self._unreadable.update(unreadable)
             for raw, delay in candidates:
                 await self._consider(Path(raw), delay)
         finally:
@@ -146,8 +158,15 @@ class Intake:
             except* WatchfilesRustInternalError as group:
                 log.error("watch_restarted", error=str(group.exceptions[0]))
                 self._rescan.set()
+            except* Exception as group:  # noqa: BLE001 - e.g. the inotify watch limit: scans go on meanwhile
+                log.error("watch_failed", error=str(group.exceptions[0]), retry_in_s=WATCH_RETRY_S)
+                self._rescan.set()
+                await _first(stop, timeout_s=WATCH_RETRY_S)  # a backoff, not a wait for something
 
     async def _watch(self, stop: asyncio.Event) -> None:
+        # No await between this and the watcher's creation at the first step of `awatch`: a task
+        # woken by `watching` runs once the watcher is in place, so a scan then misses nothing.
+        self.watching.set()
         async for changes in watchfiles.awatch(
             self.settings.incoming,
             stop_event=stop,
@@ -186,6 +205,7 @@ class Intake:
         await self._settled.wait()
 
     def close(self) -> None:
+        self._closed = True
         for handle in self._settling.values():
             handle.cancel()
         self._settling.clear()
@@ -236,6 +256,8 @@ class Intake:
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("internal_error", stage="intake", exc_info=exc)  # a bug: its file waits for a scan
         self._check_settled()
 
     def _check_settled(self) -> None:
@@ -244,11 +266,20 @@ class Intake:
 
     async def _claim(self, path: Path) -> None:
         await self.capacity.acquire()
+        if self._closed:
+            self.capacity.release()
+            return
+        # From here the claim runs to its end even if the drain cancels this task: a file moved
+        # into processing/ must reach the pipeline, and a slot not used must come back.
+        await asyncio.shield(self._claim_held(path))
+
+    async def _claim_held(self, path: Path) -> None:
+        """Claim `path` with a capacity slot already held; every way out releases it or hands it on."""
         rel = self._rel(path, self.settings.incoming)
         target = self.settings.processing / rel
+        spool = self.settings.processing.parent
         try:
-            spool = self.settings.processing.parent if self.settings.claim_by_copy else None
-            mode = await asyncio.to_thread(_rename_into, path, target, self.settings.incoming, rel, spool)
+            mode, copied = await asyncio.to_thread(_rename_into, path, target, self.settings.incoming, rel, spool)
         except FileNotFoundError:  # taken or deleted meanwhile
             self.capacity.release()
             return
@@ -260,8 +291,39 @@ class Intake:
             self.capacity.release()
             self._defer(path, self.settings.settle_s or 0.5)
             return
+        except OSError as exc:  # EACCES, EROFS, ENOSPC...: the file stays in incoming/, the next scan retries
+            self.capacity.release()
+            self._claim_failed(rel, exc)
+            return
+        except Exception as exc:
+            self.capacity.release()
+            log.error("internal_error", stage="intake", path=str(rel), exc_info=exc)
+            return
+        if copied and not self.settings.claim_by_copy and rel.parent not in self._copied_dirs:
+            self._copied_dirs.add(rel.parent)
+            log.warning(
+                "claimed_by_copy",
+                directory=str(rel.parent),
+                reason="it is on another filesystem than work/ (a mount below incoming/)",
+            )
         self.claimed += 1
         await self._route(Job(rel, target), mode)
+
+    def _claim_failed(self, rel: PurePosixPath, exc: OSError) -> None:
+        """Log a claim error once per directory and errno in each scan (a persisting one recurs)."""
+        key = (rel.parent, exc.errno)
+        if key in self._claim_errors:
+            return
+        self._claim_errors.add(key)
+        log.error(
+            "claim_failed",
+            path=str(rel),
+            directory=str(rel.parent),
+            errno=errno.errorcode.get(exc.errno or 0, exc.errno),
+            error=exc.strerror or str(exc),
+            hint="the file stays in incoming/ and is retried at every reconcile; "
+            "inferd needs write access to its directory and to work/",
+        )
 
     async def _route(self, job: Job, mode: int) -> None:
         error = refusal(mode)
@@ -278,7 +340,7 @@ class Intake:
         """Seconds until `path` may be claimed; "dir" for a directory; None if it is gone."""
         try:
             st = os.lstat(path)
-        except FileNotFoundError:
+        except OSError:  # gone; or its directory cannot be searched, which the scan reports
             return None
         if stat.S_ISDIR(st.st_mode):
             return "dir"
@@ -289,33 +351,56 @@ class Intake:
             return 0.0
         return self.settings.settle_s - age
 
-    def _walk(self, root: Path, check: bool) -> list[tuple[str, float]]:
-        """Every non-directory entry below root, oldest first, with its settle delay.
+    def _walk(self, root: Path, check: bool) -> tuple[list[tuple[str, float]], dict[str, str]]:
+        """Every non-directory entry below root, oldest first, with its settle delay (with
+        `check`) or its lstat mode; and the directories that could not be read, with why.
 
         Paths are kept as str: a backlog of 100,000 names then costs ~14 MB, not ~37 MB.
         """
         found: list[tuple[float, str, float]] = []
+        unreadable: dict[str, str] = {}
         stack = [root]
         while stack:
+            directory = stack.pop()
             try:
-                entries = list(os.scandir(stack.pop()))
-            except (FileNotFoundError, NotADirectoryError, PermissionError):
+                entries = list(os.scandir(directory))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:  # EACCES, EIO: its files wait, and the operator is told once
+                unreadable[str(directory)] = exc.strerror or str(exc)
                 continue
             for entry in entries:
                 path = Path(entry.path)
                 if check and self.ignored(self._rel(path, self.settings.incoming)):
                     continue
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(path)
-                    continue
-                delay = self._inspect(path) if check else 0.0
-                if isinstance(delay, float):
-                    try:
-                        found.append((entry.stat(follow_symlinks=False).st_mtime, entry.path, delay))
-                    except FileNotFoundError:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(path)
                         continue
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                delay = self._inspect(path) if check else float(st.st_mode)
+                if isinstance(delay, float):
+                    found.append((st.st_mtime, entry.path, delay))
         found.sort(key=lambda f: f[0])
-        return [(path, delay) for _mtime, path, delay in found]
+        return [(path, delay) for _mtime, path, delay in found], unreadable
+
+
+class Unreadable:
+    """Directories below incoming/ that a scan could not read: each is logged when it becomes
+    unreadable and when it is readable again, not at every scan."""
+
+    def __init__(self) -> None:
+        self.now: dict[str, str] = {}
+
+    def update(self, found: dict[str, str]) -> None:
+        for path, error in found.items():
+            if path not in self.now:
+                log.error("directory_unreadable", path=path, error=error, hint="its files wait until it can be read")
+        for path in self.now.keys() - found.keys():
+            log.info("directory_readable", path=path)
+        self.now = found
 
 
 async def _first(*events: asyncio.Event, timeout_s: float | None = None) -> None:
@@ -332,9 +417,10 @@ class OutsideIncoming(Exception):
     """The path reaches its file through a symlinked directory: the file is not in incoming/."""
 
 
-def _rename_into(source: Path, target: Path, root: Path, rel: PurePosixPath, spool: Path | None = None) -> int:
+def _rename_into(source: Path, target: Path, root: Path, rel: PurePosixPath, spool: Path) -> tuple[int, bool]:
     """Atomically move `source` (`root`/`rel`) to `target`, never replacing one; return the moved
-    entry's lstat mode.
+    entry's lstat mode, and whether it was copied: a source on another filesystem (all of
+    incoming/ with intake.claim_by_copy, or a mount below it) is copied through `spool`.
 
     Raises FileNotFoundError if the source is gone, FileExistsError if the target is taken, and
     OutsideIncoming if a directory on the way to the source is a symlink.
@@ -348,13 +434,15 @@ def _rename_into(source: Path, target: Path, root: Path, rel: PurePosixPath, spo
             target.rmdir()
     if os.path.lexists(target):
         raise FileExistsError(target)
+    copied = False
     try:
         os.rename(source, target)
     except OSError as exc:
-        if exc.errno != errno.EXDEV or spool is None:
+        if exc.errno != errno.EXDEV:
             raise
         _copy_into(source, target, spool)
-    return os.lstat(target).st_mode  # what was moved, not what was looked at before: it may have been swapped
+        copied = True
+    return os.lstat(target).st_mode, copied  # what was moved, not what was looked at: it may have been swapped
 
 
 def _copy_into(source: Path, target: Path, spool: Path) -> None:

@@ -22,6 +22,7 @@ class FailReason(enum.Enum):
     INFERENCE = "inference_error"
     POISON = "worker_crashed_repeatedly"
     WRITE = "write_error"  # results could not be written (disk full, read-only) after output.write_attempts
+    INTERNAL = "internal_error"  # a bug met on this item: the traceback is logged once, the stream goes on
 
 
 class ItemError(Exception):
@@ -30,6 +31,12 @@ class ItemError(Exception):
     def __init__(self, reason: FailReason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+    @classmethod
+    def internal(cls, exc: BaseException) -> ItemError:
+        """The last-resort failure of one item: an exception no stage expected (a bug). The
+        caller logs the traceback once; the item goes to failed/ and the stream goes on."""
+        return cls(FailReason.INTERNAL, f"{type(exc).__name__}: {exc}")
 
 
 @dataclass(slots=True)

@@ -7,7 +7,10 @@ through the same renderer, so the stream has one schema.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import logging.handlers
+import queue
 import sys
 
 import structlog
@@ -19,8 +22,27 @@ from daemon.config import LogConfig, LogFormat
 FOREIGN_LOGGERS = ("ultralytics", "watchfiles")
 
 
-def configure(config: LogConfig, *, process: str) -> None:
-    """Send structlog and stdlib records to stdout, rendered as JSON or for a console."""
+BACKLOG_RECORDS = 10_000  # rendered lines that may wait for a slow stdout before logging blocks
+
+
+class _BlockingQueueHandler(logging.handlers.QueueHandler):
+    """Renders a record in the caller's thread and hands the line to a writer thread; waits only
+    when BACKLOG_RECORDS lines are already queued (the stdlib's drops them: a log must not)."""
+
+    def __init__(self, lines: queue.Queue[logging.LogRecord]) -> None:
+        super().__init__(lines)
+        self.lines = lines
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        self.lines.put(record)
+
+
+def configure(config: LogConfig, *, process: str, background: bool = False) -> None:
+    """Send structlog and stdlib records to stdout, rendered as JSON or for a console.
+
+    `background`: the writes to stdout happen in a thread of their own, so an event loop never
+    waits on a slow reader (journald under load, a full pipe); queued lines are written at exit.
+    """
     console = config.format is LogFormat.CONSOLE or (config.format is LogFormat.AUTO and sys.stdout.isatty())
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -39,7 +61,15 @@ def configure(config: LogConfig, *, process: str) -> None:
             renderer,
         ],
     )
-    handler = logging.StreamHandler(sys.stdout)
+    stream = logging.StreamHandler(sys.stdout)
+    handler: logging.Handler = stream
+    if background:
+        lines: queue.Queue[logging.LogRecord] = queue.Queue(BACKLOG_RECORDS)
+        handler = _BlockingQueueHandler(lines)  # its prepare() renders the line before it is queued
+        stream.setFormatter(logging.Formatter("%(message)s"))
+        writer = logging.handlers.QueueListener(lines, stream)
+        writer.start()
+        atexit.register(writer.stop)  # writes what is queued, then ends the thread
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

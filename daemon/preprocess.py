@@ -28,10 +28,12 @@ from typing import BinaryIO
 
 import cv2
 import numpy as np
+import structlog
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from daemon.jobs import FailReason, Failure, ItemError, Job, Outcome, Prepared
 
+log = structlog.get_logger("daemon.preprocess")
 STRIDE = 32
 PAD_VALUE = 114
 EXIF_ORIENTATION = 0x0112
@@ -287,6 +289,10 @@ async def run(
                 prepared = await loop.run_in_executor(pool, prepare, job, settings())
             except ItemError as exc:
                 await failed.put(Failure(job, exc))
+                return
+            except Exception as exc:
+                log.error("internal_error", stage="preprocess", path=str(job.rel), exc_info=exc)
+                await failed.put(Failure(job, ItemError.internal(exc)))
                 return
             prepared.ready_at = time.monotonic()
             job.timings_ms["decode"] = (prepared.ready_at - started) * 1000

@@ -141,6 +141,7 @@ class Writer:
         While retries wait, this item keeps its slot, so a full disk also stops the intake.
         """
         job = item.job if isinstance(item, Failure) else item.prepared.job
+        error: BaseException | None = None
         for attempt in itertools.count(1):
             try:
                 await (self.failed(item) if isinstance(item, Failure) else self.done(item))
@@ -161,6 +162,14 @@ class Writer:
                 if last:
                     break
                 await asyncio.sleep(delay)  # backoff: the disk must get room before a retry helps
+            except Exception as exc:
+                log.error("internal_error", stage="results", path=str(job.rel), exc_info=exc)
+                error = exc
+                if isinstance(item, Failure):  # not even its failure can be filed
+                    log.error("left_in_processing", path=str(job.rel), error=str(exc))
+                    self.finished(item, False)
+                    return
+                item = Failure(job, ItemError.internal(exc))  # written with the same retries
         message = f"results could not be written after {attempt} attempts: {error}"
         if not isinstance(item, Failure):
             try:
@@ -178,12 +187,19 @@ class Writer:
         if "txt" in self.output.formats:
             text = yolo_txt(result.boxes, p.width, p.height)
             await self.write_atomic(suffixed(base, ".txt"), text.encode(), recovered=job.recovered)
+        annotation_error = None
         if "image" in self.output.formats:
-            data = await asyncio.to_thread(annotate, job.path, result.boxes, result.model.names)
-            await self.write_atomic(suffixed(base, ".annotated.jpg"), data, recovered=job.recovered)
+            try:
+                data = await asyncio.to_thread(annotate, job.path, result.boxes, result.model.names)
+            except Exception as exc:  # noqa: BLE001 - PIL cannot draw this source: its OSErrors are not the disk's
+                annotation_error = f"{type(exc).__name__}: {exc}"
+                log.warning("annotate_failed", path=str(job.rel), error=annotation_error)
+            else:
+                await self.write_atomic(suffixed(base, ".annotated.jpg"), data, recovered=job.recovered)
         job.timings_ms["write"] = (time.monotonic() - started) * 1000
         if "json" in self.output.formats:
-            await self.write_atomic(suffixed(base, ".json"), self._json(result), recovered=job.recovered)
+            document = self._json(result, annotation_error)
+            await self.write_atomic(suffixed(base, ".json"), document, recovered=job.recovered)
         if self.output.fsync:
             await _fsync_dir(base.parent)
         job.timings_ms["write"] = (time.monotonic() - started) * 1000
@@ -201,9 +217,9 @@ class Writer:
         )
         self.finished(result, True)
 
-    def _json(self, result: Inferred) -> bytes:
+    def _json(self, result: Inferred, annotation_error: str | None) -> bytes:
         p, job, model = result.prepared, result.prepared.job, result.model
-        document = {
+        document: dict[str, Any] = {
             "source": str(job.rel),
             "image": {
                 "width": p.width,
@@ -225,6 +241,8 @@ class Writer:
             "processed_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
             "inferd_version": __version__,
         }
+        if annotation_error is not None:  # the results stand; only the annotated copy is missing
+            document["annotation_error"] = annotation_error
         # A name that is not UTF-8 (surrogate-escaped by Python) is written as a \udcXX escape.
         return (json.dumps(document, indent=1, ensure_ascii=False) + "\n").encode(errors="backslashreplace")
 

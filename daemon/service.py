@@ -15,11 +15,14 @@ switches over once they are READY. A new config that fails to load or to start c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import os
 import signal
 import time
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -34,11 +37,13 @@ from daemon.workers import (
     cores,
     resolve_decode,
     resolve_devices,
+    start_all,
     start_workers,
     torch_threads,
 )
 
 log = structlog.get_logger("daemon.service")
+T = TypeVar("T")
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STABLE_S = 60.0  # a device process that ran this long before dying restarts at the first backoff step
 QUEUES = ("jobs", "ready", "outcomes", "batching")
@@ -109,6 +114,7 @@ class Service:
         self.supervisors = asyncio.TaskGroup()
         self.supervised: dict[DeviceWorker, asyncio.Task[None]] = {}
         self.reloading: asyncio.Task[None] | None = None
+        self._stats_task: asyncio.Task[None]
         self.reload_again = False
         self.exit_status = 0
 
@@ -232,12 +238,18 @@ class Service:
 
     @staticmethod
     async def _retire(workers: list[DeviceWorker], timeout_s: float) -> None:
-        await asyncio.sleep(0)  # batches the batcher handed them just before reach their pipes first
+        # stop() first sends the batches being copied into their slots; a batch handed over that
+        # had not reached its slot yet comes back to the batcher (WorkerRetired) for the new ones.
         await asyncio.gather(*(w.stop(timeout_s) for w in workers))
 
     def _apply(self, new: Config) -> None:
         """Make `new` the running config; the workers already serve its model."""
         logs.set_level(new.log.level)
+        for worker in self.workers:
+            worker.set_level(new.log.level)
+        if new.log.stats_interval_s != self.config.log.stats_interval_s:
+            self._stats_task.cancel()
+            self._stats_task = asyncio.get_running_loop().create_task(self._stats(new.log.stats_interval_s))
         self.batcher.knobs = knobs(new)
         self.writer.output = new.output
         # An image prepared meanwhile has the old or the new size: both fit the new slots.
@@ -251,17 +263,23 @@ class Service:
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         started = time.monotonic()
+        log.info("daemon_starting", version=__version__, config=str(self.config.source), pid=os.getpid())
         cfg = self.config
-        devices = await resolve_devices(cfg)
+        devices = await self._unless_stopped(resolve_devices(cfg))
+        if devices is None:
+            log.info("daemon_stopped", during="start-up", uptime_s=round(time.monotonic() - started, 2))
+            return 0
         cfg = self.config = resolve_decode(cfg, devices)
         server = await metrics.serve(self.metrics, *cfg.metrics.listen) if cfg.metrics.listen else None
-        self.notifier.status("loading the model on " + ", ".join(devices))
-        self.workers[:] = start_workers(cfg, devices)
         try:
-            infos = await asyncio.gather(*(w.start(cfg.pipeline.worker_start_timeout_s) for w in self.workers))
-        except WorkerStartError:
-            await asyncio.gather(*(w.stop(5) for w in self.workers))
+            infos = await self._start_up(cfg, devices)
+        except BaseException:
+            await self._close_server(server)
             raise
+        if infos is None:  # a stop request during start-up: every device process is already gone
+            await self._close_server(server)
+            log.info("daemon_stopped", during="start-up", uptime_s=round(time.monotonic() - started, 2))
+            return 0
         threads = cfg.pipeline.preprocess_threads or cores()
         log.info(
             "daemon_started",
@@ -310,7 +328,8 @@ class Service:
         self.metrics.healthy = True
         self.serving.set()
         self.notifier.ready()
-        reporters = [loop.create_task(self._watchdog()), loop.create_task(self._stats())]
+        watchdog = loop.create_task(self._watchdog())
+        self._stats_task = loop.create_task(self._stats(cfg.log.stats_interval_s))
         try:
             await self._until_stopped(stages + feeders)
         finally:
@@ -318,11 +337,9 @@ class Service:
             self.notifier.stopping()
             await self._drain(stages, feeders)
             pool.shutdown(wait=False, cancel_futures=True)
-            for task in reporters:
-                task.cancel()
-            if server is not None:
-                server.close()
-                await server.wait_closed()
+            watchdog.cancel()
+            self._stats_task.cancel()
+            await self._close_server(server)
         log.info(
             "daemon_stopped",
             done=self.done,
@@ -332,6 +349,36 @@ class Service:
             uptime_s=round(time.monotonic() - started, 2),
         )
         return self.exit_status
+
+    async def _start_up(self, cfg: Config, devices: list[str]) -> list[dict[str, Any]] | None:
+        """Start a device process per device and wait for READY; None if a stop came first."""
+        self.notifier.status("loading the model on " + ", ".join(devices))
+        self.workers[:] = start_workers(cfg, devices)
+        log.info("workers_starting", devices=devices, timeout_s=cfg.pipeline.worker_start_timeout_s)
+        return await self._unless_stopped(start_all(self.workers, cfg.pipeline.worker_start_timeout_s))
+
+    async def _unless_stopped(self, step: Coroutine[Any, Any, T]) -> T | None:
+        """`step`'s result, or None if a stop request came first (`step` is then cancelled: it
+        must leave nothing running). SIGTERM is handled promptly in every phase of start-up."""
+        task = asyncio.ensure_future(step)
+        stopper = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if task.done():
+            return task.result()
+        log.info("start_abandoned", reason="stop requested")
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+
+    @staticmethod
+    async def _close_server(server: asyncio.Server | None) -> None:
+        if server is not None:
+            server.close()
+            await server.wait_closed()
 
     async def _feed(self) -> None:
         await self.intake.recover()
@@ -343,7 +390,7 @@ class Service:
             return
         async with asyncio.TaskGroup() as group:
             group.create_task(self.intake.watch(self.intake_stop))
-            await asyncio.sleep(0)  # let the watcher start before the scan, so nothing falls between
+            await self.intake.watching.wait()  # the watcher is in place: nothing falls between it and the scan
             await self.intake.scan()
             group.create_task(self.intake.reconcile(self.intake_stop))
 
@@ -409,7 +456,7 @@ class Service:
                 try:
                     await worker.start(self.config.pipeline.worker_start_timeout_s)
                     break
-                except WorkerStartError as exc:
+                except (WorkerStartError, OSError) as exc:  # OSError: no pipe or process to be had now
                     failures += 1
                     delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
                     log.error("worker_restart_failed", device=worker.device, error=str(exc), retry_in_s=delay)
@@ -440,11 +487,12 @@ class Service:
             "workers": len(self.workers),
         }
 
-    async def _stats(self) -> None:
-        """A `stats` log line and systemd STATUS every log.stats_interval_s."""
-        last, last_t = 0, time.monotonic()
-        while self.config.log.stats_interval_s > 0:
-            await asyncio.sleep(self.config.log.stats_interval_s)  # a period, not a wait for something
+    async def _stats(self, interval_s: float) -> None:
+        """A `stats` log line and systemd STATUS every `interval_s` (0: never); a reload that
+        changes log.stats_interval_s replaces this task."""
+        last, last_t = self.done, time.monotonic()
+        while interval_s > 0:
+            await asyncio.sleep(interval_s)  # a period, not a wait for something
             now = time.monotonic()
             s = self.summary()
             rate = (s["done"] - last) / (now - last_t)

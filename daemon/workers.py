@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import functools
 import itertools
 import mmap
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -40,7 +42,24 @@ JPEG_SLOT_BYTES = 32 << 20
 
 
 class WorkerStartError(Exception):
-    """A device process could not load its model (the message says why)."""
+    """A device process could not start (the message says why).
+
+    `permanent`: it never will as configured (weights missing or not a model, no room for the
+    slots): exit 78, which systemd does not restart. Otherwise (a timeout, a process that died
+    while loading, out of memory) a later start may succeed: exit 1, and systemd restarts it.
+    """
+
+    def __init__(self, message: str, *, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class WorkerState(enum.Enum):
+    STOPPED = "stopped"  # not started, or stopped and reaped
+    STARTING = "starting"  # spawned, loading its model (or answered ERROR and is exiting)
+    UP = "up"  # answered READY: takes batches
+    STOPPING = "stopping"  # asked to stop: answers the batches it holds, takes no new one
+    EXITED = "exited"  # its pipe closed; stop() reaps it
 
 
 class WorkerCrashed(Exception):
@@ -53,6 +72,13 @@ class WorkerCrashed(Exception):
     def __init__(self, message: str, *, started: bool = True) -> None:
         super().__init__(message)
         self.started = started
+
+
+class WorkerRetired(WorkerCrashed):
+    """The worker is being retired (a reload): the batch goes back, to be sent to another."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__(f"{device} is retiring", started=False)
 
 
 class BatchFailed(Exception):
@@ -92,10 +118,12 @@ class DeviceWorker:
         self._ready: asyncio.Future[Any] | None = None
         self._exited = asyncio.Event()
         self._reaped: asyncio.Future[None] | None = None
+        self._fills: set[asyncio.Future[Any]] = set()  # slots being filled: sent before a stop's None
+        self.state = WorkerState.STOPPED
 
     @property
     def up(self) -> bool:
-        return self._ready is not None and self._ready.done() and not self._exited.is_set()
+        return self.state is WorkerState.UP
 
     @property
     def in_flight(self) -> int:
@@ -108,18 +136,14 @@ class DeviceWorker:
     async def start(self, timeout_s: float) -> dict[str, Any]:
         """Spawn the process and wait for READY; raise WorkerStartError on ERROR, exit or timeout."""
         loop = asyncio.get_running_loop()
-        fd, path = tempfile.mkstemp(prefix=f"inferd-{os.getpid()}-", dir=SHM_DIR)
-        try:
-            os.ftruncate(fd, self.slot_bytes * self.slots)
-            self._buffer = mmap.mmap(fd, self.slot_bytes * self.slots)
-        finally:
-            os.close(fd)
+        path = self._allocate_slots()  # on the loop: a thread's result would be lost to a cancel
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
         spec = model.WorkerSpec(**self.spec_args, buffer_path=path, slot_bytes=self.slot_bytes, slots=self.slots)
         self._proc = ctx.Process(target=model.serve, args=(spec, child_conn), name=f"inferd-{self.device}")
         self._exited.clear()
         self._ready = loop.create_future()
+        self.state = WorkerState.STARTING
         try:
             self._proc.start()
             child_conn.close()
@@ -128,9 +152,12 @@ class DeviceWorker:
             self.model = ModelInfo(self.info["weights"], self.info["names"], self.spec_args["imgsz"], self.info["half"])
         except TimeoutError:
             await self.stop(0)
-            raise WorkerStartError(f"{self.device}: model not ready after {timeout_s:.0f} s") from None
+            raise WorkerStartError(f"{self.device}: model not ready after {timeout_s:.0f} s", permanent=False) from None
         except WorkerStartError:
             await self.stop(5)  # after ERROR it exits by itself
+            raise
+        except BaseException:  # cancelled (a stop request during start-up): leave no process behind
+            await self.stop(0)
             raise
         finally:
             os.unlink(path)  # both sides have it mapped; a crash leaves nothing behind
@@ -138,34 +165,70 @@ class DeviceWorker:
             self._free.get_nowait()
         for slot in range(self.slots):
             self._free.put_nowait(slot)
+        self.state = WorkerState.UP
         return self.info
+
+    def _allocate_slots(self) -> str:
+        """Create and map the shared slots, every page allocated now: a /dev/shm too small
+        (Docker's default is 64 MiB) fails here with a message, not later as a SIGBUS mid-copy."""
+        size = self.slot_bytes * self.slots
+        try:
+            fd, path = tempfile.mkstemp(prefix=f"inferd-{os.getpid()}-", dir=SHM_DIR)
+        except OSError as exc:
+            message = f"{self.device}: cannot create batch slots in {SHM_DIR}: {exc}"
+            raise WorkerStartError(message, permanent=True) from None
+        try:
+            os.posix_fallocate(fd, 0, size)
+            self._buffer = mmap.mmap(fd, size)
+        except OSError as exc:
+            os.unlink(path)
+            free = shutil.disk_usage(SHM_DIR).free
+            raise WorkerStartError(
+                f"{self.device}: {SHM_DIR} has no room for its batch slots ({exc.strerror}): each device process "
+                f"needs {size / 2**20:.0f} MiB ({self.slots} slots of {self.max_batch} images), {free / 2**20:.0f} MiB "
+                f"are free. Give it more (a container: docker run --shm-size=1g), or lower pipeline.max_batch",
+                permanent=True,
+            ) from None
+        finally:
+            os.close(fd)
+        return path
 
     async def infer(self, batch: list[Prepared], conf: float, iou: float) -> tuple[list[np.ndarray], float]:
         """Run one batch (same letterboxed shape); returns per-image boxes and the model time in ms."""
         slot = await self._free.get()
-        if not self.up or self._conn is None or self._buffer is None:
-            raise WorkerCrashed(f"{self.device} is not running", started=False)
-        h, w = batch[0].shape
-        size = sum(p.image.nbytes for p in batch)
-        view = np.frombuffer(self._buffer, dtype=np.uint8, count=size, offset=slot * self.slot_bytes)
-        jpegs = None
-        if batch[0].encoded_shape is None:
-            np.stack([p.image for p in batch], out=view.reshape(len(batch), h, w, 3))
-        else:
-            np.concatenate([p.image for p in batch], out=view)
-            jpegs = [(p.image.nbytes, p.orientation) for p in batch]
-        del view  # a live view of the mmap would keep it from closing at stop()
-        batch_id = next(self._ids)
-        metas = [(p.gain[0], p.gain[1], p.pad[0], p.pad[1], p.width, p.height) for p in batch]
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         try:
-            self._conn.send(model.Batch(batch_id, slot, len(batch), h, w, metas, conf, iou, jpegs))
-        except OSError:  # it died and the loop has not read its EOF yet
-            self._free.put_nowait(slot)
-            raise WorkerCrashed(f"{self.device} is not running", started=False) from None
+            if self.state is WorkerState.STOPPING:
+                raise WorkerRetired(self.device)
+            if not self.up or self._buffer is None:
+                raise WorkerCrashed(f"{self.device} is not running", started=False)
+            h, w = batch[0].shape
+            # 10-32 MB of copying: in a thread, so the event loop keeps serving meanwhile.
+            fill = asyncio.ensure_future(asyncio.to_thread(_fill, self._buffer, slot * self.slot_bytes, batch))
+            self._fills.add(fill)
+            fill.add_done_callback(self._fills.discard)
+            jpegs = await fill
+            # A stop() that came meanwhile waited for this fill: the batch goes before its None.
+            if self.state not in (WorkerState.UP, WorkerState.STOPPING) or self._conn is None:
+                raise WorkerCrashed(f"{self.device} is not running", started=False)
+            batch_id = next(self._ids)
+            metas = [(p.gain[0], p.gain[1], p.pad[0], p.pad[1], p.width, p.height) for p in batch]
+            try:
+                self._conn.send(model.Batch(batch_id, slot, len(batch), h, w, metas, conf, iou, jpegs))
+            except OSError:  # it died and the loop has not read its EOF yet
+                raise WorkerCrashed(f"{self.device} is not running", started=False) from None
+        except BaseException:
+            self._free.put_nowait(slot)  # nothing was sent: the slot is free again
+            raise
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[batch_id] = (future, slot)
         result: tuple[list[np.ndarray], float] = await future
         return result
+
+    def set_level(self, level: str) -> None:
+        """Apply a new log level in the device process (a config reload)."""
+        if self.up and self._conn is not None:
+            with contextlib.suppress(OSError):  # gone: its restart gets the new config
+                self._conn.send(model.SetLevel(level))
 
     def _on_message(self) -> None:
         assert self._conn is not None
@@ -182,10 +245,12 @@ class DeviceWorker:
             if kind == "ready":
                 self._ready.set_result(message[1])
             else:
-                self._ready.set_exception(WorkerStartError(f"{self.device}: {message[1]}"))
+                self._ready.set_exception(WorkerStartError(f"{self.device}: {message[1]}", permanent=message[2]))
             return
         future, slot = self._pending.pop(message[1])
         self._free.put_nowait(slot)
+        if future.done():  # its caller was cancelled (a drain that timed out): nobody waits for it
+            return
         if kind == "done":
             future.set_result((message[2], message[3]))
         else:
@@ -196,14 +261,15 @@ class DeviceWorker:
         assert self._conn is not None and self._proc is not None
         asyncio.get_running_loop().remove_reader(self._conn.fileno())
         self._exited.set()
+        self.state = WorkerState.EXITED
         if self._ready is not None and not self._ready.done():
-            self._ready.set_exception(WorkerStartError(f"{self.device}: process exited during start"))
+            self._ready.set_exception(WorkerStartError(f"{self.device}: process exited during start", permanent=False))
         pending, self._pending = self._pending, {}
         # The pipe closes just before the process is reaped: join it (off the loop) for its exit code.
         self._reaped = asyncio.ensure_future(asyncio.to_thread(self._proc.join))
         self._reaped.add_done_callback(functools.partial(self._fail_in_flight, pending, self._proc))
-        # Wake anyone waiting for a slot; infer() sees the worker is down.
-        for slot in range(self.slots - self._free.qsize()):
+        # The slots of the lost batches are free: whoever waits for one sees the worker is down.
+        for _future, slot in pending.values():
             self._free.put_nowait(slot)
 
     def _fail_in_flight(
@@ -224,6 +290,10 @@ class DeviceWorker:
         proc, conn = self._proc, self._conn
         if proc is None or conn is None:
             return
+        if self.state is WorkerState.UP:
+            self.state = WorkerState.STOPPING
+            if self._fills:  # batches being copied into their slots were handed to it: send them first
+                await asyncio.wait(list(self._fills))
         if not self._exited.is_set():
             with contextlib.suppress(OSError):  # already gone: the reader notices
                 conn.send(None)
@@ -237,9 +307,41 @@ class DeviceWorker:
         await asyncio.shield(self._reaped or asyncio.ensure_future(asyncio.to_thread(proc.join)))
         conn.close()
         if self._buffer is not None:
-            self._buffer.close()
+            with contextlib.suppress(BufferError):  # a slot fill still holds a view: it closes when that ends
+                self._buffer.close()
         self._proc = self._conn = self._buffer = None
         self._reaped = None
+        self.state = WorkerState.STOPPED
+
+
+def _fill(buffer: mmap.mmap, offset: int, batch: list[Prepared]) -> list[tuple[int, int]] | None:
+    """Copy a batch into its slot at `offset` (in a thread); the JPEGs' (bytes, orientation), if
+    the slot holds JPEGs rather than pixels."""
+    size = sum(p.image.nbytes for p in batch)
+    view = np.frombuffer(buffer, dtype=np.uint8, count=size, offset=offset)
+    try:
+        if batch[0].encoded_shape is None:
+            h, w = batch[0].shape
+            np.stack([p.image for p in batch], out=view.reshape(len(batch), h, w, 3))
+            return None
+        np.concatenate([p.image for p in batch], out=view)
+        return [(p.image.nbytes, p.orientation) for p in batch]
+    finally:
+        del view  # a live view of the mmap would keep it from closing at stop()
+
+
+async def start_all(workers: list[DeviceWorker], timeout_s: float) -> list[dict[str, Any]]:
+    """Start the workers at once and return their READY answers. If one fails, or this is
+    cancelled (a stop request during start-up), all are stopped before it raises."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(w.start(timeout_s)) for w in workers]
+    except BaseException as exc:
+        await asyncio.gather(*(w.stop(0) for w in workers))
+        if isinstance(exc, BaseExceptionGroup) and (failed := exc.subgroup(WorkerStartError)) is not None:
+            raise failed.exceptions[0] from None
+        raise
+    return [t.result() for t in tasks]
 
 
 def cores() -> int:
@@ -273,9 +375,16 @@ async def _devices(devices: tuple[str, ...]) -> list[str]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await probe.communicate()
+    try:
+        out, err = await probe.communicate()
+    except BaseException:  # a stop request during start-up: the probe must not outlive us
+        with contextlib.suppress(ProcessLookupError):
+            probe.kill()
+        await probe.wait()
+        raise
     if probe.returncode != 0:
-        raise WorkerStartError(f"cannot count CUDA devices: {err.decode(errors='replace').strip()[-500:]}")
+        message = f"cannot count CUDA devices: {err.decode(errors='replace').strip()[-500:]}"
+        raise WorkerStartError(message, permanent=False)
     count = int(out.split()[-1])
     return [f"cuda:{i}" for i in range(count)] or ["cpu"]
 

@@ -6,13 +6,18 @@ except where `fault` says otherwise:
 
 - "segfault": an image that is mostly pure red (the *marker*) makes the process touch address 0;
 - "raise": a marker image raises RuntimeError (a model error, the process survives);
-- "oom": any batch of more than one image raises torch.OutOfMemoryError.
+- "oom": any batch of more than one image raises torch.OutOfMemoryError;
+- "hang_load": loading never ends (the Conv+BN fusion at load blocks for good);
+- "die_load": the process is SIGKILLed while it loads (as the kernel's OOM killer would).
 """
 
 from __future__ import annotations
 
 import ctypes
 import datetime
+import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +25,19 @@ import torch
 from PIL import Image
 from ultralytics.nn.tasks import DetectionModel
 
-FAULTS = ("segfault", "raise", "oom")
+FAULTS = ("segfault", "raise", "oom", "hang_load", "die_load")
 MARKER_RGB = (255, 0, 0)
 
 
 class FaultyDetectionModel(DetectionModel):
     fault: str = ""
+
+    def fuse(self, *args: Any, **kwargs: Any) -> Any:
+        if self.fault == "hang_load":
+            threading.Event().wait()
+        if self.fault == "die_load":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().fuse(*args, **kwargs)
 
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(x, torch.Tensor) and x.ndim == 4:
