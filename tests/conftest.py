@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -98,6 +99,7 @@ class Daemon:
             text=True,
             cwd=config.parent,
             env={**os.environ, **(env or {})},
+            start_new_session=True,  # kill() takes its device processes with it, even hung ones
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -154,6 +156,10 @@ class Daemon:
         return self._stderr.read()
 
     def kill(self) -> None:
+        """SIGKILL the daemon and whatever of its process group is left (a device process that
+        hangs while loading never reads the pipe that would tell it its parent is gone)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
