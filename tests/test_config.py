@@ -22,7 +22,7 @@ def test_defaults_resolve_against_the_config_directory(tmp_path: Path) -> None:
     cfg = parse("", tmp_path)
     assert cfg.paths.incoming == tmp_path / "var" / "incoming"
     assert cfg.model.devices == ("auto",)
-    assert cfg.model.half is None
+    assert (cfg.model.runtime, cfg.model.precision) == (config.Runtime.AUTO, config.Precision.AUTO)
     assert cfg.output.on_success is config.OnSuccess.MOVE
     assert cfg.pipeline.preprocess_threads == 0  # auto
 
