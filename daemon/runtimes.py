@@ -2,7 +2,8 @@
 
 `choose` makes `model.runtime` and `model.precision` concrete for one device: OpenVINO on CPUs,
 TensorRT on CUDA when the `tensorrt` package imports (else PyTorch); fp16 on CUDA, bf16 on CPUs
-with AMX or AVX512-BF16 (detected from /proc/cpuinfo, never assumed), fp32 on other CPUs.
+with AMX (detected from /proc/cpuinfo, never assumed), fp32 on other CPUs. bf16 on request needs
+AMX or AVX512-BF16.
 
 `ensure` returns the artefact a device process loads: the user's weights when they are already
 an export (`.onnx`, `*_openvino_model/`, `.engine`) or the runtime is PyTorch, else an export of
@@ -49,8 +50,9 @@ DISTRIBUTIONS = {
     Runtime.ONNXRUNTIME: "onnxruntime",
     Runtime.TENSORRT: "tensorrt",
 }
-# precision = "auto" picks bf16 on CPUs with bf16 units (OpenVINO only): its detections match fp32's
-# within the accuracy bar on real photos (README, "Runtimes and precision").
+# precision = "auto" picks bf16 on CPUs with AMX (OpenVINO only): its detections match fp32's within
+# the accuracy bar on real photos. With AVX512-BF16 alone, OpenVINO's bf16 ran at 0.75x its fp32
+# (README, "Runtimes and precision"), so auto keeps fp32 there; "bf16" can still be asked for.
 AUTO_BF16 = True
 FIX = 'set model.runtime = "torch" (PyTorch, slower) or fix the cause above'
 
@@ -87,8 +89,13 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
 
 
 def has_bf16(flags: frozenset[str]) -> bool:
-    """bf16 matrix units: AMX (Sapphire Rapids and later) or AVX512-BF16 (Cooper Lake, Zen 4)."""
+    """bf16 arithmetic: AMX (Sapphire Rapids and later) or AVX512-BF16 (Cooper Lake, Zen 4)."""
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def has_amx(flags: frozenset[str]) -> bool:
+    """bf16 matrix tiles: where bf16 is faster than fp32 (AVX512-BF16 alone measured slower)."""
+    return "amx_bf16" in flags
 
 
 def exported_as(weights: str) -> Runtime | None:
@@ -152,7 +159,7 @@ def choose(
     if precision is Precision.AUTO:
         if cuda:
             precision = Precision.FP16
-        elif AUTO_BF16 and runtime is Runtime.OPENVINO and has_bf16(cpu_flags() if flags is None else flags):
+        elif AUTO_BF16 and runtime is Runtime.OPENVINO and has_amx(cpu_flags() if flags is None else flags):
             precision = Precision.BF16
         else:
             precision = Precision.FP32

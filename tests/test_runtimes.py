@@ -241,6 +241,7 @@ def test_failed_export_leaves_nothing_and_names_the_fix(tmp_path: Path) -> None:
 
 
 AMX = frozenset({"avx512f", "amx_bf16", "amx_tile"})
+AVX512_BF16 = frozenset({"avx512f", "avx512_bf16"})
 
 
 @pytest.mark.parametrize(
@@ -248,6 +249,8 @@ AMX = frozenset({"avx512f", "amx_bf16", "amx_tile"})
     [
         (Runtime.AUTO, Precision.AUTO, "cpu", AMX, False, (Runtime.OPENVINO, Precision.BF16)),
         (Runtime.AUTO, Precision.AUTO, "cpu", frozenset({"avx2"}), False, (Runtime.OPENVINO, Precision.FP32)),
+        (Runtime.AUTO, Precision.AUTO, "cpu", AVX512_BF16, False, (Runtime.OPENVINO, Precision.FP32)),
+        (Runtime.OPENVINO, Precision.BF16, "cpu", AVX512_BF16, False, (Runtime.OPENVINO, Precision.BF16)),
         (Runtime.AUTO, Precision.AUTO, "cuda:0", AMX, False, (Runtime.TORCH, Precision.FP16)),
         (Runtime.AUTO, Precision.AUTO, "cuda:1", AMX, True, (Runtime.TENSORRT, Precision.FP16)),
         (Runtime.TORCH, Precision.AUTO, "cpu", AMX, False, (Runtime.TORCH, Precision.FP32)),
