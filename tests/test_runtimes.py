@@ -102,19 +102,24 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter))
 
 
-def matched(ours: list[np.ndarray], theirs: list[np.ndarray]) -> tuple[int, int]:
-    """(pairs, detections): pairs are greedy by confidence, same class, IoU >= 0.9, |dconf| <= 0.03;
-    detections counts the larger side per image, so a missing or an extra box both count against."""
+def matched(ours: list[np.ndarray], theirs: list[np.ndarray]) -> tuple[int, int, float, float]:
+    """(pairs, detections, worst |dconf|, worst IoU of the pairs): pairs are greedy by confidence,
+    same class, IoU >= 0.9, |dconf| <= 0.03; detections counts the larger side per image, so a
+    missing or an extra box both count against."""
     pairs = total = 0
+    worst_conf, worst_iou = 0.0, 1.0
     for a, b in zip(ours, theirs, strict=True):
         total += max(len(a), len(b))
         free = list(range(len(b)))
         for det in a[np.argsort(-a[:, 4])]:
             good = [j for j in free if b[j, 5] == det[5] and abs(b[j, 4] - det[4]) <= 0.03 and iou(det, b[j]) >= 0.9]
             if good:
-                free.remove(max(good, key=lambda j: iou(det, b[j])))
+                best = max(good, key=lambda j: iou(det, b[j]))
+                free.remove(best)
                 pairs += 1
-    return pairs, total
+                worst_conf = max(worst_conf, float(abs(b[best, 4] - det[4])))
+                worst_iou = min(worst_iou, iou(det, b[best]))
+    return pairs, total, worst_conf, worst_iou
 
 
 def test_reference_finds_people(reference: list[np.ndarray]) -> None:
@@ -141,8 +146,9 @@ def test_accuracy_against_torch_fp32(
     r = runner(runtime, precision, cache)
     assert (r.info()["runtime"], r.info()["precision"]) == (runtime, precision)
     ours = each(r, prepared)
-    pairs, total = matched(ours, reference)
-    print(f"{runtime} {precision}: {pairs}/{total} detections matched ({pairs / total:.1%})")
+    pairs, total, dconf, worst_iou = matched(ours, reference)
+    rate = f"{pairs}/{total} matched ({pairs / total:.1%})"
+    print(f"{runtime} {precision}: {rate}, |dconf| <= {dconf:.4f}, IoU >= {worst_iou:.4f}")
     assert pairs >= 0.95 * total
 
 
