@@ -3,8 +3,9 @@
 Every mode runs on the same generated JPEGs with the same model, model load excluded:
 
 - naive:   Ultralytics `predict` one image at a time, each .txt written inline (seed 002 before)
-- naive_export: the same loop on the artefact the daemon runs (its OpenVINO/TensorRT export, as
-           Ultralytics loads it); skipped when the daemon's runtime is PyTorch
+- naive_export: the same loop on the artefact the daemon runs (its OpenVINO/TensorRT export), as
+           Ultralytics loads it (OpenVINO: compiled with the CPU's default precision and every
+           core); skipped when the daemon's runtime is PyTorch
 - seed002: the same loop, writes handed to a `Queue(maxsize=200)` and a writer thread (after)
 - seed000: seed 000's design: each batch decoded by a `ThreadPoolExecutor().map`, then one
            batched `predict` on the decoded arrays, .txt written inline; batches do not overlap
@@ -52,7 +53,7 @@ MODES = ("naive", "naive_export", "seed002", "seed000", "bound", "inferd")
 SEED_QUEUE_SIZE = 200  # seed 002's write queue
 NOTES = {
     "naive": "Ultralytics predict per image, .txt written inline",
-    "naive_export": "the same on the daemon's export ({runtime})",
+    "naive_export": "the same on the daemon's export ({runtime} artefact; Ultralytics compiles it its way)",
     "seed002": f"Ultralytics predict per image, .txt via Queue({SEED_QUEUE_SIZE}) + writer thread",
     "seed000": "batches of {max_batch}: ThreadPoolExecutor decode, then batched predict, .txt inline",
     "bound": "Runner forward + NMS on ready tensors, batch {max_batch}, input {shape}, {runtime}, no I/O",
