@@ -181,7 +181,9 @@ async def _follow(proc: asyncio.subprocess.Process, req: dict[str, Any], notifie
                 export_s=round(time.monotonic() - started, 2),
             )
         return Prepared(req["device"], answer["runtime"], answer["precision"], answer["artefact"])
-    message = answer.get("message") or f"the exporter exited with status {code}: {tail.strip()[-1500:]}"
+    message = answer.get("message") or (
+        f"the {req['runtime']} exporter exited with status {code}: {tail.strip()[-1500:]}. Fix: {runtimes.FIX}"
+    )
     log.error("model_export_failed", device=req["device"], runtime=req["runtime"], error=message)
     raise WorkerStartError(f"{req['device']}: {message}")
 
