@@ -73,3 +73,27 @@ def test_a_failed_export_exits_78_naming_runtime_and_fix(tmp_path: Path, daemon_
     assert "openvino" in daemon.stderr() and 'model.runtime = "torch"' in daemon.stderr()
     assert daemon.events("model_export_failed")
     assert cache_entries(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_a_reload_to_another_runtime_exports_while_the_old_processes_serve(
+    tmp_path: Path, daemon_factory: RunDaemon, tiny_weights: Path
+) -> None:
+    config = write_config(tmp_path, model={"weights": str(tiny_weights), "imgsz": 320}, intake={"settle_ms": 100})
+    daemon = daemon_factory(config)
+    assert daemon.wait_event("daemon_started")["runtime"] == "torch"
+    incoming = tmp_path / "var" / "incoming"
+    config.write_text(config.read_text().replace('runtime = "torch"', 'runtime = "openvino"'))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_event("model_export_started")
+    shutil.copyfile(assets() / "bus.jpg", incoming / ".during.jpg.part")
+    (incoming / ".during.jpg.part").rename(incoming / "during.jpg")  # the daemon keeps serving during the export
+    daemon.wait_event("image_done", path="during.jpg")
+    done = daemon.wait_event("reload_done")
+    assert "model.runtime" in done["applied"] and done["workers_restarted"] == 1
+    (entry,) = cache_entries(tmp_path)
+    assert "-openvino-" in entry
+    shutil.copyfile(assets() / "bus.jpg", incoming / ".after.jpg.part")
+    (incoming / ".after.jpg.part").rename(incoming / "after.jpg")
+    daemon.wait_event("image_done", path="after.jpg")
+    assert daemon.stop() == 0
