@@ -311,3 +311,19 @@ def test_cpu_flags_come_from_cpuinfo(tmp_path: Path) -> None:
     assert runtimes.cpu_flags(cpuinfo) == {"fpu", "avx2", "avx512_bf16"}
     assert runtimes.has_bf16(runtimes.cpu_flags(cpuinfo))
     assert runtimes.cpu_flags(tmp_path / "missing") == frozenset()
+
+
+def test_cpu_layout_per_runtime(tmp_path: Path) -> None:
+    """OpenVINO: one CPU process with a thread per core; PyTorch: a process per core (at most 4)."""
+    from daemon.config import parse
+    from daemon.workers import cores, cpu_workers, torch_threads
+
+    def layout(**model: str) -> tuple[int, int]:
+        config = parse({"model": {"devices": ["cpu"], **model}}, base=tmp_path)
+        processes = cpu_workers(config)
+        return processes, torch_threads(config, [f"cpu:{i}" for i in range(processes)])
+
+    assert layout() == layout(runtime="openvino") == (1, cores())
+    assert layout(weights="m_openvino_model") == (1, cores())
+    assert layout(runtime="torch") == (min(cores(), 4), max(1, cores() // min(cores(), 4)))
+    assert layout(weights="m.onnx")[0] == min(cores(), 4)
