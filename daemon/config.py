@@ -48,7 +48,7 @@ class Runtime(enum.Enum):
 class Precision(enum.Enum):
     """The arithmetic of the forward pass (runtimes.choose makes AUTO concrete per device)."""
 
-    AUTO = "auto"  # fp16 on CUDA; on CPUs fp32 (see runtimes.choose for why not bf16)
+    AUTO = "auto"  # fp16 on CUDA; bf16 with OpenVINO on CPUs with AMX; else fp32
     FP32 = "fp32"
     FP16 = "fp16"
     BF16 = "bf16"
@@ -359,9 +359,6 @@ class _Table:
         if self.get(section, key) == "auto":
             return 0
         return self.integer(section, key, low=1)
-
-    def auto_bool(self, section: str, key: str) -> bool | None:
-        return None if self.get(section, key) == "auto" else self.boolean(section, key)
 
     def choice(self, section: str, key: str, choices: tuple[str, ...] | list[str]) -> str:
         value = self.get(section, key)
