@@ -97,3 +97,26 @@ def test_a_reload_to_another_runtime_exports_while_the_old_processes_serve(
     (incoming / ".after.jpg.part").rename(incoming / "after.jpg")
     daemon.wait_event("image_done", path="after.jpg")
     assert daemon.stop() == 0
+
+
+@pytest.mark.slow
+def test_systemd_is_kept_patient_during_the_export(
+    tmp_path: Path, daemon_factory: RunDaemon, tiny_weights: Path
+) -> None:
+    """Before READY=1: STATUS says it exports, EXTEND_TIMEOUT_USEC and WATCHDOG=1 keep
+    TimeoutStartSec and the watchdog from firing."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(240)
+    config = write_config(tmp_path, model={"weights": str(tiny_weights), "runtime": "openvino"})
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "30000000"}
+    daemon = daemon_factory(config, env=env)
+    before: list[str] = []
+    while (message := sock.recv(4096).decode()) != "READY=1":
+        before.append(message)
+    sock.close()
+    assert any(m.startswith("STATUS=exporting the model to openvino") for m in before), before
+    assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in before) and "WATCHDOG=1" in before, before
+    assert daemon.stop() == 0
