@@ -12,6 +12,7 @@ the current one's NMS waits for its results, so the device never idles between b
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.metadata
 import io
@@ -142,6 +143,11 @@ class Runner:
         if runtime is Runtime.OPENVINO:
             runtimes.compile_openvino(self.backend, self.plan.artefact, precision, spec.torch_threads)
         self.half = bool(self.backend.fp16)
+        # A static export given as the weights takes one (h, w): smaller letterboxed inputs are
+        # padded to it in launch (_fit).
+        meta = getattr(self.backend, "metadata", None) or {}
+        static = self.plan.runtime is not Runtime.TORCH and meta.get("dynamic") is False and meta.get("imgsz")
+        self.fixed: tuple[int, int] | None = (int(meta["imgsz"][0]), int(meta["imgsz"][1])) if static else None
         self.names = {int(k): str(v) for k, v in self.backend.names.items()}
         self.buffer = buffer
         self.pinned = False
@@ -174,6 +180,7 @@ class Runner:
             "precision": self.plan.precision.value,
             "artefact": self.plan.artefact,
             "max_batch": self.spec.max_batch,  # the largest batch the runtime takes (dynamic shapes up to imgsz)
+            "fixed_shape": self.fixed,  # a static export's (h, w), or None
             "format": str(getattr(self.backend, "format", "pt")),
             "pinned": self.pinned,
             "pipelined": self.pipelined,
@@ -182,6 +189,17 @@ class Runner:
     def _scale(self, x: Any) -> Any:
         dtype = self.torch.half if self.half else self.torch.float
         return x.to(dtype, memory_format=self.torch.contiguous_format).div_(255)
+
+    def _fit(self, x: Any, batch: Batch) -> tuple[Any, Batch]:
+        """A static export's input: `x` (0..1) letterboxed further to its shape, centred as
+        Ultralytics letterboxes for such a model, and the batch with its pads moved to match."""
+        if self.fixed is None or tuple(x.shape[2:]) == self.fixed:
+            return x, batch
+        (h, w), (fh, fw) = x.shape[2:], self.fixed
+        left, top = (fw - w) // 2, (fh - h) // 2
+        x = self.torch.nn.functional.pad(x, (left, fw - w - left, top, fh - h - top), value=114 / 255)
+        metas = [(gx, gy, px + left, py + top, ow, oh) for gx, gy, px, py, ow, oh in batch.metas]
+        return x, dataclasses.replace(batch, h=fh, w=fw, metas=metas)
 
     def _pixels(self, batch: Batch) -> Any:
         torch = self.torch
@@ -217,6 +235,7 @@ class Runner:
                 x = self._pixels(batch)
             else:
                 x, errors = self._jpegs(batch)
+            x, batch = self._fit(x, batch)
             return Launched(batch, self.backend(x), errors, started)
 
     def finish(self, launched: Launched) -> tuple[list[np.ndarray | str], float]:

@@ -327,3 +327,26 @@ def test_cpu_layout_per_runtime(tmp_path: Path) -> None:
     assert layout(weights="m_openvino_model") == (1, cores())
     assert layout(runtime="torch") == (min(cores(), 4), max(1, cores() // min(cores(), 4)))
     assert layout(weights="m.onnx")[0] == min(cores(), 4)
+
+
+def test_a_static_export_given_as_weights_takes_every_letterboxed_shape(
+    tmp_path: Path, cache: Path, prepared: list[Prepared]
+) -> None:
+    """An export with one fixed input shape (dynamic=False): smaller inputs are padded to it."""
+    from ultralytics.models import YOLO
+
+    shutil.copyfile(resolve_weights("default"), tmp_path / "static.pt")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's
+        exported = YOLO(str(tmp_path / "static.pt")).export(format="openvino", imgsz=640, dynamic=False, verbose=False)
+    r = runner("auto", "fp32", cache, weights=str(exported))
+    assert r.info()["fixed_shape"] == (640, 640) and r.info()["runtime"] == "openvino"
+    assert len({p.shape for p in prepared}) >= 3  # none of them 640x640
+    model = YOLO(str(exported), task="detect")  # Ultralytics letterboxes to 640x640 for it
+    theirs = [model.predict(str(p), imgsz=640, conf=CONF, iou=IOU, verbose=False)[0] for p in photos()]
+    ours = each(r, prepared)
+    pairs, total, _, _ = matched(ours, [t.boxes.data.cpu().numpy() for t in theirs])
+    print(f"static openvino: {pairs}/{total} matched against Ultralytics' predict on it")
+    assert total >= 12 and pairs >= 0.95 * total
