@@ -3,12 +3,17 @@
 Every mode runs on the same generated JPEGs with the same model, model load excluded:
 
 - naive:   Ultralytics `predict` one image at a time, each .txt written inline (seed 002 before)
+- naive_export: the same loop on the artefact the daemon runs (its OpenVINO/TensorRT export), as
+           Ultralytics loads it (OpenVINO: compiled with the CPU's default precision and every
+           core); skipped when the daemon's runtime is PyTorch
 - seed002: the same loop, writes handed to a `Queue(maxsize=200)` and a writer thread (after)
 - seed000: seed 000's design: each batch decoded by a `ThreadPoolExecutor().map`, then one
            batched `predict` on the decoded arrays, .txt written inline; batches do not overlap
 - bound:   the daemon's `model.Runner` (forward + NMS) on ready letterboxed tensors in batches
            of `max_batch`, one process per device process of the daemon (with its threads), all
-           at once: no decode, no I/O, the ceiling
+           at once: no decode, no I/O, the ceiling. Measured for the daemon's runtime and
+           precision, and (`bounds`) for every runtime and precision this machine has; the
+           headline `inferd/fastest_bound` compares with the fastest of them
 - inferd:  `inferd run --once` as a subprocess, timed from `daemon_started` to the last `image_done`
 
 `--latency` drops files one at a time into a running daemon and times drop -> `image_done`;
@@ -38,18 +43,20 @@ from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from daemon.config import DEFAULTS, Config, ConfigError, parse
+from daemon import export
+from daemon.config import DEFAULTS, Config, ConfigError, Precision, Runtime, parse
 
 if TYPE_CHECKING:
     from PIL import Image
 
-MODES = ("naive", "seed002", "seed000", "bound", "inferd")
+MODES = ("naive", "naive_export", "seed002", "seed000", "bound", "inferd")
 SEED_QUEUE_SIZE = 200  # seed 002's write queue
 NOTES = {
     "naive": "Ultralytics predict per image, .txt written inline",
+    "naive_export": "the same on the daemon's export ({runtime} artefact; Ultralytics compiles it its way)",
     "seed002": f"Ultralytics predict per image, .txt via Queue({SEED_QUEUE_SIZE}) + writer thread",
     "seed000": "batches of {max_batch}: ThreadPoolExecutor decode, then batched predict, .txt inline",
-    "bound": "Runner forward + NMS on ready tensors, batch {max_batch}, input {shape}, one per device process, no I/O",
+    "bound": "Runner forward + NMS on ready tensors, batch {max_batch}, input {shape}, {runtime}, no I/O",
     "inferd": "inferd run --once, daemon_started -> last image_done (threads: torch + decode)",
 }
 SINGLE_IMAGE_RUNS = 20  # batch-1 Runner calls; the median is the single-image model time
@@ -183,11 +190,18 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
     results = report["modes"]
     modes = args.modes or (() if args.latency or args.backlog else MODES)
     images = generate(workdir / "images", args.count, args.size, args.seed) if modes or args.latency else []
-    for mode in ("naive", "seed002"):
+    exported = {"naive_export", "bound"} & set(modes) or args.latency
+    plans = asyncio.run(export.prepare(config, devices)) if exported else []  # once, for every mode
+    for mode in ("naive", "naive_export", "seed002"):
+        if mode == "naive_export" and (not plans or plans[0].runtime == "torch"):
+            continue
         if mode in modes:
+            artefact = plans[0].artefact if mode == "naive_export" else None
             results[mode] = predict_loop(
-                images, workdir / mode, config, setup["baseline_device"], queued=mode == "seed002"
+                images, workdir / mode, config, setup["baseline_device"], queued=mode == "seed002", weights=artefact
             )
+            if artefact is not None:
+                results[mode]["runtime"] = f"{plans[0].runtime} {plans[0].precision}"
     if "seed000" in modes:
         results["seed000"] = predict_batches(images, workdir / "seed000", config, setup["baseline_device"])
     if "bound" in modes or args.latency:
@@ -195,11 +209,17 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
         report["single_image_ms"] = bound.pop("single_image_ms")
         if "bound" in modes:
             results["bound"] = bound
+            others = measure_bounds(images, config, devices, skip=bound["runtime"])
+            report["bounds"] = {bound["runtime"]: bound, **others}
     if "inferd" in modes:
         results["inferd"] = run_once(daemon_config(workdir / "inferd", args), images, [p.name for p in images])
     if "inferd" in results:
         rate = results["inferd"]["images_per_s"]
         report["ratios"] = {f"inferd/{m}": rate / r["images_per_s"] for m, r in results.items() if m != "inferd"}
+        if report.get("bounds"):
+            fastest = max(report["bounds"], key=lambda k: report["bounds"][k]["images_per_s"])
+            report["fastest_bound"] = fastest
+            report["ratios"]["inferd/fastest_bound"] = rate / report["bounds"][fastest]["images_per_s"]
     if args.latency:
         report["latency"] = latency(images, daemon_config(workdir / "latency", args), args.rate)
         report["latency"]["p50_over_single_image"] = report["latency"]["p50_ms"] / report["single_image_ms"]
@@ -265,8 +285,11 @@ def label_lines(result: Any) -> list[str]:
     return [f"{int(c)} {x:.6f} {y:.6f} {w:.6f} {h:.6f} {p:.6f}\n" for c, (x, y, w, h), p in rows]
 
 
-def predict_loop(images: list[Path], out: Path, config: Config, device: str, *, queued: bool) -> dict[str, Any]:
-    """Seed 002: Ultralytics predict per image, the .txt written inline or by a writer thread."""
+def predict_loop(
+    images: list[Path], out: Path, config: Config, device: str, *, queued: bool, weights: str | None = None
+) -> dict[str, Any]:
+    """Seed 002: Ultralytics predict per image, the .txt written inline or by a writer thread;
+    `weights`: an exported artefact instead of the config's .pt."""
     import numpy as np
     import torch
     from ultralytics.models import YOLO
@@ -275,7 +298,7 @@ def predict_loop(images: list[Path], out: Path, config: Config, device: str, *, 
 
     out.mkdir(parents=True, exist_ok=True)
     m = config.model
-    model = YOLO(resolve_weights(m.weights))
+    model = YOLO(weights or resolve_weights(m.weights), task="detect")
     kwargs: dict[str, Any] = dict(imgsz=m.imgsz, conf=m.conf, iou=m.iou, device=device, verbose=False)
     model.predict(np.zeros((m.imgsz, m.imgsz, 3), np.uint8), **kwargs)  # load + warm-up, as the daemon's worker
     writes: queue.Queue[tuple[Path, list[str]] | None] = queue.Queue(maxsize=SEED_QUEUE_SIZE)
@@ -370,7 +393,40 @@ def measure_runner(images: list[Path], config: Config, devices: list[str]) -> di
         threads=f"{len(devices)}x{threads}",
         input_shape=first["input_shape"],
         single_image_ms=first["single_image_ms"],
+        runtime=first["runtime"],
     )
+
+
+def variants(devices: list[str]) -> list[tuple[Runtime, Precision]]:
+    """Every runtime and precision the bench's devices can run here."""
+    from daemon import runtimes
+
+    if any(d.startswith("cuda") for d in devices):
+        out = [(Runtime.TORCH, Precision.FP32), (Runtime.TORCH, Precision.FP16)]
+        return out + [(Runtime.TENSORRT, Precision.FP16)] * runtimes.importable("tensorrt")
+    out = [(Runtime.TORCH, Precision.FP32), (Runtime.OPENVINO, Precision.FP32)]
+    out += [(Runtime.OPENVINO, Precision.BF16)] * runtimes.has_bf16(runtimes.cpu_flags())
+    return out + [(Runtime.ONNXRUNTIME, Precision.FP32)] * runtimes.importable("onnxruntime")
+
+
+def measure_bounds(images: list[Path], config: Config, devices: list[str], *, skip: str) -> dict[str, dict[str, Any]]:
+    """The bound of each runtime and precision but `skip` ("openvino bf16"), each with the device
+    processes and threads the daemon would give it."""
+    import dataclasses
+
+    from daemon.workers import resolve_devices
+
+    out = {}
+    for runtime, precision in variants(devices):
+        if f"{runtime.value} {precision.value}" == skip:
+            continue
+        c = dataclasses.replace(config, model=dataclasses.replace(config.model, runtime=runtime, precision=precision))
+        layout = asyncio.run(resolve_devices(c))  # the daemon's processes and threads for this runtime
+        asyncio.run(export.prepare(c, layout))
+        bound = measure_runner(images, c, layout)
+        bound.pop("single_image_ms")
+        out[bound["runtime"]] = bound
+    return out
 
 
 def _runner_loop(
@@ -399,8 +455,9 @@ def _runner_loop(
     # Every batch in its own slot, filled before the clock starts, page-locked on a GPU as the daemon's are.
     buffer = mmap.mmap(-1, slot_bytes * len(chunks))
     spec = model.WorkerSpec(
-        device, m.weights, m.imgsz, m.half, m.max_det, threads, "", slot_bytes, len(chunks), config.log
-    )
+        device, m.weights, m.imgsz, m.precision.value, m.max_det, threads, "", slot_bytes, len(chunks), config.log,
+        runtime=m.runtime.value, cache_dir=str(config.paths.work / "models"), max_batch=p.max_batch,
+    )  # fmt: skip
     runner = model.Runner(spec, buffer)
     batches = []
     for slot, items in enumerate(chunks):
@@ -432,7 +489,13 @@ def _runner_loop(
     start.wait()
     seconds = timed(batches)
     finish.wait()
-    answer = {"images": len(ready), "seconds": seconds, "input_shape": f"{ready[0].shape[1]}x{ready[0].shape[0]}"}
+    info = runner.info()
+    answer = {
+        "images": len(ready),
+        "seconds": seconds,
+        "input_shape": f"{ready[0].shape[1]}x{ready[0].shape[0]}",
+        "runtime": f"{info['runtime']} {info['precision']}",
+    }
     if singles:  # the others are done: this one is alone on the device
         one = [dataclasses.replace(b, n=1, metas=b.metas[:1]) for b in batches]
         timed(one[:1])
@@ -621,10 +684,13 @@ def render(report: dict[str, Any]) -> str:
     if report["modes"]:
         out.append(f"{'mode':<8} {'images':>6} {'seconds':>8} {'images/s':>9} {'threads':>7}  what")
     for mode, r in report["modes"].items():
-        note = NOTES[mode].format(max_batch=s["max_batch"], shape=r.get("input_shape"))
+        note = NOTES[mode].format(max_batch=s["max_batch"], shape=r.get("input_shape"), runtime=r.get("runtime"))
         out.append(
             f"{mode:<8} {r['images']:>6} {r['seconds']:>8.2f} {r['images_per_s']:>9.2f} {r['threads']:>7}  {note}"
         )
+    if len(report.get("bounds", {})) > 1:
+        out.append("bound per runtime and precision (images/s, device processes x threads):")
+        out += [f"  {k:<18} {b['images_per_s']:>8.2f}  {b['threads']}" for k, b in report["bounds"].items()]
     if report.get("ratios"):
         out.append("ratios: " + "  ".join(f"{k} {v:.2f}" for k, v in report["ratios"].items()))
     if "single_image_ms" in report:

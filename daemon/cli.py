@@ -32,7 +32,7 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="watch incoming/ and process every image dropped there")
     run.add_argument("--config", type=Path, default=Path("config.toml"), help="config file (default ./config.toml)")
     run.add_argument("--once", action="store_true", help="process what is in incoming/, then exit 0 when drained")
-    check = sub.add_parser("check", help="validate the config and load the model on each device")
+    check = sub.add_parser("check", help="validate the config, export the model (cached), load it on each device")
     check.add_argument("--config", type=Path, default=Path("config.toml"), help="config file (default ./config.toml)")
     from daemon import bench
 
@@ -81,11 +81,16 @@ def main(argv: list[str] | None = None) -> int:
 
 async def check(config: Config) -> int:
     """Load the model on every configured device and report what was found."""
+    from daemon import export
     from daemon.workers import resolve_decode, resolve_devices, start_workers
 
     log = structlog.get_logger("daemon.cli")
     devices = await resolve_devices(config)
     config = resolve_decode(config, devices)
+    for plan in await export.prepare(config, devices):  # builds the cache: a later start finds it
+        log.info(
+            "check_model", device=plan.device, runtime=plan.runtime, precision=plan.precision, artefact=plan.artefact
+        )
     workers = start_workers(config, devices)
     try:
         for worker in workers:

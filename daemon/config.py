@@ -35,6 +35,25 @@ class Decode(enum.Enum):
     AUTO = "auto"  # device when every device is a GPU, else host (workers.resolve_decode)
 
 
+class Runtime(enum.Enum):
+    """What runs the model (runtimes.choose makes AUTO concrete per device)."""
+
+    AUTO = "auto"  # OpenVINO on CPUs; TensorRT on CUDA when the tensorrt package imports, else PyTorch
+    TORCH = "torch"
+    OPENVINO = "openvino"
+    ONNXRUNTIME = "onnxruntime"
+    TENSORRT = "tensorrt"
+
+
+class Precision(enum.Enum):
+    """The arithmetic of the forward pass (runtimes.choose makes AUTO concrete per device)."""
+
+    AUTO = "auto"  # fp16 on CUDA; bf16 with OpenVINO on CPUs with AMX; else fp32
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
 class LogFormat(enum.Enum):
     JSON = "json"
     CONSOLE = "console"
@@ -62,7 +81,8 @@ class ModelConfig:
     iou: float
     max_det: int
     devices: tuple[str, ...]  # ("auto",) until service resolves it
-    half: bool | None  # None = fp16 on CUDA, fp32 on CPU
+    runtime: Runtime = Runtime.AUTO
+    precision: Precision = Precision.AUTO
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +158,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "iou": 0.7,
         "max_det": 300,
         "devices": "auto",
-        "half": "auto",
+        "runtime": "auto",
+        "precision": "auto",
     },
     "intake": {
         "settle_ms": 1000,
@@ -188,6 +209,15 @@ def parse(raw: dict[str, Any], *, base: Path, source: Path | None = None) -> Con
     for section in raw:
         if section not in DEFAULTS:
             raise ConfigError(section, "unknown section", f"use one of {sorted(DEFAULTS)}")
+    model_table = raw.get("model")
+    if isinstance(model_table, dict) and "half" in model_table:
+        half = model_table["half"]
+        write = {True: '"fp16"', False: '"fp32"'}.get(half, '"auto"') if isinstance(half, bool) else '"auto"'
+        raise ConfigError(
+            "model.half",
+            "was replaced by model.precision",
+            f"remove half and write precision = {write} (one of {[e.value for e in Precision]})",
+        )
     t = _Table(raw, base)
     paths = PathsConfig(**{f.name: t.path("paths", f.name) for f in fields(PathsConfig)})
     model = ModelConfig(
@@ -197,7 +227,8 @@ def parse(raw: dict[str, Any], *, base: Path, source: Path | None = None) -> Con
         iou=t.number("model", "iou", low=0.0, high=1.0),
         max_det=t.integer("model", "max_det", low=1),
         devices=t.devices(),
-        half=t.auto_bool("model", "half"),
+        runtime=Runtime(t.choice("model", "runtime", [e.value for e in Runtime])),
+        precision=Precision(t.choice("model", "precision", [e.value for e in Precision])),
     )
     intake = IntakeConfig(
         settle_ms=t.integer("intake", "settle_ms", low=0),
@@ -328,9 +359,6 @@ class _Table:
         if self.get(section, key) == "auto":
             return 0
         return self.integer(section, key, low=1)
-
-    def auto_bool(self, section: str, key: str) -> bool | None:
-        return None if self.get(section, key) == "auto" else self.boolean(section, key)
 
     def choice(self, section: str, key: str, choices: tuple[str, ...] | list[str]) -> str:
         value = self.get(section, key)

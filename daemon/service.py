@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from daemon import __version__, batching, config, intake, logs, metrics, preprocess, results
+from daemon import __version__, batching, config, export, intake, logs, metrics, preprocess, results
 from daemon.config import Config, ConfigError, Decode
 from daemon.jobs import Capacity, FailReason, Failure, Inferred, Job, Outcome, Prepared
 from daemon.notify import Notifier
@@ -52,7 +52,8 @@ ROLL_KEYS = frozenset(
     {
         "model.weights",
         "model.imgsz",
-        "model.half",
+        "model.runtime",
+        "model.precision",
         "model.max_det",
         "model.devices",
         "pipeline.torch_threads",
@@ -199,7 +200,12 @@ class Service:
         Their slots keep room for images letterboxed before the switch, at the old imgsz.
         """
         room = max([new.model.imgsz, *(w.slot_imgsz for w in self.workers)])
-        fresh = start_workers(new, await resolve_devices(new), slot_imgsz=room)
+        devices = await resolve_devices(new)
+        try:
+            await export.prepare(new, devices, stop=self.stop, notifier=self.notifier)
+        except export.ExportStopped:
+            raise WorkerStartError("stopping during the model export", permanent=False) from None
+        fresh = start_workers(new, devices, slot_imgsz=room)
         try:
             for worker in fresh:
                 await worker.start(new.pipeline.worker_start_timeout_s)
@@ -272,6 +278,15 @@ class Service:
         cfg = self.config = resolve_decode(cfg, devices)
         server = await metrics.serve(self.metrics, *cfg.metrics.listen) if cfg.metrics.listen else None
         try:
+            plans = await export.prepare(cfg, devices, stop=self.stop, notifier=self.notifier)
+        except export.ExportStopped:
+            await self._close_server(server)
+            log.info("daemon_stopped", during="model_export", uptime_s=round(time.monotonic() - started, 2))
+            return 0
+        except BaseException:
+            await self._close_server(server)
+            raise
+        try:
             infos = await self._start_up(cfg, devices)
         except BaseException:
             await self._close_server(server)
@@ -286,7 +301,10 @@ class Service:
             version=__version__,
             devices=devices,
             model=infos[0]["weights"],
-            half=infos[0]["half"],
+            runtime=infos[0]["runtime"],
+            precision=infos[0]["precision"],
+            artefact=infos[0]["artefact"],
+            runtimes={p.device: f"{p.runtime} {p.precision}" for p in plans},
             config=str(cfg.source),
             incoming=str(cfg.paths.incoming),
             preprocess_threads=threads,

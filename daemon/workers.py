@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import structlog
 
-from daemon import model
-from daemon.config import Config, Decode
+from daemon import model, runtimes
+from daemon.config import Config, Decode, Runtime
 from daemon.jobs import ModelInfo, Prepared
 
 log = structlog.get_logger("daemon.workers")
@@ -348,11 +348,22 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def cpu_runtime(config: Config) -> Runtime:
+    """The runtime of the CPU processes (runtimes.choose decides it in each; this is the same rule)."""
+    runtime = config.model.runtime
+    if runtime is Runtime.AUTO:
+        return runtimes.exported_as(config.model.weights) or Runtime.OPENVINO
+    return runtime
+
+
 def cpu_workers(config: Config) -> int:
-    """Device processes for the CPU. Several single-threaded processes beat one multi-threaded
-    one: no barrier between threads, so a decode thread that takes a core stalls one process, not
-    all (2 cores: 2 x 1 thread 6.2 img/s against 1 x 2 threads 5.4, yolov8 at 640)."""
-    return config.pipeline.cpu_workers or min(cores(), 4)
+    """Device processes for the CPU, per runtime. PyTorch: several single-threaded processes beat
+    one multi-threaded one: no barrier between threads, so a decode thread that takes a core
+    stalls one process, not all. OpenVINO: one process with every core's threads beats several
+    single-threaded ones (README, "Runtimes and precision": measured processes x threads x batch)."""
+    if config.pipeline.cpu_workers:
+        return config.pipeline.cpu_workers
+    return 1 if cpu_runtime(config) is Runtime.OPENVINO else min(cores(), 4)
 
 
 async def resolve_devices(config: Config) -> list[str]:
@@ -416,11 +427,14 @@ def start_workers(config: Config, devices: list[str], *, slot_imgsz: int = 0) ->
                 device="cpu" if d.startswith("cpu") else d,
                 weights=m.weights,
                 imgsz=m.imgsz,
-                half=m.half,
+                precision=m.precision.value,
                 max_det=m.max_det,
                 torch_threads=threads,
                 log=config.log,
                 decode_jpegs=config.pipeline.decode is Decode.DEVICE,
+                runtime=m.runtime.value,
+                cache_dir=str(config.paths.work / "models"),  # export.prepare filled it
+                max_batch=config.pipeline.max_batch,
             ),
             max_batch=config.pipeline.max_batch,
             slot_imgsz=slot_imgsz,

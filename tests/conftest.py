@@ -67,8 +67,9 @@ def write_config(tmp: Path, **sections: dict[str, Any]) -> Path:
     """A config.toml in `tmp` with data dirs below it; `sections` override keys."""
     lines = []
     # One CPU process unless a test asks for more: pids, restarts and batches stay predictable.
+    # PyTorch unless a test asks for a runtime: no export per test (test_runtimes covers them).
     merged: dict[str, dict[str, Any]] = {
-        "model": {"devices": ["cpu"]},
+        "model": {"devices": ["cpu"], "runtime": "torch"},
         "pipeline": {"cpu_workers": 1},
         "log": {"format": "json"},
     }

@@ -70,12 +70,20 @@ def test_throughput_modes_are_measured_and_compared(tmp_path: Path, tiny_weights
         assert result["images_per_s"] > 0
         assert result["images_per_s"] == pytest.approx(images / result["seconds"])
         assert mode in table
-    for other in ("naive", "seed002", "seed000", "bound"):
+    for other in ("naive", "naive_export", "seed002", "seed000", "bound"):
         expected = modes["inferd"]["images_per_s"] / modes[other]["images_per_s"]
         assert report["ratios"][f"inferd/{other}"] == pytest.approx(expected)
     assert modes["bound"]["input_shape"] == "640x480"
+    bounds = report["bounds"]  # every runtime and precision this machine has, the daemon's first
+    assert next(iter(bounds)) == modes["bound"]["runtime"] and {"torch fp32", "openvino fp32"} <= set(bounds)
+    fastest = max(bounds.values(), key=lambda b: b["images_per_s"])
+    assert bounds[report["fastest_bound"]] is fastest
+    assert report["ratios"]["inferd/fastest_bound"] == pytest.approx(
+        modes["inferd"]["images_per_s"] / fastest["images_per_s"]
+    )
+    assert modes["naive_export"]["runtime"] == modes["bound"]["runtime"]  # the daemon's own export
     assert report["single_image_ms"] > 0
-    for mode in ("naive", "seed002", "seed000"):  # each wrote its own labels
+    for mode in ("naive", "naive_export", "seed002", "seed000"):  # each wrote its own labels
         assert len(list((tmp_path / "work" / mode).glob("*.txt"))) == 3
     assert len(list((tmp_path / "work" / "inferd" / "output").glob("*.json"))) == 3
 

@@ -22,7 +22,7 @@ def test_defaults_resolve_against_the_config_directory(tmp_path: Path) -> None:
     cfg = parse("", tmp_path)
     assert cfg.paths.incoming == tmp_path / "var" / "incoming"
     assert cfg.model.devices == ("auto",)
-    assert cfg.model.half is None
+    assert (cfg.model.runtime, cfg.model.precision) == (config.Runtime.AUTO, config.Precision.AUTO)
     assert cfg.output.on_success is config.OnSuccess.MOVE
     assert cfg.pipeline.preprocess_threads == 0  # auto
 
@@ -56,6 +56,10 @@ def test_repository_config_is_valid_and_documents_every_key() -> None:
         ("[output]\non_success = 'archive'", "output.on_success", "one of"),
         ("[log]\nformat = 'xml'", "log.format", "one of"),
         ("paths = 3", "paths", "[paths]"),
+        ("[model]\nhalf = true", "model.half", 'precision = "fp16"'),
+        ("[model]\nhalf = 'auto'", "model.half", 'precision = "auto"'),
+        ("[model]\nruntime = 'tensorflow'", "model.runtime", "'openvino'"),
+        ("[model]\nprecision = 'int8'", "model.precision", "'bf16'"),
     ],
 )
 def test_bad_values_name_key_and_fix(tmp_path: Path, text: str, key: str, fix: str) -> None:
@@ -83,6 +87,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         ("[model]\nimgsz = 'big'\n", "model.imgsz"),
         ("[model\n", "not valid TOML"),
         ("[paths]\nincoming = 'f/in'\n", "paths.incoming"),
+        ("[model]\nhalf = true\n", 'precision = "fp16"'),
     ],
 )
 def test_cli_exits_78_with_the_message(tmp_path: Path, text: str, needle: str) -> None:

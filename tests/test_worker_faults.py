@@ -208,7 +208,7 @@ def worker(weights: Path) -> DeviceWorker:
         device="cpu",
         weights=str(weights),
         imgsz=640,
-        half=None,
+        precision="auto",
         max_det=300,
         torch_threads=1,
         log=LogConfig("warning", LogFormat.JSON),

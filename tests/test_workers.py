@@ -43,7 +43,7 @@ def make_worker(
         device=device,
         weights=weights,
         imgsz=640,
-        half=None,
+        precision="auto",
         max_det=300,
         torch_threads=2,
         log=LogConfig("warning", LogFormat.JSON),

@@ -1,0 +1,196 @@
+"""The parent's side of the model cache: export what the devices will run before they start.
+
+The export runs once per device type, before any device process is spawned, in a child process
+of its own (`python -m daemon.runtimes`): the main process never imports torch, the export gets
+no `worker_start_timeout_s` (that deadline is for loading a ready artefact), and a stop request
+during a long export kills that child at once (the lock it held dies with it; its temp dir is
+removed by the next builder). While it runs, systemd hears WATCHDOG=1 and EXTEND_TIMEOUT_USEC,
+so neither its start timeout nor its watchdog kill a legitimate first export. Several device
+processes then load the same cached artefact; two daemons exporting at once wait on its lock.
+
+A CPU artefact that is already cached is found here without a child process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from daemon import runtimes
+from daemon.config import Config
+from daemon.notify import Notifier
+from daemon.workers import WorkerStartError
+
+log = structlog.get_logger("daemon.export")
+KEEPALIVE_S = 5.0  # systemd is told this often that a long export is progress
+STDERR_TAIL = 4000
+
+
+class ExportStopped(Exception):
+    """A stop request arrived during the export; nothing was cached."""
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """The plan for one torch device ("cpu", "cuda:0")."""
+
+    device: str
+    runtime: str
+    precision: str
+    artefact: str
+
+
+def cache_dir(config: Config) -> Path:
+    return config.paths.work / "models"
+
+
+def request(config: Config, device: str) -> dict[str, Any]:
+    m = config.model
+    return {
+        "weights": m.weights,
+        "imgsz": m.imgsz,
+        "max_batch": config.pipeline.max_batch,
+        "runtime": m.runtime.value,
+        "precision": m.precision.value,
+        "device": device,
+        "cache_dir": str(cache_dir(config)),
+    }
+
+
+async def prepare(
+    config: Config, devices: list[str], *, stop: asyncio.Event | None = None, notifier: Notifier | None = None
+) -> list[Prepared]:
+    """Make sure every device's artefact is in the cache (exporting it if not); one plan per
+    device type. WorkerStartError when the config cannot run or the export fails; ExportStopped
+    when `stop` is set meanwhile."""
+    kinds = sorted({"cpu" if d.startswith("cpu") else d for d in devices})
+    return [await _prepare_one(config, device, stop, notifier) for device in kinds]
+
+
+def _cached(req: dict[str, Any]) -> Prepared | None:
+    """The plan of a CPU device without a child process: torch, an export given as weights, or
+    an entry already in the cache. None: the child must look (and maybe export)."""
+    from daemon.config import ConfigError, Precision, Runtime
+    from daemon.model import ModelError, resolve_weights
+
+    try:
+        weights = resolve_weights(req["weights"])
+        runtime, precision = runtimes.choose(
+            Runtime(req["runtime"]), Precision(req["precision"]), device=req["device"], weights=weights
+        )
+    except (ConfigError, ModelError) as exc:
+        raise WorkerStartError(f"{req['device']}: {exc}", permanent=True) from None
+    if runtime is Runtime.TORCH or runtimes.exported_as(weights) is not None:
+        return Prepared(req["device"], runtime.value, precision.value, weights)
+    if not Path(weights).is_file():
+        return None  # the child says why
+    key = runtimes.cache_key(
+        Path(weights),
+        imgsz=req["imgsz"],
+        max_batch=req["max_batch"],
+        runtime=runtime,
+        precision=precision,
+        kind=runtimes.device_kind(runtime, req["device"]),
+    )
+    artefact = runtimes.valid(Path(req["cache_dir"]) / runtimes.entry_name(Path(weights), key), key)
+    return None if artefact is None else Prepared(req["device"], runtime.value, precision.value, str(artefact))
+
+
+async def _prepare_one(config: Config, device: str, stop: asyncio.Event | None, notifier: Notifier | None) -> Prepared:
+    req = request(config, device)
+    if not device.startswith("cuda") and (found := await asyncio.to_thread(_cached, req)) is not None:
+        return found
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "daemon.runtimes",
+        json.dumps(req),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    work = asyncio.ensure_future(_follow(proc, req, notifier))
+    stopper = asyncio.ensure_future(stop.wait()) if stop is not None else asyncio.get_running_loop().create_future()
+    try:
+        await asyncio.wait([work, stopper], return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return work.result()
+        log.warning("model_export_stopped", device=device, runtime=req["runtime"])
+        raise ExportStopped(device)
+    finally:
+        stopper.cancel()
+        if not work.done():  # stopped or cancelled: the exporter goes now, its temp dir with the next builder
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, WorkerStartError):
+                await work
+
+
+async def _follow(proc: asyncio.subprocess.Process, req: dict[str, Any], notifier: Notifier | None) -> Prepared:
+    """Read the child's JSON lines to its end; keep systemd patient while it exports."""
+    assert proc.stdout is not None and proc.stderr is not None
+    stderr = asyncio.ensure_future(proc.stderr.read())
+    keepalive: asyncio.Task[None] | None = None
+    answer: dict[str, Any] = {}
+    started = time.monotonic()
+    try:
+        async for line in proc.stdout:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a library's stray print
+            if not isinstance(record, dict):
+                continue
+            if record.get("event") == "export_started":
+                started = time.monotonic()
+                log.info(
+                    "model_export_started",
+                    device=req["device"],
+                    runtime=record["runtime"],
+                    precision=record["precision"],
+                    weights=req["weights"],
+                    cache=req["cache_dir"],
+                )
+                if notifier is not None:
+                    keepalive = asyncio.ensure_future(_keep_alive(notifier, record["runtime"]))
+            else:
+                answer = record
+        code = await proc.wait()
+        tail = (await stderr).decode(errors="replace")[-STDERR_TAIL:]
+    finally:
+        if keepalive is not None:
+            keepalive.cancel()
+        stderr.cancel()
+    if answer.get("event") == "plan" and code == 0:
+        if answer["built"]:
+            log.info(
+                "model_export_done",
+                device=req["device"],
+                runtime=answer["runtime"],
+                precision=answer["precision"],
+                artefact=answer["artefact"],
+                export_s=round(time.monotonic() - started, 2),
+            )
+        return Prepared(req["device"], answer["runtime"], answer["precision"], answer["artefact"])
+    message = answer.get("message") or (
+        f"the {req['runtime']} exporter exited with status {code}: {tail.strip()[-1500:]}. Fix: {runtimes.FIX}"
+    )
+    log.error("model_export_failed", device=req["device"], runtime=req["runtime"], error=message)
+    raise WorkerStartError(f"{req['device']}: {message}", permanent=True)  # the policy: exit 78, no fallback
+
+
+async def _keep_alive(notifier: Notifier, runtime: str) -> None:
+    notifier.status(f"exporting the model to {runtime} (once; cached for later starts)")
+    while True:
+        notifier.send(EXTEND_TIMEOUT_USEC=int(KEEPALIVE_S * 4 * 1_000_000))
+        notifier.watchdog()
+        await asyncio.sleep(KEEPALIVE_S)  # a period, not a wait for something
