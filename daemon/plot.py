@@ -79,6 +79,10 @@ def number(x: float) -> str:
 
 
 def _rates(ax: Any, modes: dict[str, dict[str, Any]]) -> None:
+    if not modes:  # --latency or --backlog alone
+        ax.text(0.5, 0.5, "no throughput mode in this run", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return
     names = list(modes)[::-1]  # the first mode on top
     rates = [modes[m]["images_per_s"] for m in names]
     labels = ["bound (ceiling)" if m == "bound" else m for m in names]
