@@ -12,7 +12,7 @@ import logging
 import logging.handlers
 import queue
 import sys
-from typing import TextIO
+from typing import Protocol
 
 import structlog
 
@@ -24,7 +24,16 @@ FOREIGN_LOGGERS = ("ultralytics", "watchfiles")
 
 
 BACKLOG_RECORDS = 10_000  # rendered lines that may wait for a slow stdout before logging blocks
-_output: logging.StreamHandler[TextIO] | None = None  # the handler that writes the rendered lines
+
+
+class Sink(Protocol):
+    """Where rendered lines are written: a text stream, or anything with its write and flush."""
+
+    def write(self, text: str, /) -> int: ...
+    def flush(self) -> None: ...
+
+
+_output: logging.StreamHandler[Sink] | None = None  # the handler that writes the rendered lines
 
 
 class _BlockingQueueHandler(logging.handlers.QueueHandler):
@@ -100,7 +109,7 @@ def is_console(config: LogConfig) -> bool:
     return config.format is LogFormat.CONSOLE or (config.format is LogFormat.AUTO and sys.stdout.isatty())
 
 
-def set_stream(stream: TextIO) -> TextIO | None:
+def set_stream(stream: Sink) -> Sink | None:
     """Send the rendered lines to `stream` from now on (a progress bar writes them above itself);
     returns the stream they went to, None before configure()."""
     if _output is None:

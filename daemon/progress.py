@@ -107,7 +107,7 @@ class Display:
         self._rates: collections.deque[tuple[float, int]] = collections.deque()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._draw_loop, name="progress", daemon=True)
-        self._previous = logs.set_stream(_Through(self.Bar, terminal))  # type: ignore[arg-type]
+        self._previous = logs.set_stream(_Through(self.Bar, terminal))
         self._thread.start()
 
     def _draw_loop(self) -> None:

@@ -345,7 +345,7 @@ class Service:
             self.metrics.healthy = False
             self.notifier.stopping()
             display.close()
-            self.reporter.phase = state.Phase.DRAINING
+            self.reporter.draining()
             await self._drain(stages, feeders)
             pool.shutdown(wait=False, cancel_futures=True)
             watchdog.cancel()

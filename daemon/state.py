@@ -177,6 +177,9 @@ class Reporter:
         self.phase = Phase.SERVING
         self.serving_since = now_iso()
 
+    def draining(self) -> None:
+        self.phase = Phase.DRAINING
+
     async def run(self, service: Service) -> None:
         """Every TICK_S: rebuild the state from `service`, write it if it changed (or for the heartbeat)."""
         warned = False
