@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TextIO, TypeVar
 
 from daemon import logs
 from daemon.config import LogConfig
@@ -69,14 +69,15 @@ def counts(service: Service) -> Counts:
 def _bar_class() -> type[tqdm[Any]]:
     """A tqdm subclass of our own: its lock (a thread lock, no multiprocessing semaphore), its
     list of bars and its monitor setting stay off tqdm's class, which other code may use."""
-    import threading as th
+    from weakref import WeakSet
 
     from tqdm import tqdm
 
     class Bar(tqdm):  # type: ignore[type-arg]
         monitor_interval = 0  # no monitor thread: we refresh on our own period
+        _instances: ClassVar[WeakSet[tqdm[Any]]] = WeakSet()  # its bars, not every tqdm's
 
-    Bar.set_lock(th.RLock())
+    Bar.set_lock(threading.RLock())
     return Bar
 
 

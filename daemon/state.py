@@ -123,8 +123,11 @@ def summarize(fields: dict[str, Any], record: logging.LogRecord) -> dict[str, An
         if key not in SKIPPED_FIELDS:
             ok = isinstance(value, bool | int | float) or value is None
             out[key] = value if ok else str(value)[:FIELD_CHARS]
-    if record.exc_info and record.exc_info[1] is not None:
-        out["exception"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"[:FIELD_CHARS]
+    exc = fields.get("exc_info")
+    if not isinstance(exc, BaseException):
+        exc = record.exc_info[1] if record.exc_info else None
+    if exc is not None:
+        out["exception"] = f"{type(exc).__name__}: {exc}"[:FIELD_CHARS]
     return out
 
 
@@ -190,6 +193,7 @@ class Reporter:
                     await asyncio.to_thread(self._write, *self._render())
                     warned = False
                 except OSError as exc:  # disk full, read-only: the daemon's work matters more
+                    self._written = ""  # try again at the next tick
                     if not warned:
                         log.warning("state_write_failed", path=str(self.file), error=str(exc))
                     warned = True

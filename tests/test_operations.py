@@ -221,10 +221,17 @@ def test_status_of_two_instances_then_stopped_then_stale(
     assert [(d["device"], d["state"]) for d in view["devices"]] == [("cpu:0", "up")]
     assert view["images_per_s_1min"] > 0 and view["last_failure"]["path"] == "bad2.jpg"
 
-    # The other instance's own file: its pid, nothing of a's.
+    # The other instance's own file: its pid, nothing of a's; a device process killed there is its last error.
+    os.kill(b.wait_event("daemon_started")["pids"][0], signal.SIGKILL)
+    b.wait_event("worker_restarted")
+    file_b = tmp_path / "b" / "var" / "work" / state.FILE_NAME
+    wait_for_state(file_b, lambda s: s["devices"][0]["restarts"] == 1 and s["devices"][0]["state"] == "up")
     code, text = inferd_status(config_b, "--json")
     other = json.loads(text)
     assert code == 0 and other["pid"] == b.proc.pid and other["done"] == 0 and other["state_file"] != view["state_file"]
+    assert other["last_error"]["event"] == "worker_exited" and other["last_error"]["device"] == "cpu:0"
+    code, text = inferd_status(config_b)
+    assert "cpu:0 up (pid " in text and ", 1 restart)" in text and "last error" in text and "worker_exited" in text
 
     scrape_and_check_dashboard(port)
 
@@ -264,6 +271,35 @@ def test_status_without_a_state_file_or_a_config(tmp_path: Path) -> None:
         timeout=60,
     )
     assert proc.returncode == 4 and "does not exist" in proc.stderr
+
+
+def test_last_problems_keep_the_last_error_and_failure() -> None:
+    import logging
+
+    problems = state.LastProblems()
+
+    def log(level: int, msg: object) -> None:
+        assert problems.filter(logging.LogRecord("daemon", level, "", 0, msg, None, None))
+
+    log(logging.ERROR, {"event": "internal_error", "stage": "results", "exc_info": ValueError("boom"), "ts": "t1"})
+    log(logging.WARNING, {"event": "image_failed", "path": "a.jpg", "reason": "not_an_image", "ts": "t2"})
+    log(logging.WARNING, {"event": "reload_needs_restart", "keys": ["paths.incoming"]})
+    assert problems.error == {
+        "ts": "t1",
+        "level": "error",
+        "event": "internal_error",
+        "stage": "results",
+        "exception": "ValueError: boom",
+    }
+    assert problems.failure == {
+        "ts": "t2",
+        "level": "warning",
+        "event": "image_failed",
+        "path": "a.jpg",
+        "reason": "not_an_image",
+    }
+    log(logging.CRITICAL, "a plain stdlib line")
+    assert problems.error is not None and problems.error["event"] == "a plain stdlib line"
 
 
 def test_durations_read_as_a_person_says_them() -> None:
