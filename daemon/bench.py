@@ -18,7 +18,8 @@ Every mode runs on the same generated JPEGs with the same model, model load excl
 
 `--latency` drops files one at a time into a running daemon and times drop -> `image_done`;
 `--backlog` fills incoming/ with N files and reads the daemon's peak RSS (VmHWM) at its end.
-The report is a plain-text table; `--json PATH` writes the same numbers.
+The report is a plain-text table; `--json PATH` writes the same numbers, `--plot PATH` a chart.
+While it runs, a bar per mode on stderr when that is a terminal.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from daemon import export
+from daemon import export, progress
 from daemon.config import DEFAULTS, Config, ConfigError, Precision, Runtime, parse
 
 if TYPE_CHECKING:
@@ -89,6 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backlog", type=_counts, help="peak RSS with N[,N...] files waiting in incoming/")
     p.add_argument("--workdir", type=Path, help="keep everything here (default: a temporary dir, removed)")
     p.add_argument("--json", type=Path, help="also write the report as JSON to this file")
+    p.add_argument("--plot", type=Path, help="also draw the report as a PNG chart to this file")
     p.add_argument("--seed", type=int, default=0, help="random seed of the generated images")
 
 
@@ -146,6 +148,10 @@ def main(args: argparse.Namespace) -> int:
     sys.stdout.write(render(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        from daemon import plot
+
+        plot.chart(report, args.plot)
     return 0
 
 
@@ -163,6 +169,7 @@ def daemon_config(root: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str, Any]:
     """Every measurement asked for, in one process, on one image set: the report as a dict."""
+    from daemon import plot
     from daemon.model import ModelError, resolve_weights
     from daemon.workers import cores, resolve_decode, resolve_devices
 
@@ -182,6 +189,7 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
         "max_batch": config.pipeline.max_batch,
         "decode": config.pipeline.decode.value,
         "cpu_cores": cores(),
+        "machine": plot.machine(devices),
         "seed": args.seed,
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "CUDA_VISIBLE_DEVICES")},
         "loadavg_1min_start": os.getloadavg()[0],  # other work on the machine skews every number
@@ -315,7 +323,7 @@ def predict_loop(
     started = time.perf_counter()
     if queued:
         thread.start()
-    for path in images:
+    for path in progress.track(images, "seed002" if queued else "naive", len(images)):
         (result,) = model.predict(str(path), **kwargs)
         if queued:
             writes.put((out / f"{path.stem}.txt", label_lines(result)))
@@ -349,7 +357,7 @@ def predict_batches(images: list[Path], out: Path, config: Config, device: str) 
     model.predict([np.zeros((m.imgsz, m.imgsz, 3), np.uint8)] * size, **kwargs)  # load + warm-up
     started = time.perf_counter()
     with ThreadPoolExecutor() as executor:  # the seed's default pool size
-        for i in range(0, len(images), size):
+        for i in progress.track(range(0, len(images), size), "seed000", -(-len(images) // size), "batch"):
             batch = images[i : i + size]
             decoded = list(executor.map(lambda p: cv2.imread(str(p)), batch))
             for path, result in zip(batch, model.predict(decoded, **kwargs), strict=True):
@@ -380,6 +388,7 @@ def measure_runner(images: list[Path], config: Config, devices: list[str]) -> di
     ]
     for proc in procs:
         proc.start()
+    progress.note(f"bound: {len(procs)} Runner processes, {len(images)} images each, load and warm-up included")
     for proc in procs:
         proc.join()
     if any(proc.exitcode != 0 for proc in procs):
@@ -600,13 +609,14 @@ def run_once(raw: dict[str, Any], sources: list[Path], names: list[str]) -> dict
     incoming.mkdir(parents=True)
     for source, name in zip(sources, names, strict=True):
         os.link(source, incoming / name)  # the daemon moves the link to done/; the source stays
-    with DaemonProcess(raw, once=True) as daemon:
+    with DaemonProcess(raw, once=True) as daemon, progress.bar("inferd", len(names)) as bar:
         started, info, _ = daemon.until("daemon_started")
         done: set[str] = set()
         stages: dict[str, list[float]] = {}
         finished = started  # the last result durable: the daemon's own exit is not throughput
         for arrived, record in daemon.records():
             if record.get("event") == "image_done":
+                bar.update(1)
                 done.add(record["path"])
                 finished = arrived
                 for key in ("batch", *(k for k in record if k.endswith("_ms"))):

@@ -1,4 +1,4 @@
-"""Command line: `inferd run | check | bench`, exit statuses, process-wide setup.
+"""Command line: `inferd run | check | status | bench`, exit statuses, process-wide setup.
 
 Exit statuses: 0 success; 1 runtime failure, or a start that may succeed later (a model load
 that timed out, a device process that died while loading); 2 usage error; 78 (EX_CONFIG) a bad
@@ -34,8 +34,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--once", action="store_true", help="process what is in incoming/, then exit 0 when drained")
     check = sub.add_parser("check", help="validate the config, export the model (cached), load it on each device")
     check.add_argument("--config", type=Path, default=Path("config.toml"), help="config file (default ./config.toml)")
-    from daemon import bench
+    from daemon import bench, status
 
+    status.add_arguments(sub.add_parser("status", help="how the daemon of a config is doing (exit 3: not running)"))
     bench.add_arguments(sub.add_parser("bench", help="measure inferd against the seed designs and the model bound"))
     return top
 
@@ -56,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_AUTOINSTALL", "false")
     os.environ.setdefault("YOLO_VERBOSE", "false")  # its banners bypass logging handlers at import
+    if args.command == "status":
+        from daemon import status
+
+        return status.main(args)
     if args.command == "bench":
         from daemon import bench
 

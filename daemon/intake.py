@@ -91,6 +91,7 @@ class Intake:
         self.jobs = jobs
         self.failed = failed
         self.claimed = 0
+        self.found = 0  # inputs offered by recover() and whole scans (--once: the backlog to do)
         self._settling: dict[Path, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._settled = asyncio.Event()
@@ -112,6 +113,7 @@ class Intake:
         """Take up what an earlier run claimed but did not finish."""
         await asyncio.to_thread(self._remove_stale_copies)
         paths, _unreadable = await asyncio.to_thread(self._walk, self.settings.processing, False)
+        self.found += len(paths)
         for raw, mode in paths:
             path = Path(raw)
             await self.capacity.acquire()
@@ -134,6 +136,7 @@ class Intake:
         try:
             candidates, unreadable = await asyncio.to_thread(self._walk, root or self.settings.incoming, True)
             if whole:
+                self.found += len(candidates)
                 self._claim_errors.clear()  # a problem that persists is reported again once per scan
                 self._unreadable.update(unreadable)
             for raw, delay in candidates:

@@ -12,6 +12,7 @@ import logging
 import logging.handlers
 import queue
 import sys
+from typing import Protocol
 
 import structlog
 
@@ -23,6 +24,16 @@ FOREIGN_LOGGERS = ("ultralytics", "watchfiles")
 
 
 BACKLOG_RECORDS = 10_000  # rendered lines that may wait for a slow stdout before logging blocks
+
+
+class Sink(Protocol):
+    """Where rendered lines are written: a text stream, or anything with its write and flush."""
+
+    def write(self, text: str, /) -> int: ...
+    def flush(self) -> None: ...
+
+
+_output: logging.StreamHandler[Sink] | None = None  # the handler that writes the rendered lines
 
 
 class _BlockingQueueHandler(logging.handlers.QueueHandler):
@@ -43,7 +54,8 @@ def configure(config: LogConfig, *, process: str, background: bool = False) -> N
     `background`: the writes to stdout happen in a thread of their own, so an event loop never
     waits on a slow reader (journald under load, a full pipe); queued lines are written at exit.
     """
-    console = config.format is LogFormat.CONSOLE or (config.format is LogFormat.AUTO and sys.stdout.isatty())
+    global _output
+    console = is_console(config)
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -61,7 +73,7 @@ def configure(config: LogConfig, *, process: str, background: bool = False) -> N
             renderer,
         ],
     )
-    stream = logging.StreamHandler(sys.stdout)
+    stream = _output = logging.StreamHandler(sys.stdout)
     handler: logging.Handler = stream
     if background:
         lines: queue.Queue[logging.LogRecord] = queue.Queue(BACKLOG_RECORDS)
@@ -90,6 +102,19 @@ def configure(config: LogConfig, *, process: str, background: bool = False) -> N
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
+
+
+def is_console(config: LogConfig) -> bool:
+    """Whether lines are rendered for a person (a console) rather than as JSON."""
+    return config.format is LogFormat.CONSOLE or (config.format is LogFormat.AUTO and sys.stdout.isatty())
+
+
+def set_stream(stream: Sink) -> Sink | None:
+    """Send the rendered lines to `stream` from now on (a progress bar writes them above itself);
+    returns the stream they went to, None before configure()."""
+    if _output is None:
+        return None
+    return _output.setStream(stream)
 
 
 def set_level(level: str) -> None:

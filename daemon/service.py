@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from daemon import __version__, batching, config, export, intake, logs, metrics, preprocess, results
+from daemon import __version__, batching, config, export, intake, logs, metrics, preprocess, progress, results, state
 from daemon.config import Config, ConfigError, Decode
 from daemon.jobs import Capacity, FailReason, Failure, Inferred, Job, Outcome, Prepared
 from daemon.notify import Notifier
@@ -276,23 +276,31 @@ class Service:
             log.info("daemon_stopped", during="start-up", uptime_s=round(time.monotonic() - started, 2))
             return 0
         cfg = self.config = resolve_decode(cfg, devices)
+        self.reporter = state.Reporter(
+            state.path(cfg.paths.work), config=cfg.source, once=self.once, metrics=cfg.metrics.listen
+        )
+        self.reporter.start(devices)  # `inferd status` reads this file
         server = await metrics.serve(self.metrics, *cfg.metrics.listen) if cfg.metrics.listen else None
         try:
             plans = await export.prepare(cfg, devices, stop=self.stop, notifier=self.notifier)
         except export.ExportStopped:
             await self._close_server(server)
+            self.reporter.stop(None)
             log.info("daemon_stopped", during="model_export", uptime_s=round(time.monotonic() - started, 2))
             return 0
         except BaseException:
             await self._close_server(server)
+            self.reporter.stop(None)
             raise
         try:
             infos = await self._start_up(cfg, devices)
         except BaseException:
             await self._close_server(server)
+            self.reporter.stop(None)
             raise
         if infos is None:  # a stop request during start-up: every device process is already gone
             await self._close_server(server)
+            self.reporter.stop(None)
             log.info("daemon_stopped", during="start-up", uptime_s=round(time.monotonic() - started, 2))
             return 0
         threads = cfg.pipeline.preprocess_threads or cores()
@@ -348,16 +356,23 @@ class Service:
         self.notifier.ready()
         watchdog = loop.create_task(self._watchdog())
         self._stats_task = loop.create_task(self._stats(cfg.log.stats_interval_s))
+        self.reporter.serving()
+        reporting = loop.create_task(self.reporter.run(self))
+        display = progress.show(self, once=self.once, log=cfg.log)  # a terminal only
         try:
             await self._until_stopped(stages + feeders)
         finally:
             self.metrics.healthy = False
             self.notifier.stopping()
+            display.close()
+            self.reporter.draining()
             await self._drain(stages, feeders)
             pool.shutdown(wait=False, cancel_futures=True)
             watchdog.cancel()
             self._stats_task.cancel()
+            reporting.cancel()
             await self._close_server(server)
+            self.reporter.stop(self)
         log.info(
             "daemon_stopped",
             done=self.done,
