@@ -221,6 +221,7 @@ class DeviceWorker:
             raise
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[batch_id] = (future, slot)
+        log.debug("batch_sent", device=self.device, batch_id=batch_id, images=len(batch), in_flight=len(self._pending))
         result: tuple[list[np.ndarray], float] = await future
         return result
 
