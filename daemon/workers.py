@@ -31,6 +31,7 @@ import structlog
 from daemon import model
 from daemon.config import Config, Decode
 from daemon.jobs import ModelInfo, Prepared
+from daemon.tasks import Payload
 
 log = structlog.get_logger("daemon.workers")
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
@@ -140,7 +141,7 @@ class DeviceWorker:
             self._free.put_nowait(slot)
         return self.info
 
-    async def infer(self, batch: list[Prepared], conf: float, iou: float) -> tuple[list[np.ndarray], float]:
+    async def infer(self, batch: list[Prepared], conf: float, iou: float) -> tuple[list[Payload | str], float]:
         """Run one batch (same letterboxed shape); returns per-image boxes and the model time in ms."""
         slot = await self._free.get()
         if not self.up or self._conn is None or self._buffer is None:
@@ -164,7 +165,7 @@ class DeviceWorker:
             self._free.put_nowait(slot)
             raise WorkerCrashed(f"{self.device} is not running", started=False) from None
         self._pending[batch_id] = (future, slot)
-        result: tuple[list[np.ndarray], float] = await future
+        result: tuple[list[Payload | str], float] = await future
         return result
 
     def _on_message(self) -> None:
