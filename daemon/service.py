@@ -129,6 +129,7 @@ class Service:
             job = outcome.prepared.job
             total = (time.monotonic() - job.claimed_at) * 1000
             self.metrics.image_done(outcome.device, {**job.timings_ms, "total": total}, outcome.batch_size)
+            self.metrics.found(outcome.payload.task.value, outcome.payload.counts(outcome.model.names))
             self.done += 1
         else:
             reason = outcome.error.reason.value if isinstance(outcome, Failure) and written else "write_error"

@@ -54,6 +54,6 @@ def postprocess(
     probs = (preds[0] if isinstance(preds, (list, tuple)) else preds).float()
     k = min(TOP, probs.shape[1])
     # Probs.top5 is (-p).argsort()[:5]: a stable order, as a sort here (topk may order ties otherwise).
-    order = (-probs).argsort(1, stable=True)[:, :k]
+    order = (-probs).argsort(dim=1, stable=True)[:, :k]
     confs = probs.gather(1, order)
     return [Probs(i, c) for i, c in zip(order.cpu().numpy(), confs.cpu().numpy(), strict=True)]

@@ -63,6 +63,7 @@ def postprocess(
         if not len(det):
             out.append(Masks(np.zeros((0, 6), np.float32), []))
             continue
+        det = det.float()  # fp16 on a GPU: the coefficients meet the float prototypes
         masks = ops.process_mask(proto, det[:, 6:], det[:, :4], shape, upsample=True)
         keep = masks.amax((-2, -1)) > 0
         if not keep.all():
