@@ -125,6 +125,9 @@ class DeviceWorker:
             self._proc.start()
             child_conn.close()
             loop.add_reader(self._conn.fileno(), self._on_message)
+            # uvloop's poll makes the fd non-blocking; a reply over 16 KiB is written in two parts
+            # (header, then body), and a read between them must wait, not fail as if it had died.
+            os.set_blocking(self._conn.fileno(), True)
             self.info = await asyncio.wait_for(self._ready, timeout_s)
             self.model = ModelInfo(self.info["weights"], self.info["names"], self.spec_args["imgsz"], self.info["half"])
         except TimeoutError:

@@ -28,7 +28,7 @@ def test_a_segmentation_model_end_to_end(
         tmp_path,
         model={"weights": str(weights), "devices": ["cpu"]},
         output={"formats": ["txt", "json", "image"]},
-        pipeline={"decode": "host"},
+        pipeline={"decode": "host", "reduced_decode": False},  # the pixels predict sees
     )
     incoming = tmp_path / "var" / "incoming"
     incoming.mkdir(parents=True)
