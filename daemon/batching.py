@@ -24,6 +24,7 @@ import numpy as np
 import structlog
 
 from daemon.jobs import FailReason, Failure, Inferred, ItemError, Outcome, Prepared
+from daemon.tasks import Payload
 from daemon.workers import BatchFailed, DeviceWorker, WorkerCrashed, WorkerRetired
 
 log = structlog.get_logger("daemon.batching")
@@ -165,7 +166,7 @@ class Batcher:
         finally:
             self.wake.set()
 
-    async def _call(self, worker: DeviceWorker, batch: list[Prepared]) -> tuple[list[np.ndarray], float]:
+    async def _call(self, worker: DeviceWorker, batch: list[Prepared]) -> tuple[list[Payload | str], float]:
         try:
             return await worker.infer(batch, self.knobs.conf, self.knobs.iou)
         finally:

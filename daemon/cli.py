@@ -87,9 +87,11 @@ def main(argv: list[str] | None = None) -> int:
 async def check(config: Config) -> int:
     """Load the model on every configured device and report what was found."""
     from daemon import export
+    from daemon.tasks import checkpoint
     from daemon.workers import resolve_decode, resolve_devices, start_workers
 
     log = structlog.get_logger("daemon.cli")
+    config = checkpoint.resolve_config(config)
     devices = await resolve_devices(config)
     config = resolve_decode(config, devices)
     for plan in await export.prepare(config, devices):  # builds the cache: a later start finds it

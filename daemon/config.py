@@ -76,7 +76,7 @@ class PathsConfig:
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     weights: str
-    imgsz: int
+    imgsz: int  # 0 = "auto": the checkpoint's training size (tasks.checkpoint.resolve makes it concrete)
     conf: float
     iou: float
     max_det: int
@@ -153,7 +153,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "model": {
         "weights": DEFAULT_WEIGHTS,
-        "imgsz": 640,
+        "imgsz": "auto",
         "conf": 0.25,
         "iou": 0.7,
         "max_det": 300,
@@ -222,7 +222,7 @@ def parse(raw: dict[str, Any], *, base: Path, source: Path | None = None) -> Con
     paths = PathsConfig(**{f.name: t.path("paths", f.name) for f in fields(PathsConfig)})
     model = ModelConfig(
         weights=t.string("model", "weights"),
-        imgsz=t.integer("model", "imgsz", low=32, multiple_of=32),
+        imgsz=0 if t.get("model", "imgsz") == "auto" else t.integer("model", "imgsz", low=32, multiple_of=32),
         conf=t.number("model", "conf", low=0.0, high=1.0),
         iou=t.number("model", "iou", low=0.0, high=1.0),
         max_det=t.integer("model", "max_det", low=1),

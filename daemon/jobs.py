@@ -10,6 +10,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from daemon.tasks import Payload
+
 
 class FailReason(enum.Enum):
     """Why an input ended up in failed/ (the `reason` field of its .error.json)."""
@@ -88,10 +90,11 @@ class ModelInfo:
 
 @dataclass(slots=True)
 class Inferred:
-    """Detections for one image: rows of x1, y1, x2, y2, confidence, class in original pixels."""
+    """One image's result: the task's payload (boxes, masks, keypoints, oriented boxes or the
+    top 5 classes) in original pixels; `daemon.tasks` writes it."""
 
     prepared: Prepared
-    boxes: np.ndarray  # (n, 6) float32
+    payload: Payload
     device: str
     batch_size: int
     model: ModelInfo  # the one that produced them (a reload may have switched since)

@@ -77,6 +77,14 @@ class Metrics:
         self.worker_restarts_total = Counter(
             "worker_restarts", "Device processes restarted after they died.", ["device"], namespace=ns, registry=reg
         )
+        self.found_total = Counter(
+            "found",
+            "What the model found in finished images, by task and kind (detections, masks, keypoints; "
+            "classify: images by top-1 class).",
+            ["task", "kind"],
+            namespace=ns,
+            registry=reg,
+        )
         ProcessCollector(registry=reg)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)
@@ -96,6 +104,14 @@ class Metrics:
             if stage in STAGES:
                 self.stage_seconds.labels(stage=stage).observe(ms / 1000)
         self.batch_size.observe(batch)
+
+    def found(self, task: str, counts: Mapping[str, object]) -> None:
+        """One image's counts, as its image_done log line has them (`tasks.Payload.counts`)."""
+        for kind, n in counts.items():
+            if kind == "top1" and n is not None:
+                self.found_total.labels(task=task, kind=f"top1:{n}").inc()
+            elif isinstance(n, int) and not isinstance(n, bool) and kind != "top1_id":
+                self.found_total.labels(task=task, kind=kind).inc(n)
 
     def image_failed(self, reason: str) -> None:
         self.images_failed_total.labels(reason=reason).inc()

@@ -27,11 +27,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import structlog
 from PIL import Image
 
-from daemon import logs, runtimes
+from daemon import logs, runtimes, tasks
 from daemon.config import DEFAULT_WEIGHTS, LogConfig, Precision, Runtime
 
 log = structlog.get_logger("daemon.model")
@@ -119,12 +118,10 @@ class Runner:
     def __init__(self, spec: WorkerSpec, buffer: mmap.mmap) -> None:
         import torch
         from ultralytics.nn.autobackend import AutoBackend
-        from ultralytics.utils import nms
 
         if spec.torch_threads:
             torch.set_num_threads(spec.torch_threads)
         self.torch = torch
-        self.nms = nms.non_max_suppression
         self.spec = spec
         self.device = torch.device(spec.device)
         cuda = self.device.type == "cuda"
@@ -151,6 +148,10 @@ class Runner:
         self.backend.eval()
         if runtime is Runtime.OPENVINO:
             runtimes.compile_openvino(self.backend, self.plan.artefact, precision, spec.torch_threads)
+        try:
+            self.head = tasks.head_of(self.backend, spec.max_det)  # the task, from the checkpoint
+        except tasks.Unsupported as exc:
+            raise ModelError(f"{self.weights} is refused: {exc}") from None
         self.half = bool(self.backend.fp16)
         # A static export given as the weights takes one (h, w): smaller letterboxed inputs are
         # padded to it in launch (_fit).
@@ -183,6 +184,7 @@ class Runner:
         return {
             "device": self.spec.device,
             "weights": self.weights,
+            "task": self.head.task.value,
             "names": self.names,
             "half": self.half,
             "runtime": self.plan.runtime.value,
@@ -247,33 +249,18 @@ class Runner:
             x, batch = self._fit(x, batch)
             return Launched(batch, self.backend(x), errors, started)
 
-    def finish(self, launched: Launched) -> tuple[list[np.ndarray | str], float]:
-        """Detections per image (x1, y1, x2, y2, conf, cls in original pixels) or why its JPEG
-        could not be decoded; and the model time in ms."""
+    def finish(self, launched: Launched) -> tuple[list[tasks.Payload | str], float]:
+        """Per image, the task's result in source pixels (`daemon.tasks`), or why its JPEG could
+        not be decoded; and the model time in ms."""
         batch = launched.batch
         with self.torch.inference_mode():
-            results = self.nms(
-                launched.preds,
-                batch.conf,
-                batch.iou,
-                None,
-                False,
-                max_det=self.spec.max_det,
-                nc=0,
-                end2end=getattr(self.backend, "end2end", False),
+            results = tasks.postprocess(
+                self.head, launched.preds, batch.conf, batch.iou, (batch.h, batch.w), batch.metas
             )
-            out: list[np.ndarray | str] = []
-            for i, (det, (gx, gy, px, py, w, h)) in enumerate(zip(results, batch.metas, strict=True)):
-                if i in launched.errors:
-                    out.append(launched.errors[i])
-                    continue
-                boxes = det[:, :6].float().cpu().numpy()
-                boxes[:, [0, 2]] = ((boxes[:, [0, 2]] - px) / gx).clip(0, w)
-                boxes[:, [1, 3]] = ((boxes[:, [1, 3]] - py) / gy).clip(0, h)
-                out.append(boxes)
+        out: list[tasks.Payload | str] = [launched.errors.get(i, r) for i, r in enumerate(results)]
         return out, (time.perf_counter() - launched.started) * 1000
 
-    def run(self, batch: Batch) -> tuple[list[np.ndarray | str], float]:
+    def run(self, batch: Batch) -> tuple[list[tasks.Payload | str], float]:
         return self.finish(self.launch(batch))
 
 

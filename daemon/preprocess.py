@@ -55,6 +55,7 @@ class Settings:
     reduced_decode: bool
     max_pixels: int
     device_max_bytes: int = 0  # JPEGs up to this size are decoded by the device process; 0 = none
+    classify: bool = False  # a classification model: resize the short side and crop (no letterbox)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +181,7 @@ def _draft_size(size: tuple[int, int], settings: Settings) -> tuple[int, int] | 
     """The least (w, h) a reduced-size JPEG decode must keep (the letterboxed size), or None when
     libjpeg's 1/2, 1/4 or 1/8 scaling cannot help."""
     w, h = size
-    r = settings.imgsz / max(w, h)
+    r = settings.imgsz / (min(w, h) if settings.classify else max(w, h))  # the side resized to imgsz
     if not settings.reduced_decode or r >= 0.5:
         return None
     return math.ceil(w * r), math.ceil(h * r)
@@ -254,9 +255,28 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
+def centre_crop(image: np.ndarray, imgsz: int, *, source_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Classification's input, as Ultralytics' `classify_transforms`: the short side resized to
+    `imgsz` (PIL's antialiased bilinear, torchvision's `Resize` sizes), then the centre `imgsz`
+    square (`CenterCrop`). `source_size` (w, h): the original size when `image` was decoded at
+    reduced scale, so that the sizes are those of a full decode."""
+    w, h = source_size or (image.shape[1], image.shape[0])
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(imgsz * long / short)
+    new_w, new_h = (imgsz, new_long) if w <= h else (new_long, imgsz)
+    resized = Image.fromarray(image)
+    if resized.size != (new_w, new_h):
+        resized = resized.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    top, left = round((new_h - imgsz) / 2.0), round((new_w - imgsz) / 2.0)
+    return np.ascontiguousarray(np.asarray(resized)[top : top + imgsz, left : left + imgsz])
+
+
 def prepare(job: Job, settings: Settings) -> Prepared:
-    """Decode and letterbox one claimed file (runs in a pool thread)."""
+    """Decode and letterbox (or, for classification, crop) one claimed file (runs in a pool thread)."""
     image, seen, orientation = decode(str(job.path), settings)
+    if settings.classify and not isinstance(image, bytes):
+        crop = centre_crop(image, settings.imgsz, source_size=seen)
+        return Prepared(job, crop, seen[0], seen[1], orientation, (1.0, 1.0), (0, 0))
     if isinstance(image, bytes):
         g = geometry(seen, settings.imgsz)
         gain = (g.size[0] / seen[0], g.size[1] / seen[1])

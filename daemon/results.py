@@ -1,7 +1,8 @@
 """Stage 4: write results atomically with aiofiles, then move the source on.
 
-For `sub/bus.jpg` the results are `output/sub/bus.jpg.txt` (YOLO labels: class cx cy w h conf,
-normalised), `output/sub/bus.jpg.json` and, if asked, `output/sub/bus.jpg.annotated.jpg`: the whole
+For `sub/bus.jpg` the results are `output/sub/bus.jpg.txt` (what Ultralytics' `save_txt` writes
+for the model's task), `output/sub/bus.jpg.json` and, if asked, `output/sub/bus.jpg.annotated.jpg`
+(each task's formats are in `daemon.tasks`): the whole
 source name is kept, so `a.jpg` and `a.png` never overwrite each other's results. Each is written
 to a hidden temporary file in the same directory, fsynced, and renamed into place, so a reader
 never sees half a file. Only then does the source leave processing/ (to done/, or deleted).
@@ -26,13 +27,13 @@ from typing import Any
 
 import aiofiles
 import aiofiles.os
-import numpy as np
 import structlog
 from PIL import Image, ImageDraw, ImageOps
 
 from daemon import __version__
 from daemon.config import OnSuccess, OutputConfig, PathsConfig
 from daemon.jobs import FailReason, Failure, Inferred, ItemError, Job, Outcome
+from daemon.tasks import SCHEMA_VERSION, Payload
 
 log = structlog.get_logger("daemon.results")
 _fsync = aiofiles.os.wrap(os.fsync)
@@ -40,37 +41,11 @@ WRITE_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
 NAME_MAX = 255  # bytes in one file name, on every Linux filesystem inferd supports
 
 
-def yolo_txt(boxes: np.ndarray, width: int, height: int) -> str:
-    """YOLO label lines: class cx cy w h conf, coordinates normalised to the image size."""
-    lines = []
-    for x1, y1, x2, y2, conf, cls in boxes.tolist():
-        cx, cy = (x1 + x2) / 2 / width, (y1 + y2) / 2 / height
-        w, h = (x2 - x1) / width, (y2 - y1) / height
-        lines.append(f"{int(cls)} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f} {conf:.6f}\n")
-    return "".join(lines)
-
-
-def detections(boxes: np.ndarray, names: dict[int, str]) -> list[dict[str, Any]]:
-    return [
-        {
-            "class_id": int(cls),
-            "class_name": names.get(int(cls), str(int(cls))),
-            "confidence": round(conf, 6),
-            "box_xyxy": [round(v, 2) for v in (x1, y1, x2, y2)],
-        }
-        for x1, y1, x2, y2, conf, cls in boxes.tolist()
-    ]
-
-
-def annotate(source: Path, boxes: np.ndarray, names: dict[int, str]) -> bytes:
-    """The source image, oriented as the user sees it, with boxes drawn; JPEG bytes."""
+def annotate(source: Path, payload: Payload, names: dict[int, str]) -> bytes:
+    """The source image, oriented as the user sees it, with the task's result drawn; JPEG bytes."""
     with Image.open(source) as im:
         image = ImageOps.exif_transpose(im).convert("RGB")
-    draw = ImageDraw.Draw(image)
-    width = max(2, round(max(image.size) / 400))
-    for x1, y1, x2, y2, conf, cls in boxes.tolist():
-        draw.rectangle((x1, y1, x2, y2), outline=(255, 56, 56), width=width)
-        draw.text((x1 + width, y1 + width), f"{names.get(int(cls), int(cls))} {conf:.2f}", fill=(255, 56, 56))
+    payload.draw(ImageDraw.Draw(image), names, max(2, round(max(image.size) / 400)))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
@@ -185,12 +160,12 @@ class Writer:
         started = time.monotonic()
         base = self.paths.output / job.rel
         if "txt" in self.output.formats:
-            text = yolo_txt(result.boxes, p.width, p.height)
+            text = result.payload.txt(p.width, p.height, result.model.names)
             await self.write_atomic(suffixed(base, ".txt"), text.encode(), recovered=job.recovered)
         annotation_error = None
         if "image" in self.output.formats:
             try:
-                data = await asyncio.to_thread(annotate, job.path, result.boxes, result.model.names)
+                data = await asyncio.to_thread(annotate, job.path, result.payload, result.model.names)
             except Exception as exc:  # noqa: BLE001 - PIL cannot draw this source: its OSErrors are not the disk's
                 annotation_error = f"{type(exc).__name__}: {exc}"
                 log.warning("annotate_failed", path=str(job.rel), error=annotation_error)
@@ -209,7 +184,8 @@ class Writer:
             path=str(job.rel),
             device=result.device,
             batch=result.batch_size,
-            detections=len(result.boxes),
+            task=result.payload.task.value,
+            **result.payload.counts(result.model.names),
             width=p.width,
             height=p.height,
             **{f"{k}_ms": round(v, 2) for k, v in job.timings_ms.items()},
@@ -220,6 +196,8 @@ class Writer:
     def _json(self, result: Inferred, annotation_error: str | None) -> bytes:
         p, job, model = result.prepared, result.prepared.job, result.model
         document: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "task": result.payload.task.value,
             "source": str(job.rel),
             "image": {
                 "width": p.width,
@@ -234,7 +212,7 @@ class Writer:
                 "half": model.half,
             },
             "names": {str(k): v for k, v in model.names.items()},
-            "detections": detections(result.boxes, model.names),
+            **result.payload.json(model.names),
             "device": result.device,
             "batch_size": result.batch_size,
             "timings_ms": {k: round(v, 2) for k, v in job.timings_ms.items()},

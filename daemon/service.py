@@ -30,6 +30,7 @@ from daemon import __version__, batching, config, export, intake, logs, metrics,
 from daemon.config import Config, ConfigError, Decode
 from daemon.jobs import Capacity, FailReason, Failure, Inferred, Job, Outcome, Prepared
 from daemon.notify import Notifier
+from daemon.tasks import Task, checkpoint
 from daemon.workers import (
     JPEG_SLOT_BYTES,
     DeviceWorker,
@@ -87,10 +88,12 @@ def reloadable(running: Config, new: Config) -> Config:
     )
 
 
-def prep_settings(config: Config) -> preprocess.Settings:
+def prep_settings(config: Config, task: str = "detect") -> preprocess.Settings:
+    """`task`: the model's, from its device processes (classification crops on the host)."""
     p = config.pipeline
-    device_max_bytes = JPEG_SLOT_BYTES if p.decode is Decode.DEVICE else 0
-    return preprocess.Settings(config.model.imgsz, p.reduced_decode, p.max_pixels, device_max_bytes)
+    classify = task == Task.CLASSIFY.value
+    device_max_bytes = JPEG_SLOT_BYTES if p.decode is Decode.DEVICE and not classify else 0
+    return preprocess.Settings(config.model.imgsz, p.reduced_decode, p.max_pixels, device_max_bytes, classify)
 
 
 def knobs(config: Config) -> batching.Knobs:
@@ -133,6 +136,7 @@ class Service:
             job = outcome.prepared.job
             total = (time.monotonic() - job.claimed_at) * 1000
             self.metrics.image_done(outcome.device, {**job.timings_ms, "total": total}, outcome.batch_size)
+            self.metrics.found(outcome.payload.task.value, outcome.payload.counts(outcome.model.names))
             self.done += 1
         else:
             reason = outcome.error.reason.value if isinstance(outcome, Failure) and written else "write_error"
@@ -171,6 +175,7 @@ class Service:
         running = self.config
         try:
             read = config.load(running.source) if running.source else running
+            read = checkpoint.resolve_config(read)  # imgsz "auto": the new checkpoint's
         except ConfigError as exc:
             log.error("reload_failed", error=str(exc))
             return
@@ -259,8 +264,12 @@ class Service:
         self.batcher.knobs = knobs(new)
         self.writer.output = new.output
         # An image prepared meanwhile has the old or the new size: both fit the new slots.
-        self.settings = prep_settings(new)
+        self.settings = prep_settings(new, self._task())
         self.config = new
+
+    def _task(self) -> str:
+        """The task of the model the workers serve (they all load the same weights)."""
+        return str(self.workers[0].info.get("task", "detect")) if self.workers else "detect"
 
     async def run(self) -> int:
         """Serve until stopped (or, with --once, until incoming/ is drained). Returns the exit status."""
@@ -271,6 +280,7 @@ class Service:
         started = time.monotonic()
         log.info("daemon_starting", version=__version__, config=str(self.config.source), pid=os.getpid())
         cfg = self.config
+        cfg = checkpoint.resolve_config(cfg)  # imgsz "auto", refusals: before anything starts
         devices = await self._unless_stopped(resolve_devices(cfg))
         if devices is None:
             log.info("daemon_stopped", during="start-up", uptime_s=round(time.monotonic() - started, 2))
@@ -309,6 +319,8 @@ class Service:
             version=__version__,
             devices=devices,
             model=infos[0]["weights"],
+            task=infos[0]["task"],
+            imgsz=cfg.model.imgsz,
             runtime=infos[0]["runtime"],
             precision=infos[0]["precision"],
             artefact=infos[0]["artefact"],
@@ -341,7 +353,7 @@ class Service:
         )
         self.intake = intake.Intake(intake_settings, self.capacity, jobs, outcomes)
         pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
-        self.settings = prep_settings(cfg)
+        self.settings = prep_settings(cfg, self._task())
         stages = [
             loop.create_task(preprocess.run(jobs, ready, outcomes, pool, lambda: self.settings, threads * 2)),
             loop.create_task(self.batcher.run()),

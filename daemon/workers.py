@@ -33,6 +33,7 @@ import structlog
 from daemon import model, runtimes
 from daemon.config import Config, Decode, Runtime
 from daemon.jobs import ModelInfo, Prepared
+from daemon.tasks import Payload
 
 log = structlog.get_logger("daemon.workers")
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
@@ -148,6 +149,9 @@ class DeviceWorker:
             self._proc.start()
             child_conn.close()
             loop.add_reader(self._conn.fileno(), self._on_message)
+            # uvloop's poll makes the fd non-blocking; a reply over 16 KiB is written in two parts
+            # (header, then body), and a read between them must wait, not fail as if it had died.
+            os.set_blocking(self._conn.fileno(), True)
             self.info = await asyncio.wait_for(self._ready, timeout_s)
             self.model = ModelInfo(self.info["weights"], self.info["names"], self.spec_args["imgsz"], self.info["half"])
         except TimeoutError:
@@ -193,7 +197,7 @@ class DeviceWorker:
             os.close(fd)
         return path
 
-    async def infer(self, batch: list[Prepared], conf: float, iou: float) -> tuple[list[np.ndarray], float]:
+    async def infer(self, batch: list[Prepared], conf: float, iou: float) -> tuple[list[Payload | str], float]:
         """Run one batch (same letterboxed shape); returns per-image boxes and the model time in ms."""
         slot = await self._free.get()
         try:
@@ -222,7 +226,7 @@ class DeviceWorker:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[batch_id] = (future, slot)
         log.debug("batch_sent", device=self.device, batch_id=batch_id, images=len(batch), in_flight=len(self._pending))
-        result: tuple[list[np.ndarray], float] = await future
+        result: tuple[list[Payload | str], float] = await future
         return result
 
     def set_level(self, level: str) -> None:

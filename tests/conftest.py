@@ -192,3 +192,12 @@ def in_mount_namespace(path: Path, setup: str) -> tuple[str, ...]:
     if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
         pytest.skip("mount namespaces are not available to this user")
     return ("unshare", "-rm", "sh", "-c", f'set -e; {setup}; exec "$@"', str(path))
+
+
+@pytest.fixture(scope="session")
+def task_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A checkpoint per task (segment, pose, obb, classify) that finds real things: see task_models."""
+    import task_models
+
+    root = tmp_path_factory.mktemp("task-weights")
+    return {task: task_models.build(task, root / f"yolov8s-{task}.pt") for task in task_models.IMGSZ}

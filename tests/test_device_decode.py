@@ -23,6 +23,8 @@ from test_workers import CONF, IOU, make_worker, match
 from daemon import model, preprocess
 from daemon.config import Decode, parse
 from daemon.jobs import Job, Prepared
+from daemon.tasks import Payload
+from daemon.tasks.detect import Boxes
 from daemon.workers import JPEG_SLOT_BYTES, DeviceWorker, resolve_decode
 
 HOST = preprocess.Settings(640, True, 10**9)
@@ -204,7 +206,7 @@ def test_overlapped_batches_equal_one_at_a_time(runner: asyncio.Runner, tmp_path
             photos.append(prepare(tmp_path / f"{i}.jpg", HOST))
         batches = [[photos[i], photos[(i + 2) % 12], photos[(i + 4) % 12]] for i in range(12)]
 
-        async def together() -> list[tuple[list[np.ndarray | str], float]]:
+        async def together() -> list[tuple[list[Payload | str], float]]:
             return await asyncio.gather(*(worker.infer(b, CONF, IOU) for b in batches))
 
         answers = runner.run(together())
@@ -215,7 +217,7 @@ def test_overlapped_batches_equal_one_at_a_time(runner: asyncio.Runner, tmp_path
             # round two people's boxes to either side of the NMS threshold (seen on an H100:
             # IoU 0.70 against iou=0.7). Batched == unbatched is checked in fp32 in test_workers.
             for ours, theirs in zip(boxes, alone, strict=True):
-                assert isinstance(ours, np.ndarray) and isinstance(theirs, np.ndarray)
+                assert isinstance(ours, Boxes) and isinstance(theirs, Boxes)
                 match(ours, theirs, px=0.5, conf=1e-3)
     finally:
         runner.run(worker.stop(10))

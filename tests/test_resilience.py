@@ -36,6 +36,8 @@ from test_worker_faults import import_env, prepared, worker
 from daemon import intake, preprocess, results, workers
 from daemon.config import OnSuccess, OutputConfig, PathsConfig
 from daemon.jobs import FailReason, Failure, Inferred, Job, ModelInfo, Outcome, Prepared
+from daemon.tasks import Payload
+from daemon.tasks.detect import Boxes
 from daemon.workers import WorkerState
 
 RunDaemon = Callable[..., Daemon]
@@ -144,7 +146,7 @@ def inferred(writer: results.Writer, name: str) -> Inferred:
     path = writer.paths.work / "processing" / name
     shutil.copyfile(assets() / "bus.jpg", path)
     p = preprocess.prepare(Job(PurePosixPath(name), path), preprocess.Settings(320, True, 10**9))
-    boxes = np.array([[10, 20, 300, 400, 0.9, 0]], np.float32)
+    boxes = Boxes(np.array([[10, 20, 300, 400, 0.9, 0]], np.float32))
     return Inferred(p, boxes, "cpu", 1, ModelInfo("w.pt", {0: "person"}, 320, False))
 
 
@@ -188,7 +190,7 @@ def test_an_unexpected_error_while_writing_fails_that_image_alone(
 def test_an_annotation_that_cannot_be_drawn_is_not_a_disk_error(
     runner: asyncio.Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def annotate(source: Path, boxes: np.ndarray, names: dict[int, str]) -> bytes:
+    def annotate(source: Path, payload: Payload, names: dict[int, str]) -> bytes:
         raise OSError("broken data stream when reading image file")  # what PIL raises: an OSError, no errno
 
     monkeypatch.setattr(results, "annotate", annotate)
@@ -299,7 +301,7 @@ def test_a_reply_for_a_batch_whose_caller_gave_up_is_ignored(
             abandoned.cancel()  # a drain that timed out cancels the stage awaiting it
             await asyncio.gather(abandoned, return_exceptions=True)
             boxes, _ = await asyncio.wait_for(w.infer([image], 0.25, 0.7), 60)  # answered after the first
-            assert isinstance(boxes[0], np.ndarray) and w.up
+            assert not isinstance(boxes[0], str) and w.up  # a payload, not a decode error
         finally:
             await w.stop(10)
         assert errors == []  # before: InvalidStateError in the pipe's reader callback

@@ -30,6 +30,7 @@ from daemon.batching import Batcher, Knobs
 from daemon.config import LogConfig, LogFormat
 from daemon.jobs import Job, Prepared
 from daemon.service import RESTART_BACKOFF_S
+from daemon.tasks.detect import Boxes
 from daemon.workers import BatchFailed, DeviceWorker, WorkerCrashed
 
 RunDaemon = Callable[..., Daemon]
@@ -244,7 +245,7 @@ def test_a_segfault_fails_the_running_batch_as_started_and_the_queued_one_as_not
         await w.start(120)
         try:
             boxes, _ = await w.infer([normal], 0.25, 0.7)  # the marker detector leaves others alone
-            assert isinstance(boxes[0], np.ndarray)
+            assert isinstance(boxes[0], Boxes)
             running = asyncio.create_task(w.infer([marker, normal], 0.25, 0.7))
             queued = asyncio.create_task(w.infer([normal], 0.25, 0.7))  # the second slot
             results = await asyncio.wait_for(asyncio.gather(running, queued, return_exceptions=True), 60)
@@ -274,7 +275,7 @@ def test_a_raising_model_fails_the_batch_and_the_worker_stays_up(
                 await w.infer([normal, marker], 0.25, 0.7)
             assert failed.value.kind == "error" and w.up
             boxes, _ = await w.infer([normal], 0.25, 0.7)
-            assert isinstance(boxes[0], np.ndarray)
+            assert isinstance(boxes[0], Boxes)
         finally:
             await w.stop(10)
 
@@ -320,12 +321,12 @@ class HeldWorker:
         self.calls = calls
         self.release = asyncio.Event()
 
-    async def infer(self, batch: list[Prepared], conf: float, iou: float) -> tuple[list[np.ndarray], float]:
+    async def infer(self, batch: list[Prepared], conf: float, iou: float) -> tuple[list[Boxes], float]:
         self.in_flight += 1  # as the real worker: counted once its batch is sent
         self.calls.put_nowait((self.device, len(batch)))
         await self.release.wait()
         self.in_flight -= 1
-        return [np.zeros((0, 6), np.float32) for _ in batch], 1.0
+        return [Boxes(np.zeros((0, 6), np.float32)) for _ in batch], 1.0
 
 
 def test_a_backlog_is_spread_over_idle_workers(runner: asyncio.Runner) -> None:

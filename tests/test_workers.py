@@ -25,6 +25,7 @@ from daemon import preprocess
 from daemon.config import LogConfig, LogFormat
 from daemon.jobs import Job, Prepared
 from daemon.model import resolve_weights
+from daemon.tasks.detect import Boxes
 from daemon.workers import DeviceWorker, WorkerCrashed, WorkerStartError
 
 CONF, IOU = 0.25, 0.7
@@ -65,8 +66,9 @@ def prepare(path: Path, reduced: bool = True) -> Prepared:
     return preprocess.prepare(Job(PurePosixPath(path.name), path), preprocess.Settings(640, reduced, 10**9))
 
 
-def match(ours: np.ndarray, theirs: np.ndarray, *, px: float, conf: float) -> None:
+def match(ours: np.ndarray | Boxes, theirs: np.ndarray | Boxes, *, px: float, conf: float) -> None:
     """Same detections: each of ours pairs with one of theirs of the same class, boxes within px."""
+    ours, theirs = (x.data if isinstance(x, Boxes) else x for x in (ours, theirs))
     assert len(ours) == len(theirs), (ours, theirs)
     ours = ours[np.argsort(-ours[:, 4])]
     theirs = theirs[np.argsort(-theirs[:, 4])]
@@ -102,7 +104,7 @@ def test_reduced_decode_on_a_large_photo_matches_predict(
     boxes, _ms = runner.run(default_worker.infer([prepared], CONF, IOU))
     expected = predict(big)
     strong = expected[expected[:, 4] > 0.4]
-    found = boxes[0]
+    found = boxes[0].data
     for det in strong:  # every confident detection is found at (nearly) the same place
         iou = box_iou(det[:4], found[:, :4])
         assert iou.max() > 0.9, (det, found)
@@ -154,7 +156,7 @@ def test_killed_worker_fails_batch_and_restarts(runner: asyncio.Runner, tiny_wei
         await worker.stop(0)
         await worker.start(120)
         boxes, _ = await worker.infer([item], 0.9, IOU)
-        assert worker.up and isinstance(boxes[0], np.ndarray)
+        assert worker.up and isinstance(boxes[0], Boxes)
         await worker.stop(10)
 
     runner.run(main())
@@ -187,7 +189,7 @@ def test_overlapped_batches_are_answered_even_when_stopped(runner: asyncio.Runne
         await worker.stop(60)
         for task in last:
             boxes, _ms = await task  # answered, not WorkerCrashed
-            assert all(isinstance(b, np.ndarray) for b in boxes)
+            assert all(isinstance(b, Boxes) for b in boxes)
 
     worker_dir = Path(tempfile.mkdtemp())
     try:

@@ -1,0 +1,79 @@
+"""Oriented boxes: rotated NMS (probabilistic IoU), boxes as centre, size and angle in source
+pixels as `OBBPredictor` maps them; the four corners as `OBB.xyxyxyxy`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import ImageDraw
+
+from daemon.tasks import Head, Meta, Payload, Task, detect, g
+
+
+@dataclass(frozen=True, slots=True)
+class Rotated:
+    task: ClassVar[Task] = Task.OBB
+    data: np.ndarray  # (n, 7) float32: cx, cy, w, h, angle (radians), confidence, class; source pixels
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def corners(self) -> np.ndarray:
+        """(n, 4, 2) float32 corner points, as `ops.xywhr2xyxyxyxy`."""
+        x = self.data[:, :5]
+        ctr = x[:, :2]
+        w, h, angle = (x[:, i : i + 1] for i in range(2, 5))
+        cos, sin = np.cos(angle), np.sin(angle)
+        vec1 = np.concatenate([w / 2 * cos, w / 2 * sin], -1)
+        vec2 = np.concatenate([-h / 2 * sin, h / 2 * cos], -1)
+        return np.stack([ctr + vec1 + vec2, ctr + vec1 - vec2, ctr - vec1 - vec2, ctr - vec1 + vec2], -2)
+
+    def txt(self, width: int, height: int, names: dict[int, str]) -> str:
+        corners = self.corners()
+        corners[..., 0] /= np.float32(width)
+        corners[..., 1] /= np.float32(height)
+        return "".join(
+            g((int(row[6]), *points.reshape(-1).tolist(), float(row[5]))) + "\n"
+            for row, points in zip(self.data.tolist(), corners, strict=True)
+        )
+
+    def json(self, names: dict[int, str]) -> dict[str, Any]:
+        return {
+            "detections": [
+                {
+                    "class_id": int(cls),
+                    "class_name": names.get(int(cls), str(int(cls))),
+                    "confidence": round(conf, 6),
+                    "xywhr": [round(v, 2) for v in (x, y, w, h)] + [round(r, 6)],
+                    "corners": np.round(points, 2).tolist(),
+                }
+                for (x, y, w, h, r, conf, cls), points in zip(self.data.tolist(), self.corners(), strict=True)
+            ]
+        }
+
+    def draw(self, draw: ImageDraw.ImageDraw, names: dict[int, str], line: int) -> None:
+        for row, points in zip(self.data.tolist(), self.corners().tolist(), strict=True):
+            draw.polygon([tuple(p) for p in points], outline=detect.COLOR, width=line)
+            x, y = min(points)
+            draw.text((x + line, y + line), f"{names.get(int(row[6]), int(row[6]))} {row[5]:.2f}", fill=detect.COLOR)
+
+    def counts(self, names: dict[int, str]) -> dict[str, Any]:
+        return {"detections": len(self.data)}
+
+
+def postprocess(
+    head: Head, preds: Any, conf: float, iou: float, shape: tuple[int, int], metas: list[Meta]
+) -> list[Payload]:
+    out: list[Payload] = []
+    for det, meta in zip(detect.nms(head, preds, conf, iou, rotated=True), metas, strict=True):
+        gx, gy, px, py, _w, _h = meta
+        rows = det.float().cpu().numpy()  # x y w h conf cls angle, model pixels
+        data = np.concatenate([rows[:, :4], rows[:, 6:7], rows[:, 4:6]], 1).astype(np.float32)
+        data[:, 0] -= px  # ops.scale_boxes(xywh=True): no clipping, a rotated box may cross the edge
+        data[:, 1] -= py
+        data[:, [0, 2]] /= gx
+        data[:, [1, 3]] /= gy
+        out.append(Rotated(data))
+    return out

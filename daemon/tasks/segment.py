@@ -1,0 +1,77 @@
+"""Instance segmentation: NMS, masks from the prototypes on the device, their polygons.
+
+As `SegmentationPredictor` (retina_masks off): each mask is the prototypes weighted by the
+detection's coefficients, upsampled to the model input, cropped to its box and thresholded;
+a detection whose mask is empty is dropped. The polygon is `ops.masks2segments` of the mask
+(every outer contour, joined), mapped to source pixels as `Masks.xy`. Only the polygons leave
+the device process, never the masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import ImageDraw
+
+from daemon.tasks import Head, Meta, Payload, Task, detect, g
+
+
+@dataclass(frozen=True, slots=True)
+class Masks:
+    task: ClassVar[Task] = Task.SEGMENT
+    data: np.ndarray  # (n, 6) float32 boxes, as detect
+    polygons: list[np.ndarray]  # per detection (k, 2) float32 x, y in source pixels
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def txt(self, width: int, height: int, names: dict[int, str]) -> str:
+        lines = []
+        scale = np.array([width, height], np.float32)
+        for (_x1, _y1, _x2, _y2, conf, cls), polygon in zip(self.data.tolist(), self.polygons, strict=True):
+            if len(polygon) < 3:  # save_txt writes no row for what is not a polygon
+                continue
+            lines.append(g((int(cls), *(polygon / scale).reshape(-1).tolist(), float(conf))) + "\n")
+        return "".join(lines)
+
+    def json(self, names: dict[int, str]) -> dict[str, Any]:
+        found = detect.detections(self.data, names)
+        for d, polygon in zip(found, self.polygons, strict=True):
+            d["polygon"] = np.round(polygon, 1).tolist()
+        return {"detections": found}
+
+    def draw(self, draw: ImageDraw.ImageDraw, names: dict[int, str], line: int) -> None:
+        detect.draw_boxes(draw, self.data, names, line)
+        for polygon in self.polygons:
+            if len(polygon) >= 3:
+                draw.polygon([tuple(p) for p in polygon.tolist()], outline=(56, 56, 255), width=line)
+
+    def counts(self, names: dict[int, str]) -> dict[str, Any]:
+        return {"detections": len(self.data), "masks": sum(len(p) >= 3 for p in self.polygons)}
+
+
+def postprocess(
+    head: Head, preds: Any, conf: float, iou: float, shape: tuple[int, int], metas: list[Meta]
+) -> list[Payload]:
+    from ultralytics.utils import ops
+
+    protos = preds[0][1] if isinstance(preds[0], tuple) else preds[1]  # as SegmentationPredictor
+    out: list[Payload] = []
+    for det, proto, meta in zip(detect.nms(head, preds[0], conf, iou), protos, metas, strict=True):
+        if not len(det):
+            out.append(Masks(np.zeros((0, 6), np.float32), []))
+            continue
+        det = det.float()  # fp16 on a GPU: the coefficients meet the float prototypes
+        masks = ops.process_mask(proto, det[:, 6:], det[:, :4], shape, upsample=True)
+        keep = masks.amax((-2, -1)) > 0
+        if not keep.all():
+            det, masks = det[keep], masks[keep]
+        gx, gy, px, py, w, h = meta
+        polygons = [
+            ops.scale_coords(shape, segment, (h, w), ratio_pad=((gy, gx), (px, py)))
+            for segment in ops.masks2segments(masks)
+        ]
+        out.append(Masks(detect.to_source(det, meta), polygons))
+    return out
