@@ -26,6 +26,7 @@ from daemon import preprocess, runtimes
 from daemon.config import ConfigError, LogConfig, LogFormat, Precision, Runtime
 from daemon.jobs import Job, Prepared
 from daemon.model import Batch, Runner, WorkerSpec, resolve_weights
+from daemon.tasks.detect import Boxes
 
 CONF, IOU = 0.25, 0.7
 MAX_BATCH = 4
@@ -81,8 +82,8 @@ def detect(r: Runner, items: list[Prepared]) -> list[np.ndarray]:
     del view
     metas = [(p.gain[0], p.gain[1], p.pad[0], p.pad[1], p.width, p.height) for p in items]
     out, _ms = r.run(Batch(0, 0, len(items), h, w, metas, CONF, IOU))
-    assert all(isinstance(o, np.ndarray) for o in out)
-    return out  # type: ignore[return-value]
+    assert all(isinstance(o, Boxes) for o in out), out  # the default model is a detector
+    return [o.data for o in out]  # type: ignore[union-attr]
 
 
 def each(r: Runner, items: list[Prepared]) -> list[np.ndarray]:
