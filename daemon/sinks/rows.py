@@ -1,0 +1,78 @@
+"""Outcomes as database rows: one `images` row per source, one `detections` row per detection.
+
+The only place that knows how an `Inferred` looks to the database: a new task (segment, pose,
+obb) fills `payload` with its extra geometry (polygon, keypoints, rotated box) as a JSON-able
+value, and the box columns with its axis-aligned box in source pixels.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from daemon.jobs import Failure, Inferred, Job, Outcome
+
+TIMINGS = ("queue", "decode", "batch_wait", "infer", "write")
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    class_id: int
+    class_name: str
+    confidence: float
+    x1: float  # source pixels, as the user sees the image (EXIF orientation applied)
+    y1: float
+    x2: float
+    y2: float
+    payload: Any = None  # the task's extra geometry as JSON-able data; None for detection
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRow:
+    source: str  # path below incoming/
+    status: str  # "done" or "failed"
+    reason: str | None
+    message: str | None
+    width: int | None
+    height: int | None
+    model: str | None
+    task: str | None
+    device: str | None
+    batch_size: int | None
+    processed_at: datetime.datetime  # UTC
+    timings_ms: tuple[float | None, ...]  # TIMINGS, then total
+    detections: tuple[Detection, ...]
+
+
+def detections(result: Inferred) -> tuple[Detection, ...]:
+    """Detection rows of one result; rounded as the JSON results are (confidence 1e-6, boxes 0.01 px)."""
+    names = result.model.names
+    return tuple(
+        Detection(int(c), names.get(int(c), str(int(c))), round(conf, 6), *(round(v, 2) for v in (x1, y1, x2, y2)))
+        for x1, y1, x2, y2, conf, c in result.boxes.tolist()
+    )
+
+
+def image_row(outcome: Outcome) -> ImageRow:
+    """The row that records `outcome`: done with its detections, or failed with its reason."""
+    now = datetime.datetime.now(datetime.UTC)
+    if isinstance(outcome, Failure):
+        job = outcome.job
+        return ImageRow(
+            str(job.rel), "failed", outcome.error.reason.value, str(outcome.error),
+            None, None, None, None, None, None, now, _timings(job), (),
+        )  # fmt: skip
+    p, job = outcome.prepared, outcome.prepared.job
+    return ImageRow(
+        str(job.rel), "done", None, None, p.width, p.height, outcome.model.weights,
+        "detect",  # the task of the model (issue 13 gives ModelInfo a task)
+        outcome.device, outcome.batch_size, now, _timings(job), detections(outcome),
+    )  # fmt: skip
+
+
+def _timings(job: Job) -> tuple[float | None, ...]:
+    ms = job.timings_ms
+    total = (time.monotonic() - job.claimed_at) * 1000
+    return (*(round(ms[k], 3) if k in ms else None for k in TIMINGS), round(total, 3))
