@@ -48,6 +48,29 @@ def from_json(output: Path, source: str) -> list[tuple[Any, ...]]:
     return [(d["class_id"], d["class_name"], d["confidence"], *d["box_xyxy"], None) for d in document["detections"]]
 
 
+def readme_queries(dialect: str) -> list[str]:
+    """The README's SQL for `dialect` ("sqlite" or "postgresql"), 'person' read as the default
+    model's class 'Normal', in order: at least 3 detections, per hour, failures by reason."""
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    block = text.split("```sql\n", 1)[1].split("```", 1)[0]
+    queries = []
+    for chunk in block.split(";"):
+        comment = " ".join(line for line in chunk.splitlines() if line.startswith("--")).lower()
+        sql = "\n".join(line for line in chunk.splitlines() if not line.startswith("--")).strip()
+        both = "same sql" in comment or "both" in comment
+        if sql and (both or dialect in comment):
+            queries.append(sql.replace("'person'", "'Normal'"))
+    return queries
+
+
+def check_readme_queries(run: Callable[[str], list[tuple[Any, ...]]], dialect: str) -> None:
+    """The default model on bus.jpg (4 people at >= 0.5), zidane.jpg (2) and bad.jpg (failed)."""
+    crowded, hourly, reasons = readme_queries(dialect)
+    assert run(crowded) == [("bus.jpg", 4)]
+    assert sum(images for _, images, _ in run(hourly)) == 3 and sum(failed for *_, failed in run(hourly)) == 1
+    assert [(reason, n) for reason, n, _ in run(reasons)] == [("not_an_image", 1)]
+
+
 def files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
@@ -89,6 +112,7 @@ def test_rows_equal_the_json_results_and_a_redrop_replaces_them(tmp_path: Path, 
     assert rows(db, "SELECT id FROM images WHERE source = 'bus.jpg'") == [(images["bus.jpg"][5],)]  # kept its id
     assert detections_by_source(db) == found
     assert rows(db, "PRAGMA foreign_key_check") == []
+    check_readme_queries(lambda sql: rows(db, sql), "sqlite")
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import Daemon, assets, photo_like, write_config
+from test_database import check_readme_queries
 
 RunDaemon = Callable[..., Daemon]
 
@@ -134,6 +135,7 @@ def test_rows_equal_the_json_results(tmp_path: Path, daemon_factory: RunDaemon, 
         ]
         assert found and found == expected
     assert postgres.query("e2e", "SELECT version FROM inferd_migrations") == [(1,)]
+    check_readme_queries(lambda sql: postgres.query("e2e", sql), "postgresql")
 
 
 @pytest.mark.slow

@@ -170,7 +170,8 @@ class Database:
         self.on_state = on_state  # (up, error): each failed attempt, and the first success after them
         self.failures = 0  # failed attempts, all retried
         self.up: bool | None = None  # None until the first connection
-        self.committed = 0  # transactions
+        self.committed = 0  # transactions that stored results
+        self.stored = 0  # results committed
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(QUEUE_SIZE)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="database")
         self._conn: Any = None
@@ -201,6 +202,7 @@ class Database:
             await asyncio.get_running_loop().run_in_executor(self._thread, self._disconnect)
         finally:
             self._thread.shutdown(wait=False)
+        log.info("database_closed", results=self.stored, transactions=self.committed, failures=self.failures)
 
     async def _store(self, batch: list[_Pending]) -> None:
         batch = [p for p in batch if not p.future.done()]  # a waiter cancelled by a forced stop
@@ -241,6 +243,7 @@ class Database:
                 await asyncio.sleep(delay)  # backoff: the database must come back before a retry helps
             else:
                 self.committed += bool(rows)
+                self.stored += len(rows)
                 self._set_up(True, None)
                 return
 
