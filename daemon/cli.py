@@ -84,6 +84,18 @@ async def check(config: Config) -> int:
     from daemon.workers import resolve_decode, resolve_devices, start_workers
 
     log = structlog.get_logger("daemon.cli")
+    if config.output.database is not None:
+        from daemon.sinks.database import open_database
+
+        database = open_database(config.output.database, fsync=config.output.fsync, on_state=lambda up, error: None)
+        try:
+            await database.check()
+        except Exception as exc:  # noqa: BLE001 - whatever the driver raises, the check reports it
+            log.error("check_failed", key="output.database", error=f"{type(exc).__name__}: {exc}")
+            return EXIT_RUNTIME
+        finally:
+            await database.close()
+        log.info("check_database", database=config.output.database.redacted)
     devices = await resolve_devices(config)
     config = resolve_decode(config, devices)
     workers = start_workers(config, devices)

@@ -196,6 +196,10 @@ class Database:
                 batch.append(self._queue.get_nowait())
             await self._store(batch)
 
+    async def check(self) -> None:
+        """Connect and migrate once (`inferd check`); the driver's error if that fails."""
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._transaction, [])
+
     async def close(self) -> None:
         """Close the connection on its thread, after any transaction still running there."""
         try:
