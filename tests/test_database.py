@@ -15,7 +15,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -275,3 +275,53 @@ def test_a_missing_driver_stops_the_start_with_exit_78(tmp_path: Path) -> None:
     )
     assert result.returncode == 78, result.stderr
     assert "output.database" in result.stderr and "psycopg" in result.stderr and "pip install" in result.stderr
+
+
+def outcome(name: str, boxes: int) -> Any:
+    import numpy as np
+
+    from daemon.jobs import Inferred, Job, ModelInfo, Prepared
+
+    job = Job(PurePosixPath(name), Path("/nowhere") / name, timings_ms={"decode": 1.0, "infer": 2.0})
+    prepared = Prepared(job, np.zeros((1, 1, 3), np.uint8), 640, 480, 1, (1.0, 1.0), (0, 0))
+    rows = np.array([[10, 20, 30, 40, 0.9, 0]] * boxes, dtype=np.float32).reshape(-1, 6)
+    return Inferred(prepared, rows, "cpu:0", 4, ModelInfo("m.pt", {0: "person"}, 640, False))
+
+
+def test_rows_the_database_refuses_fail_alone_and_the_rest_of_the_batch_commits(tmp_path: Path) -> None:
+    """In process: one batch of four, one row breaking a CHECK constraint."""
+    import asyncio
+    import dataclasses
+
+    from daemon.config import DatabaseUrl
+    from daemon.sinks import SinkError
+    from daemon.sinks.database import _Pending, open_database
+    from daemon.sinks.rows import image_row
+
+    path = tmp_path / "r.sqlite3"
+    states: list[bool] = []
+    db = open_database(DatabaseUrl("sqlite", path, str(path)), fsync=False, on_state=lambda up, e: states.append(up))
+
+    async def main() -> list[BaseException | None]:
+        runner = asyncio.create_task(db.run())
+        loop = asyncio.get_running_loop()
+        bad = dataclasses.replace(image_row(outcome("bad.jpg", 1)), status="half-done")
+        futures = [loop.create_future() for _ in range(4)]
+        for name, future in zip(("a.jpg", "b.jpg", "c.jpg"), futures, strict=False):
+            await db._queue.put(_Pending(image_row(outcome(name, 2)), future))
+        await db._queue.put(_Pending(bad, futures[3]))  # all four queued: one batch
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        runner.cancel()
+        await db.close()
+        return results
+
+    results = asyncio.run(main())
+    assert results[:3] == [None, None, None] and isinstance(results[3], SinkError)
+    assert "CHECK constraint" in str(results[3])
+    assert rows(path, "SELECT source, status FROM images ORDER BY source") == [
+        ("a.jpg", "done"),
+        ("b.jpg", "done"),
+        ("c.jpg", "done"),
+    ]
+    assert rows(path, "SELECT count(*) FROM detections") == [(6,)]
+    assert states == [True]

@@ -210,6 +210,8 @@ class Database:
 
     async def _store(self, batch: list[_Pending]) -> None:
         batch = [p for p in batch if not p.future.done()]  # a waiter cancelled by a forced stop
+        if not batch:
+            return
         try:
             await self._retrying([p.row for p in batch])
         except _DataError as exc:
@@ -231,7 +233,7 @@ class Database:
                 await loop.run_in_executor(self._thread, self._transaction, rows)
             except self.dialect.data_errors as exc:
                 raise _DataError(str(exc)) from exc
-            except (self.dialect.error, OSError) as exc:
+            except (self.dialect.error, OSError) as exc:  # the database's fault, not the rows'
                 self.failures += 1
                 delay = BACKOFF_S[min(attempt, len(BACKOFF_S)) - 1]
                 error = f"{type(exc).__name__}: {str(exc).strip()}"
@@ -245,6 +247,9 @@ class Database:
                 )
                 self._set_up(False, error)
                 await asyncio.sleep(delay)  # backoff: the database must come back before a retry helps
+            except Exception as exc:  # a bug met on these rows: they fail, the stream goes on
+                log.error("internal_error", stage="database", exc_info=exc)
+                raise _DataError(f"{type(exc).__name__}: {exc}") from exc
             else:
                 self.committed += bool(rows)
                 self.stored += len(rows)
