@@ -289,7 +289,7 @@ def outcome(name: str, boxes: int) -> Any:
 
 
 def test_rows_the_database_refuses_fail_alone_and_the_rest_of_the_batch_commits(tmp_path: Path) -> None:
-    """In process: one batch of four, one row breaking a CHECK constraint."""
+    """In process: one batch of four, one row breaking a CHECK constraint, one name not UTF-8."""
     import asyncio
     import dataclasses
 
@@ -307,7 +307,7 @@ def test_rows_the_database_refuses_fail_alone_and_the_rest_of_the_batch_commits(
         loop = asyncio.get_running_loop()
         bad = dataclasses.replace(image_row(outcome("bad.jpg", 1)), status="half-done")
         futures = [loop.create_future() for _ in range(4)]
-        for name, future in zip(("a.jpg", "b.jpg", "c.jpg"), futures, strict=False):
+        for name, future in zip(("a.jpg", "b.jpg", "c\udcff.jpg"), futures, strict=False):  # c: not UTF-8
             await db._queue.put(_Pending(image_row(outcome(name, 2)), future))
         await db._queue.put(_Pending(bad, futures[3]))  # all four queued: one batch
         results = await asyncio.gather(*futures, return_exceptions=True)
@@ -321,7 +321,7 @@ def test_rows_the_database_refuses_fail_alone_and_the_rest_of_the_batch_commits(
     assert rows(path, "SELECT source, status FROM images ORDER BY source") == [
         ("a.jpg", "done"),
         ("b.jpg", "done"),
-        ("c.jpg", "done"),
+        ("c\\xff.jpg", "done"),  # the byte that is not UTF-8, escaped
     ]
     assert rows(path, "SELECT count(*) FROM detections") == [(6,)]
     assert states == [True]

@@ -8,6 +8,7 @@ value, and the box columns with its axis-aligned box in source pixels.
 from __future__ import annotations
 
 import datetime
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -61,15 +62,24 @@ def image_row(outcome: Outcome) -> ImageRow:
     if isinstance(outcome, Failure):
         job = outcome.job
         return ImageRow(
-            str(job.rel), "failed", outcome.error.reason.value, str(outcome.error),
+            text(str(job.rel)), "failed", outcome.error.reason.value, text(str(outcome.error)),
             None, None, None, None, None, None, now, _timings(job), (),
         )  # fmt: skip
     p, job = outcome.prepared, outcome.prepared.job
     return ImageRow(
-        str(job.rel), "done", None, None, p.width, p.height, outcome.model.weights,
+        text(str(job.rel)), "done", None, None, p.width, p.height, text(outcome.model.weights),
         "detect",  # the task of the model (issue 13 gives ModelInfo a task)
         outcome.device, outcome.batch_size, now, _timings(job), detections(outcome),
     )  # fmt: skip
+
+
+def text(value: str) -> str:
+    """`value` as valid UTF-8: the bytes of a name that is not UTF-8 (surrogate-escaped by
+    Python) become `\\xff` escapes, as a database cannot store lone surrogates."""
+    try:
+        return os.fsencode(value).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file name produced
+        return value.encode("utf-8", "backslashreplace").decode()
 
 
 def _timings(job: Job) -> tuple[float | None, ...]:
