@@ -325,3 +325,14 @@ def test_rows_the_database_refuses_fail_alone_and_the_rest_of_the_batch_commits(
     ]
     assert rows(path, "SELECT count(*) FROM detections") == [(6,)]
     assert states == [True]
+
+
+def test_a_reload_keeps_the_running_database_and_says_a_restart_is_needed(tmp_path: Path) -> None:
+    from daemon import service
+
+    running = config.parse({}, base=tmp_path)
+    new = config.parse({"output": {"database": "sqlite:///other.sqlite3", "fsync": False}}, base=tmp_path)
+    assert config.differences(running, new) == {"output.database", "output.fsync"}
+    assert service.needs_restart("output.database") and not service.needs_restart("output.fsync")
+    kept = service.reloadable(running, new)
+    assert kept.output.database == running.output.database and kept.output.fsync is False
