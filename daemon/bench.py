@@ -84,6 +84,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="the daemon's pipeline.decode (default auto: device on GPUs)",
     )
+    p.add_argument(
+        "--database",
+        default=DEFAULTS["output"]["database"],
+        help='the daemon\'s output.database (default: its own, SQLite in the run dir); "" = off, to see its cost',
+    )
     p.add_argument("--modes", type=_modes, help=f"comma-separated subset of {','.join(MODES)} (default all)")
     p.add_argument("--latency", action="store_true", help="measure drop -> result latency on a running daemon")
     p.add_argument("--rate", type=_positive(float), default=2.0, help="files/s dropped by --latency (default 2)")
@@ -163,6 +168,7 @@ def daemon_config(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         "paths": {name: str(root / name) for name in DEFAULTS["paths"]},
         "model": {"weights": weights, "imgsz": args.imgsz, "devices": devices},
         "pipeline": {"max_batch": args.batch, "decode": args.decode},
+        "output": {"database": args.database},  # a relative sqlite:/// URL lands under `root`
         "log": {"format": "json"},
     }
 
@@ -187,6 +193,7 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
         "baseline_device": _torch_device(devices[0]),  # the baselines run on one device
         "imgsz": config.model.imgsz,
         "max_batch": config.pipeline.max_batch,
+        "database": config.output.database.dialect if config.output.database else "off",
         "decode": config.pipeline.decode.value,
         "cpu_cores": cores(),
         "machine": plot.machine(devices),
@@ -687,7 +694,8 @@ def render(report: dict[str, Any]) -> str:
     s = report["setup"]
     images = f"{s['count']} images {s['size']}, " if report["modes"] or "latency" in report else ""
     out = [
-        f"inferd bench: {images}{s['weights']}, imgsz {s['imgsz']}, batch {s['max_batch']}",
+        f"inferd bench: {images}{s['weights']}, imgsz {s['imgsz']}, batch {s['max_batch']},"
+        f" database {s.get('database', 'off')}",
         f"devices {','.join(s['devices'])} (baselines on {s['baseline_device']}), {s['cpu_cores']} cores,"
         f" load average {s['loadavg_1min_start']:.2f} at start, {s['loadavg_1min_end']:.2f} at end",
     ]

@@ -92,6 +92,18 @@ async def check(config: Config) -> int:
 
     log = structlog.get_logger("daemon.cli")
     config = checkpoint.resolve_config(config)
+    if config.output.database is not None:
+        from daemon.sinks.database import open_database
+
+        database = open_database(config.output.database, fsync=config.output.fsync, on_state=lambda up, error: None)
+        try:
+            await database.check()
+        except Exception as exc:  # noqa: BLE001 - whatever the driver raises, the check reports it
+            log.error("check_failed", key="output.database", error=f"{type(exc).__name__}: {exc}")
+            return EXIT_RUNTIME
+        finally:
+            await database.close()
+        log.info("check_database", database=config.output.database.redacted)
     devices = await resolve_devices(config)
     config = resolve_decode(config, devices)
     for plan in await export.prepare(config, devices):  # builds the cache: a later start finds it

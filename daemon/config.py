@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import os
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ class LogFormat(enum.Enum):
 
 
 OUTPUT_FORMATS = ("txt", "json", "image")
+DATABASE_SCHEMES = ("sqlite", "postgresql", "postgres")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -112,11 +114,32 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DatabaseUrl:
+    """Where results go besides the files: a SQLite file, or a PostgreSQL server (libpq URL)."""
+
+    dialect: str  # "sqlite" or "postgresql"
+    path: Path | None  # the SQLite file
+    dsn: str  # the PostgreSQL URL as written (libpq parses it); the SQLite path as text
+
+    @property
+    def redacted(self) -> str:
+        """The URL for logs: a password in it is replaced by ***."""
+        if self.path is not None:
+            return f"sqlite:///{self.path}"
+        parts = urllib.parse.urlsplit(self.dsn)
+        if parts.password is None:
+            return self.dsn
+        netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass(frozen=True, slots=True)
 class OutputConfig:
     formats: tuple[str, ...]
     on_success: OnSuccess
     fsync: bool
     write_attempts: int  # 0 = retry a failing write until it succeeds
+    database: DatabaseUrl | None = None  # None = no database sink
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +206,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "worker_start_timeout_s": 120.0,
         "drain_timeout_s": 30.0,
     },
-    "output": {"formats": ["txt", "json"], "on_success": "move", "fsync": True, "write_attempts": 8},
+    "output": {
+        "formats": ["txt", "json"],
+        "on_success": "move",
+        "fsync": True,
+        "write_attempts": 8,
+        "database": "sqlite:///var/results.sqlite3",
+    },
     "log": {"level": "info", "format": "auto", "stats_interval_s": 60.0},
     "metrics": {"listen": "", "allow_remote": False},
 }
@@ -260,6 +289,7 @@ def parse(raw: dict[str, Any], *, base: Path, source: Path | None = None) -> Con
         on_success=OnSuccess(t.choice("output", "on_success", [e.value for e in OnSuccess])),
         fsync=t.boolean("output", "fsync"),
         write_attempts=t.integer("output", "write_attempts", low=0),
+        database=t.database(),
     )
     log = LogConfig(
         level=t.choice("log", "level", LOG_LEVELS),
@@ -403,6 +433,39 @@ class _Table:
             return check_listen(text, allow_remote=allow_remote) if text else None
         except ListenError as exc:
             raise ConfigError("metrics.listen", exc.problem, exc.fix) from None
+
+    def database(self) -> DatabaseUrl | None:
+        """`""`, `sqlite:///relative/or/absolute` (four slashes: absolute), or `postgresql://...`."""
+        value = self.get("output", "database")
+        forms = '"" (off), "sqlite:///var/results.sqlite3", or "postgresql://user@host/db"'
+        if not isinstance(value, str):
+            raise self.fail("output", "database", f"must be a string, got {value!r}", f"write {forms}")
+        if not value:
+            return None
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme not in DATABASE_SCHEMES:
+            raise self.fail("output", "database", f"{value!r} is not a database URL inferd knows", f"write {forms}")
+        if scheme == "sqlite":
+            if not rest.startswith("/") or rest == "/" or "?" in rest:
+                raise self.fail(
+                    "output",
+                    "database",
+                    f"{value!r} names no SQLite file",
+                    'write "sqlite:///relative/path.sqlite3" or "sqlite:////absolute/path.sqlite3"',
+                )
+            path = (self.base / rest[1:]).resolve()
+            return DatabaseUrl("sqlite", path, str(path))
+        try:
+            parts = urllib.parse.urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+            query = urllib.parse.parse_qs(parts.query, strict_parsing=bool(parts.query))
+        except ValueError as exc:
+            raise self.fail(
+                "output", "database", f"{value!r} is not a valid URL ({exc})", "write postgresql://user@host:5432/db"
+            ) from None
+        if "port" in query and not all(p.isdigit() for p in query["port"]):
+            raise self.fail("output", "database", f"{value!r} has a port that is not a number", "write ?port=5432")
+        return DatabaseUrl("postgresql", None, value)
 
     def reject_unknown(self) -> None:
         for section, table in self.raw.items():

@@ -42,6 +42,7 @@ class Metrics:
     ) -> None:
         self.registry = CollectorRegistry()
         self.healthy = False  # the service sets it after READY and clears it when the drain starts
+        self.failing_sinks: set[str] = set()  # /healthz answers 503 while a sink cannot store results
         self.on_scrape: Callable[[], None] | None = None  # e.g. sample queue depths just before rendering
         ns, reg = NAMESPACE, self.registry
         self.images_done_total = Counter(
@@ -85,6 +86,12 @@ class Metrics:
             namespace=ns,
             registry=reg,
         )
+        self.sink_up = Gauge(
+            "sink_up", "1 while the sink stores results, 0 while it retries.", ["sink"], namespace=ns, registry=reg
+        )
+        self.sink_failures_total = Counter(
+            "sink_failures", "Failed attempts to store results (retried).", ["sink"], namespace=ns, registry=reg
+        )
         ProcessCollector(registry=reg)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)
@@ -127,6 +134,17 @@ class Metrics:
 
     def worker_restarted(self, device: str) -> None:
         self.worker_restarts_total.labels(device=device).inc()
+
+    def sink_state(self, sink: str, up: bool) -> None:
+        self.sink_up.labels(sink=sink).set(1 if up else 0)
+        if up:
+            self.failing_sinks.discard(sink)
+        else:
+            self.failing_sinks.add(sink)
+            self.sink_failures_total.labels(sink=sink)
+
+    def sink_failed(self, sink: str) -> None:
+        self.sink_failures_total.labels(sink=sink).inc()
 
     def render(self) -> bytes:
         if self.on_scrape is not None:
@@ -177,6 +195,9 @@ def _respond(metrics: Metrics, request: list[str]) -> tuple[HTTPStatus, str, byt
     if path == "/metrics":
         return HTTPStatus.OK, CONTENT_TYPE_LATEST, metrics.render(), []
     if path == "/healthz":
+        if metrics.healthy and metrics.failing_sinks:
+            failing = ", ".join(sorted(metrics.failing_sinks))
+            return HTTPStatus.SERVICE_UNAVAILABLE, text, f"results cannot be stored: {failing}\n".encode(), []
         if metrics.healthy:
             return HTTPStatus.OK, text, b"ok\n", []
         return HTTPStatus.SERVICE_UNAVAILABLE, text, b"starting or draining\n", []

@@ -21,7 +21,7 @@ import itertools
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw, ImageOps
 from daemon import __version__
 from daemon.config import OnSuccess, OutputConfig, PathsConfig
 from daemon.jobs import FailReason, Failure, Inferred, ItemError, Job, Outcome
+from daemon.sinks import Sink
 from daemon.tasks import SCHEMA_VERSION, Payload
 
 log = structlog.get_logger("daemon.results")
@@ -77,10 +78,12 @@ class Writer:
         paths: PathsConfig,
         output: OutputConfig,
         finished: Callable[[Outcome, bool], None],
+        sinks: Sequence[Sink] = (),
     ) -> None:
         self.paths = paths
         self.output = output
         self.finished = finished
+        self.sinks = sinks  # each must hold an outcome durably before its source is released
         self.write_errors = 0  # failed write attempts, retried or not
 
     async def write_atomic(self, target: Path, data: bytes, *, recovered: bool = False) -> None:
@@ -178,6 +181,7 @@ class Writer:
         if self.output.fsync:
             await _fsync_dir(base.parent)
         job.timings_ms["write"] = (time.monotonic() - started) * 1000
+        await self._to_sinks(result)
         await self._release_source(job)
         log.info(
             "image_done",
@@ -224,6 +228,11 @@ class Writer:
         # A name that is not UTF-8 (surrogate-escaped by Python) is written as a \udcXX escape.
         return (json.dumps(document, indent=1, ensure_ascii=False) + "\n").encode(errors="backslashreplace")
 
+    async def _to_sinks(self, outcome: Outcome) -> None:
+        """Wait until every sink holds `outcome` (a failing sink retries; this keeps the slot)."""
+        for sink in self.sinks:
+            await sink.put(outcome)
+
     async def _release_source(self, job: Job) -> None:
         if self.output.on_success is OnSuccess.DELETE:
             await aiofiles.os.remove(job.path)
@@ -245,6 +254,7 @@ class Writer:
         }
         report_path = suffixed(target, ".error.json")
         await self.write_atomic(report_path, json.dumps(report, indent=1).encode(), recovered=job.recovered)
+        await self._to_sinks(failure)
         await aiofiles.os.replace(job.path, target)
         log.warning("image_failed", path=str(job.rel), reason=error.reason.value, error=str(error))
         self.finished(failure, True)

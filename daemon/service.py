@@ -30,6 +30,8 @@ from daemon import __version__, batching, config, export, intake, logs, metrics,
 from daemon.config import Config, ConfigError, Decode
 from daemon.jobs import Capacity, FailReason, Failure, Inferred, Job, Outcome, Prepared
 from daemon.notify import Notifier
+from daemon.sinks import Sink
+from daemon.sinks.database import Database, open_database
 from daemon.tasks import Task, checkpoint
 from daemon.workers import (
     JPEG_SLOT_BYTES,
@@ -63,7 +65,9 @@ ROLL_KEYS = frozenset(
     }
 )
 # Keys only a restart applies: the watched folders, the queues, the thread pool, the HTTP endpoint.
-RESTART_KEYS = frozenset({"pipeline.max_pending", "pipeline.preprocess_threads", "pipeline.decode", "log.format"})
+RESTART_KEYS = frozenset(
+    {"pipeline.max_pending", "pipeline.preprocess_threads", "pipeline.decode", "log.format", "output.database"}
+)
 RESTART_SECTIONS = ("paths.", "intake.", "metrics.")
 
 
@@ -85,6 +89,7 @@ def reloadable(running: Config, new: Config) -> Config:
             decode=running.pipeline.decode,  # the slots are sized for it
         ),
         log=dataclasses.replace(new.log, format=running.log.format),
+        output=dataclasses.replace(new.output, database=running.output.database),  # the sink's connection
     )
 
 
@@ -121,6 +126,8 @@ class Service:
         self._stats_task: asyncio.Task[None]
         self.reload_again = False
         self.exit_status = 0
+        self.database: Database | None = None
+        self.sink_error: str | None = None  # why the database sink fails now; None while it works
 
     def _on_signal(self, signum: int) -> None:
         if self.stop.is_set():
@@ -143,6 +150,20 @@ class Service:
             self.metrics.image_failed(reason)
             self.failed += 1
         self.capacity.release()
+
+    def _sink_state(self, up: bool, error: str | None) -> None:
+        """The database sink failed an attempt (it retries), or works again."""
+        if up:
+            self.metrics.sink_state("database", True)
+            if self.sink_error is not None:
+                self.notifier.status(f"database back after: {self.sink_error}")
+            self.sink_error = None
+            return
+        self.metrics.sink_failed("database")
+        if self.sink_error is None:
+            self.metrics.sink_state("database", False)
+            self.notifier.status(f"database unavailable, retrying; intake paused: {error}")
+        self.sink_error = error
 
     def _on_reload(self) -> None:
         """SIGHUP: reload in a task; a SIGHUP during a reload asks for one more pass after it."""
@@ -281,6 +302,8 @@ class Service:
         log.info("daemon_starting", version=__version__, config=str(self.config.source), pid=os.getpid())
         cfg = self.config
         cfg = checkpoint.resolve_config(cfg)  # imgsz "auto", refusals: before anything starts
+        if cfg.output.database is not None:  # a missing driver stops the start (ConfigError: exit 78)
+            self.database = open_database(cfg.output.database, fsync=cfg.output.fsync, on_state=self._sink_state)
         devices = await self._unless_stopped(resolve_devices(cfg))
         if devices is None:
             log.info("daemon_stopped", during="start-up", uptime_s=round(time.monotonic() - started, 2))
@@ -340,7 +363,8 @@ class Service:
         ready: asyncio.Queue[Prepared] = asyncio.Queue(cfg.pipeline.max_batch * (len(self.workers) + 1))
         outcomes: asyncio.Queue[Outcome] = asyncio.Queue(size)
         self.batcher = batching.Batcher(ready, self.workers, outcomes, knobs(cfg))
-        self.writer = results.Writer(cfg.paths, cfg.output, self._finished)
+        sinks: list[Sink] = [self.database] if self.database is not None else []
+        self.writer = results.Writer(cfg.paths, cfg.output, self._finished, sinks)
         intake_settings = intake.Settings(
             cfg.paths.incoming,
             cfg.paths.work / "processing",
@@ -359,6 +383,7 @@ class Service:
             loop.create_task(self.batcher.run()),
             loop.create_task(results.run(outcomes, self.writer, concurrency=16)),
             loop.create_task(self._supervision()),
+            *([loop.create_task(self.database.run())] if self.database is not None else []),
         ]
         feeders = [loop.create_task(self._feed())]
         self.queues: dict[str, asyncio.Queue[Any]] = {"jobs": jobs, "ready": ready, "outcomes": outcomes}
@@ -384,6 +409,8 @@ class Service:
             self._stats_task.cancel()
             reporting.cancel()
             await self._close_server(server)
+            if self.database is not None:
+                await self.database.close()
             self.reporter.stop(self)
         log.info(
             "daemon_stopped",
@@ -530,6 +557,7 @@ class Service:
             "batches": self.batcher.batches,
             "workers_up": sum(w.up for w in self.workers),
             "workers": len(self.workers),
+            **({"database_up": self.sink_error is None} if self.database is not None else {}),
         }
 
     async def _stats(self, interval_s: float) -> None:
@@ -546,6 +574,7 @@ class Service:
             self.notifier.status(
                 f"{s['done']} done, {s['failed']} failed, {s['in_flight']} in flight, {rate:.1f} img/s, "
                 f"{s['workers_up']}/{s['workers']} devices up"
+                + ("" if self.sink_error is None else "; database unavailable, retrying")
             )
 
     async def _watchdog(self) -> None:
@@ -561,7 +590,8 @@ class Service:
         while True:
             await asyncio.sleep(interval)  # a period, not a wait for something
             # Results retrying a write (disk full) are alive too: a restart would not help them.
-            progress = self.done + self.failed + self.writer.write_errors
+            # So is a sink retrying a database that is down or locked.
+            progress = self.done + self.failed + self.writer.write_errors + sum(s.failures for s in self.writer.sinks)
             if progress != last or self.capacity.in_flight == 0 or not all(w.up for w in self.workers):
                 self.notifier.watchdog()
             else:
