@@ -337,3 +337,41 @@ def test_a_reload_keeps_the_running_database_and_says_a_restart_is_needed(tmp_pa
     assert service.needs_restart("output.database") and not service.needs_restart("output.fsync")
     kept = service.reloadable(running, new)
     assert kept.output.database == running.output.database and kept.output.fsync is False
+
+
+def test_every_task_gives_rows_from_its_json_result() -> None:
+    """The rows of a segment, pose, obb and classify result: box columns in source pixels, the
+    task's geometry in payload, classify's top 5 as ranked rows over the whole image."""
+    import numpy as np
+
+    from daemon.jobs import Inferred, Job, ModelInfo, Prepared
+    from daemon.sinks.rows import image_row
+    from daemon.tasks.classify import Probs
+    from daemon.tasks.obb import Rotated
+    from daemon.tasks.pose import Keypoints
+    from daemon.tasks.segment import Masks
+
+    box = np.array([[10, 20, 110, 220, 0.9, 0]], np.float32)
+    payloads = {
+        "segment": Masks(box, [np.array([[10, 20], [110, 20], [60, 220]], np.float32)]),
+        "pose": Keypoints(box, np.array([[[15, 25, 0.8], [100, 200, 0.4]]], np.float32)),
+        "obb": Rotated(np.array([[60, 120, 100, 50, np.pi / 2, 0.8, 0]], np.float32)),
+        "classify": Probs(np.array([1, 0]), np.array([0.7, 0.3], np.float32)),
+    }
+    rows = {}
+    for task, payload in payloads.items():
+        job = Job(PurePosixPath(f"{task}.jpg"), Path("/nowhere"))
+        prepared = Prepared(job, np.zeros((1, 1, 3), np.uint8), 640, 480, 1, (1.0, 1.0), (0, 0))
+        row = image_row(Inferred(prepared, payload, "cpu:0", 1, ModelInfo("m.pt", {0: "a", 1: "b"}, 640, False)))
+        assert row.task == task
+        rows[task] = row.detections
+    (seg,), (pose,), (obb,) = rows["segment"], rows["pose"], rows["obb"]
+    assert (seg.x1, seg.y1, seg.x2, seg.y2) == (10, 20, 110, 220) and len(seg.payload["polygon"]) == 3
+    assert pose.payload["keypoints"][0] == [15.0, 25.0, 0.8]
+    assert (obb.x1, obb.y1, obb.x2, obb.y2) == pytest.approx((35, 70, 85, 170), abs=0.01)  # turned a quarter
+    assert obb.payload["xywhr"][:4] == [60, 120, 100, 50] and len(obb.payload["corners"]) == 4
+    assert [(d.class_name, d.confidence, d.payload) for d in rows["classify"]] == [
+        ("b", pytest.approx(0.7), {"rank": 1}),
+        ("a", pytest.approx(0.3), {"rank": 2}),
+    ]
+    assert all((d.x1, d.y1, d.x2, d.y2) == (0, 0, 640, 480) for d in rows["classify"])
