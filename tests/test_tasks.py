@@ -49,7 +49,7 @@ def workers(runner: asyncio.Runner, task_weights: dict[str, Path]) -> Iterator[d
             device="cpu",
             weights=str(task_weights[task]),
             imgsz=checkpoint.read(str(task_weights[task])).imgsz,
-            half=None,
+            precision="fp32",
             max_det=300,
             torch_threads=1,
             log=LogConfig("warning", LogFormat.JSON),
