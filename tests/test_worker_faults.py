@@ -246,7 +246,16 @@ def test_a_segfault_fails_the_running_batch_as_started_and_the_queued_one_as_not
         try:
             boxes, _ = await w.infer([normal], 0.25, 0.7)  # the marker detector leaves others alone
             assert isinstance(boxes[0], Boxes)
+            sent = w._conn.send  # the first batch must be in the pipe before the second is given
+            went = asyncio.Event()
+
+            def send(message: object) -> None:
+                sent(message)  # type: ignore[arg-type]
+                went.set()
+
+            w._conn.send = send  # type: ignore[method-assign,union-attr]
             running = asyncio.create_task(w.infer([marker, normal], 0.25, 0.7))
+            await asyncio.wait_for(went.wait(), 30)
             queued = asyncio.create_task(w.infer([normal], 0.25, 0.7))  # the second slot
             results = await asyncio.wait_for(asyncio.gather(running, queued, return_exceptions=True), 60)
             assert all(isinstance(r, WorkerCrashed) for r in results), results
