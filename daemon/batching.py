@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import structlog
 
+from daemon.devices import BatchFailed, Device, WorkerCrashed, WorkerRetired
 from daemon.jobs import FailReason, Failure, Inferred, ItemError, Outcome, Prepared
 from daemon.tasks import Payload
-from daemon.workers import BatchFailed, DeviceWorker, WorkerCrashed, WorkerRetired
 
 log = structlog.get_logger("daemon.batching")
 DONE_WITH = np.empty((0, 0, 3), np.uint8)
@@ -46,7 +46,7 @@ class Batcher:
     def __init__(
         self,
         ready: asyncio.Queue[Prepared],
-        workers: list[DeviceWorker],
+        workers: list[Device],
         inferred: asyncio.Queue[Outcome],
         knobs: Knobs,
     ) -> None:
@@ -61,8 +61,8 @@ class Batcher:
         self.batches = 0
         # Batches given to each worker and not yet answered; counted from dispatch, as the
         # worker's own count starts only when the task runs.
-        self.busy: collections.Counter[DeviceWorker] = collections.Counter()
-        self.alone: set[DeviceWorker] = set()  # running a suspect: nothing else goes there
+        self.busy: collections.Counter[Device] = collections.Counter()
+        self.alone: set[Device] = set()  # running a suspect: nothing else goes there
 
     @property
     def waiting(self) -> int:
@@ -98,11 +98,11 @@ class Batcher:
             self.groups.setdefault(item.key, collections.deque()).append(item)
             self.wake.set()
 
-    def _pick_worker(self) -> DeviceWorker | None:
+    def _pick_worker(self) -> Device | None:
         candidates = [w for w in self.workers if w.up and self.busy[w] < w.slots and w not in self.alone]
         return min(candidates, key=lambda w: self.busy[w], default=None)
 
-    def _take_batch(self, worker: DeviceWorker) -> list[Prepared] | None:
+    def _take_batch(self, worker: Device) -> list[Prepared] | None:
         if self.solo:
             if self.busy[worker]:
                 return None  # a suspect waits for an idle device
@@ -126,14 +126,14 @@ class Batcher:
             del self.groups[key]
         return batch
 
-    def _next_deadline(self, worker: DeviceWorker | None) -> float | None:
+    def _next_deadline(self, worker: Device | None) -> float | None:
         """Seconds until the oldest group is due, if a worker could take it; else wait for a wake."""
         if worker is None or not self.groups or self.solo:  # a waiting suspect goes first, on a wake
             return None
         oldest = min(g[0].ready_at for g in self.groups.values())
         return max(0.0, oldest + self.knobs.max_wait_ms / 1000 - time.monotonic())
 
-    async def _infer(self, worker: DeviceWorker, batch: list[Prepared]) -> None:
+    async def _infer(self, worker: Device, batch: list[Prepared]) -> None:
         sent = time.monotonic()
         for p in batch:
             p.job.timings_ms["batch_wait"] = (sent - p.ready_at) * 1000
@@ -166,7 +166,7 @@ class Batcher:
         finally:
             self.wake.set()
 
-    async def _call(self, worker: DeviceWorker, batch: list[Prepared]) -> tuple[list[Payload | str], float]:
+    async def _call(self, worker: Device, batch: list[Prepared]) -> tuple[list[Payload | str], float]:
         try:
             return await worker.infer(batch, self.knobs.conf, self.knobs.iou)
         finally:

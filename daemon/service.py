@@ -28,6 +28,7 @@ import structlog
 
 from daemon import __version__, batching, config, export, intake, logs, metrics, preprocess, progress, results, state
 from daemon.config import Config, ConfigError, Decode
+from daemon.devices import Device, WorkerStartError, start_all
 from daemon.jobs import Capacity, FailReason, Failure, Inferred, Job, Outcome, Prepared
 from daemon.notify import Notifier
 from daemon.sinks import Sink
@@ -35,12 +36,9 @@ from daemon.sinks.database import Database, open_database
 from daemon.tasks import Task, checkpoint
 from daemon.workers import (
     JPEG_SLOT_BYTES,
-    DeviceWorker,
-    WorkerStartError,
     cores,
     resolve_decode,
     resolve_devices,
-    start_all,
     start_workers,
     torch_threads,
 )
@@ -119,9 +117,9 @@ class Service:
         self.done = 0
         self.failed = 0
         self.capacity = Capacity(config.pipeline.max_pending)
-        self.workers: list[DeviceWorker] = []  # the batcher's list: a reload swaps its contents
+        self.workers: list[Device] = []  # the batcher's list: a reload swaps its contents
         self.supervisors = asyncio.TaskGroup()
-        self.supervised: dict[DeviceWorker, asyncio.Task[None]] = {}
+        self.supervised: dict[Device, asyncio.Task[None]] = {}
         self.reloading: asyncio.Task[None] | None = None
         self._stats_task: asyncio.Task[None]
         self.reload_again = False
@@ -208,7 +206,7 @@ class Service:
         changed = sorted(config.differences(running, new))
         roll = not ROLL_KEYS.isdisjoint(changed)
         log.info("reload_started", changed=changed, restart_workers=roll)
-        fresh: list[DeviceWorker] = []
+        fresh: list[Device] = []
         if roll:
             try:
                 fresh = await self._start_fresh(new)
@@ -220,7 +218,7 @@ class Service:
             self._apply(new)
         log.info("reload_done", applied=changed, workers_restarted=len(fresh), pids=[w.pid for w in self.workers])
 
-    async def _start_fresh(self, new: Config) -> list[DeviceWorker]:
+    async def _start_fresh(self, new: Config) -> list[Device]:
         """Start the new config's workers one at a time, while the old ones serve.
 
         Their slots keep room for images letterboxed before the switch, at the old imgsz.
@@ -240,7 +238,7 @@ class Service:
             raise
         return fresh
 
-    async def _switch(self, new: Config, fresh: list[DeviceWorker]) -> None:
+    async def _switch(self, new: Config, fresh: list[Device]) -> None:
         """Retire the old workers, then hand the batcher the new ones and apply `new`.
 
         Retiring: no new batch goes to them, they answer the batches they hold (stop() queues its
@@ -269,7 +267,7 @@ class Service:
             self.batcher.wake.set()
 
     @staticmethod
-    async def _retire(workers: list[DeviceWorker], timeout_s: float) -> None:
+    async def _retire(workers: list[Device], timeout_s: float) -> None:
         # stop() first sends the batches being copied into their slots; a batch handed over that
         # had not reached its slot yet comes back to the batcher (WorkerRetired) for the new ones.
         await asyncio.gather(*(w.stop(timeout_s) for w in workers))
@@ -506,10 +504,10 @@ class Service:
                 self._supervise_worker(worker)
             await asyncio.Future()  # supervise until the drain cancels this stage
 
-    def _supervise_worker(self, worker: DeviceWorker) -> None:
+    def _supervise_worker(self, worker: Device) -> None:
         self.supervised[worker] = self.supervisors.create_task(self._supervise(worker))
 
-    async def _supervise(self, worker: DeviceWorker) -> None:
+    async def _supervise(self, worker: Device) -> None:
         """Restart a device process that died, with backoff; its batches were already re-queued.
 
         The backoff grows while the process keeps dying soon after a start (or fails to start),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import functools
 import itertools
 import mmap
@@ -32,8 +31,9 @@ import structlog
 
 from daemon import model, runtimes
 from daemon.config import Config, Decode, Runtime
+from daemon.devices import Answers, BatchFailed, Device, WorkerCrashed, WorkerRetired, WorkerStartError
+from daemon.devices import DeviceState as WorkerState
 from daemon.jobs import ModelInfo, Prepared
-from daemon.tasks import Payload
 
 log = structlog.get_logger("daemon.workers")
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
@@ -42,56 +42,11 @@ SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gette
 JPEG_SLOT_BYTES = 32 << 20
 
 
-class WorkerStartError(Exception):
-    """A device process could not start (the message says why).
-
-    `permanent`: it never will as configured (weights missing or not a model, no room for the
-    slots): exit 78, which systemd does not restart. Otherwise (a timeout, a process that died
-    while loading, out of memory) a later start may succeed: exit 1, and systemd restarts it.
-    """
-
-    def __init__(self, message: str, *, permanent: bool) -> None:
-        super().__init__(message)
-        self.permanent = permanent
-
-
-class WorkerState(enum.Enum):
-    STOPPED = "stopped"  # not started, or stopped and reaped
-    STARTING = "starting"  # spawned, loading its model (or answered ERROR and is exiting)
-    UP = "up"  # answered READY: takes batches
-    STOPPING = "stopping"  # asked to stop: answers the batches it holds, takes no new one
-    EXITED = "exited"  # its pipe closed; stop() reaps it
-
-
-class WorkerCrashed(Exception):
-    """The device process died with batches in flight.
-
-    `started` is False for a batch that cannot have caused the death: it was queued behind the
-    one being computed, or sent to a process already gone. It must not count as an attempt.
-    """
-
-    def __init__(self, message: str, *, started: bool = True) -> None:
-        super().__init__(message)
-        self.started = started
-
-
-class WorkerRetired(WorkerCrashed):
-    """The worker is being retired (a reload): the batch goes back, to be sent to another."""
-
-    def __init__(self, device: str) -> None:
-        super().__init__(f"{device} is retiring", started=False)
-
-
-class BatchFailed(Exception):
-    """The model raised on a batch; `kind` is "oom" or "error"."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
+__all__ = ["BatchFailed", "DeviceWorker", "WorkerCrashed", "WorkerRetired", "WorkerStartError", "WorkerState"]
 
 
 class DeviceWorker:
-    """One device process and its shared batch slots."""
+    """A Device (daemon.devices): one spawned local process and its shared batch slots."""
 
     def __init__(
         self, spec_args: dict[str, Any], *, max_batch: int, slots: int = 2, slot_imgsz: int = 0, name: str = ""
@@ -197,7 +152,7 @@ class DeviceWorker:
             os.close(fd)
         return path
 
-    async def infer(self, batch: list[Prepared], conf: float, iou: float) -> tuple[list[Payload | str], float]:
+    async def infer(self, batch: list[Prepared], conf: float, iou: float) -> Answers:
         """Run one batch (same letterboxed shape); returns per-image boxes and the model time in ms."""
         slot = await self._free.get()
         try:
@@ -226,7 +181,7 @@ class DeviceWorker:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[batch_id] = (future, slot)
         log.debug("batch_sent", device=self.device, batch_id=batch_id, images=len(batch), in_flight=len(self._pending))
-        result: tuple[list[Payload | str], float] = await future
+        result: Answers = await future
         return result
 
     def set_level(self, level: str) -> None:
@@ -335,20 +290,6 @@ def _fill(buffer: mmap.mmap, offset: int, batch: list[Prepared]) -> list[tuple[i
         del view  # a live view of the mmap would keep it from closing at stop()
 
 
-async def start_all(workers: list[DeviceWorker], timeout_s: float) -> list[dict[str, Any]]:
-    """Start the workers at once and return their READY answers. If one fails, or this is
-    cancelled (a stop request during start-up), all are stopped before it raises."""
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(w.start(timeout_s)) for w in workers]
-    except BaseException as exc:
-        await asyncio.gather(*(w.stop(0) for w in workers))
-        if isinstance(exc, BaseExceptionGroup) and (failed := exc.subgroup(WorkerStartError)) is not None:
-            raise failed.exceptions[0] from None
-        raise
-    return [t.result() for t in tasks]
-
-
 def cores() -> int:
     return len(os.sched_getaffinity(0))
 
@@ -422,7 +363,7 @@ def torch_threads(config: Config, devices: list[str]) -> int:
     return max(1, cores() // cpu) if cpu == len(devices) else 2
 
 
-def start_workers(config: Config, devices: list[str], *, slot_imgsz: int = 0) -> list[DeviceWorker]:
+def start_workers(config: Config, devices: list[str], *, slot_imgsz: int = 0) -> list[Device]:
     """One (not yet started) worker per device; `slot_imgsz` as in DeviceWorker."""
     threads = torch_threads(config, devices)
     m = config.model

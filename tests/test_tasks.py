@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import uvloop
 from conftest import assets
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 from daemon import preprocess
 from daemon.config import ConfigError, LogConfig, LogFormat, parse
@@ -121,8 +121,23 @@ def same_txt(task: str, ours: str, theirs: str, *, tol: float = NOISE, prob_tol:
     a, b = rows(ours), rows(theirs)
     assert len(a) == len(b) >= 1, (ours, theirs)
     for x, y in zip(a, b, strict=True):
+        if task == "segment":  # a mask pixel on the threshold moves a vertex by a whole pixel
+            assert x[0] == y[0] and abs(x[-1] - y[-1]) <= tol, (x[0], x[-1], y[0], y[-1])
+            assert overlap(polygon(x[1:-1]), polygon(y[1:-1])) >= 0.98, (x, y)
+            continue
         assert x[0] == y[0] and len(x) == len(y), (x, y)
         np.testing.assert_allclose(x, y, atol=tol)
+
+
+def polygon(xy: list[float], side: int = 1000) -> np.ndarray:
+    """A normalised polygon, filled at side x side pixels."""
+    canvas = Image.new("1", (side, side))
+    ImageDraw.Draw(canvas).polygon([(u * side, v * side) for u, v in zip(xy[::2], xy[1::2], strict=True)], fill=1)
+    return np.asarray(canvas, dtype=bool)
+
+
+def overlap(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
 
 
 def oriented(tmp: Path, orientation: int) -> Path:

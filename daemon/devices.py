@@ -1,0 +1,124 @@
+"""The Device protocol: what the batcher and the service ask of a device, wherever it runs.
+
+A device runs the model on batches of prepared images. Today each is a spawned local process
+with shared-memory slots (`daemon.workers.DeviceWorker`); a Ray actor (`daemon.cluster`) is
+another. The batcher sends a batch to a device that is `up` and has a free slot; the service
+starts, supervises (`wait_exit`, then `start` again) and stops them. The exceptions below are
+the protocol's vocabulary for what went wrong, and decide what the batcher does with a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from daemon.jobs import ModelInfo, Prepared
+from daemon.tasks import Payload
+
+Answers = tuple[list[Payload | str], float]  # per image a payload or why its JPEG did not decode; model ms
+
+
+class DeviceState(enum.Enum):
+    STOPPED = "stopped"  # not started, or stopped and reaped
+    STARTING = "starting"  # loading its model (or answered ERROR and is exiting)
+    UP = "up"  # answered READY: takes batches
+    STOPPING = "stopping"  # asked to stop: answers the batches it holds, takes no new one
+    EXITED = "exited"  # gone; stop() reaps it
+
+
+class WorkerStartError(Exception):
+    """A device could not start (the message says why).
+
+    `permanent`: it never will as configured (weights missing or not a model, no room for the
+    slots): exit 78, which systemd does not restart. Otherwise (a timeout, a process that died
+    while loading, out of memory, a cluster not reachable yet) a later start may succeed: exit 1,
+    and systemd restarts it.
+    """
+
+    def __init__(self, message: str, *, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class WorkerCrashed(Exception):
+    """The device died with batches in flight.
+
+    `started` is False for a batch that cannot have caused the death: it was queued behind the
+    one being computed, or sent to a device already gone. It must not count as an attempt.
+    """
+
+    def __init__(self, message: str, *, started: bool = True) -> None:
+        super().__init__(message)
+        self.started = started
+
+
+class WorkerRetired(WorkerCrashed):
+    """The device is being retired (a reload): the batch goes back, to be sent to another."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__(f"{device} is retiring", started=False)
+
+
+class BatchFailed(Exception):
+    """The model raised on a batch; `kind` is "oom" or "error"."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class Device(Protocol):
+    device: str  # its name in logs and metrics: cpu:0, cuda:1, ray:node-3/cuda:0
+    max_batch: int  # the most images one batch may hold
+    slots: int  # batches it may hold at once (one computing, the next waiting)
+    slot_bytes: int  # the most bytes of images one batch may carry
+    slot_imgsz: int  # the largest letterboxed side it takes
+    model: ModelInfo  # the model it serves, from its READY answer
+    info: dict[str, Any]  # the READY answer: weights, names, task, runtime, precision, ...
+    restarts: int  # counted by the supervisor
+    state: DeviceState
+
+    @property
+    def up(self) -> bool: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+    @property
+    def pid(self) -> int | None: ...
+
+    async def start(self, timeout_s: float) -> dict[str, Any]:
+        """Load the model and return the READY answer; WorkerStartError if it cannot."""
+        ...
+
+    async def infer(self, batch: list[Prepared], conf: float, iou: float) -> Answers:
+        """Run one batch of one letterboxed shape. Raises WorkerCrashed, WorkerRetired or BatchFailed."""
+        ...
+
+    def set_level(self, level: str) -> None:
+        """Apply a new log level (a config reload)."""
+        ...
+
+    async def wait_exit(self) -> None:
+        """Return once the device is gone (it crashed, or was stopped)."""
+        ...
+
+    async def stop(self, timeout_s: float) -> None:
+        """Answer the batches held, then stop; kill after `timeout_s`."""
+        ...
+
+
+async def start_all(devices: Sequence[Device], timeout_s: float) -> list[dict[str, Any]]:
+    """Start the devices at once and return their READY answers. If one fails, or this is
+    cancelled (a stop request during start-up), all are stopped before it raises."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(w.start(timeout_s)) for w in devices]
+    except BaseException as exc:
+        await asyncio.gather(*(w.stop(0) for w in devices))
+        if isinstance(exc, BaseExceptionGroup) and (failed := exc.subgroup(WorkerStartError)) is not None:
+            raise failed.exceptions[0] from None
+        raise
+    return [t.result() for t in tasks]
