@@ -47,7 +47,7 @@ class Batcher:
         self,
         ready: asyncio.Queue[Prepared],
         workers: list[Device],
-        inferred: asyncio.Queue[Outcome],
+        inferred: asyncio.Queue[list[Outcome]],
         knobs: Knobs,
     ) -> None:
         self.ready = ready
@@ -152,17 +152,18 @@ class Batcher:
             await self._retry(batch, crashed=False, why=str(exc))
         except Exception as exc:
             log.error("internal_error", stage="batching", device=worker.device, size=len(batch), exc_info=exc)
-            for p in batch:
-                await self.out.put(Failure(p.job, ItemError.internal(exc)))
+            await self.out.put([Failure(p.job, ItemError.internal(exc)) for p in batch])
         else:
             self.batches += 1
+            outcomes: list[Outcome] = []
             for p, b in zip(batch, boxes, strict=True):  # the device answers one entry per image
                 p.job.timings_ms["infer"] = infer_ms
                 p.image = DONE_WITH  # the pixels are not needed any more: free them before the write
                 if isinstance(b, str):  # its JPEG failed on the device's decoder
-                    await self.out.put(Failure(p.job, ItemError(FailReason.NOT_IMAGE, b)))
+                    outcomes.append(Failure(p.job, ItemError(FailReason.NOT_IMAGE, b)))
                 else:
-                    await self.out.put(Inferred(p, b, worker.device, len(batch), worker.model))
+                    outcomes.append(Inferred(p, b, worker.device, len(batch), worker.model))
+            await self.out.put(outcomes)  # the results stage writes a batch at once
         finally:
             self.wake.set()
 
@@ -194,4 +195,4 @@ class Batcher:
             else:
                 self.solo.append(p)
                 continue
-            await self.out.put(Failure(p.job, ItemError(reason, f"{why} (attempt {p.job.attempts})")))
+            await self.out.put([Failure(p.job, ItemError(reason, f"{why} (attempt {p.job.attempts})"))])

@@ -37,6 +37,7 @@ log = structlog.get_logger("daemon.intake")
 JPEG_END = b"\xff\xd9"
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 WATCH_RETRY_S = 5.0  # a watcher that failed is replaced after this; scans cover the gap
+CLAIM_GROUP = 32  # files claimed by one thread job
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +85,7 @@ def refusal(mode: int) -> ItemError | None:
 
 class Intake:
     def __init__(
-        self, settings: Settings, capacity: Capacity, jobs: asyncio.Queue[Job], failed: asyncio.Queue[Outcome]
+        self, settings: Settings, capacity: Capacity, jobs: asyncio.Queue[Job], failed: asyncio.Queue[list[Outcome]]
     ) -> None:
         self.settings = settings
         self.capacity = capacity
@@ -139,8 +140,14 @@ class Intake:
                 self.found += len(candidates)
                 self._claim_errors.clear()  # a problem that persists is reported again once per scan
                 self._unreadable.update(unreadable)
+            ready: list[Path] = []
             for raw, delay in candidates:
-                await self._consider(Path(raw), delay)
+                if self._consider(Path(raw), delay):
+                    ready.append(Path(raw))
+                if len(ready) == CLAIM_GROUP:
+                    await self._claim(ready)
+                    ready = []
+            await self._claim(ready)
         finally:
             if whole:
                 self._scans -= 1
@@ -180,9 +187,8 @@ class Intake:
             recursive=True,
             ignore_permission_denied=True,
         ):
-            for change, raw in sorted(changes, key=lambda c: c[1]):
-                if change is not watchfiles.Change.deleted:
-                    await self._offer(Path(raw))
+            changed = sorted(raw for change, raw in changes if change is not watchfiles.Change.deleted)
+            await self._offer(*map(Path, changed))
 
     async def reconcile(self, stop: asyncio.Event) -> None:
         """Rescan every reconcile_interval_s (at once when the watcher lost events), until `stop`.
@@ -216,24 +222,32 @@ class Intake:
         for task in self._tasks:
             task.cancel()
 
-    async def _offer(self, path: Path) -> None:
-        try:
-            rel = self._rel(path, self.settings.incoming)
-        except ValueError:
+    async def _offer(self, *paths: Path) -> None:
+        """Claim those of `paths` that are complete; the others are looked at again later."""
+        offered = [p for p in paths if self._below_incoming(p)]
+        if not offered:
             return
-        if self.ignored(rel):
-            return
-        delay = await asyncio.to_thread(self._inspect, path)
-        if isinstance(delay, str):
-            await self.scan(path)  # a directory moved in brings files that raise no events
-        elif delay is not None:
-            await self._consider(path, delay)
+        delays = await asyncio.to_thread(lambda: [self._inspect(p) for p in offered])  # one thread job
+        ready = []
+        for path, delay in zip(offered, delays, strict=True):
+            if isinstance(delay, str):
+                await self.scan(path)  # a directory moved in brings files that raise no events
+            elif delay is not None and self._consider(path, delay):
+                ready.append(path)
+        await self._claim(ready)
 
-    async def _consider(self, path: Path, delay: float) -> None:
+    def _below_incoming(self, path: Path) -> bool:
+        try:
+            return not self.ignored(self._rel(path, self.settings.incoming))
+        except ValueError:
+            return False
+
+    def _consider(self, path: Path, delay: float) -> bool:
+        """Whether `path` may be claimed now; if not yet, it is offered again once settled."""
         pending = self._settling.get(path)
         if pending is not None:
             if delay > 0:
-                return
+                return False
             # Seen while incomplete and complete now (it ends like a whole image): no need to
             # wait out the settle time set when it was first seen.
             pending.cancel()
@@ -241,8 +255,8 @@ class Intake:
             self._check_settled()
         if delay > 0:
             self._defer(path, delay)
-            return
-        await self._claim(path)
+            return False
+        return True
 
     def _defer(self, path: Path, delay: float) -> None:
         """Offer `path` again in `delay` seconds (replacing an earlier such plan)."""
@@ -267,41 +281,64 @@ class Intake:
         if not self._settling and not self._tasks:
             self._settled.set()
 
-    async def _claim(self, path: Path) -> None:
-        await self.capacity.acquire()
-        if self._closed:
-            self.capacity.release()
-            return
-        # From here the claim runs to its end even if the drain cancels this task: a file moved
-        # into processing/ must reach the pipeline, and a slot not used must come back.
-        await asyncio.shield(self._claim_held(path))
+    async def _claim(self, paths: list[Path]) -> None:
+        """Claim `paths` in order, as many at a time as capacity allows (up to CLAIM_GROUP): one
+        thread job renames a group, so a backlog costs the event loop one hop per group."""
+        i = 0
+        while i < len(paths):
+            taken = await self.capacity.acquire_up_to(min(CLAIM_GROUP, len(paths) - i))
+            group, i = paths[i : i + taken], i + taken
+            if self._closed:
+                self.capacity.release(taken)
+                return
+            # From here the claim runs to its end even if the drain cancels this task: a file moved
+            # into processing/ must reach the pipeline, and a slot not used must come back.
+            await asyncio.shield(self._claim_held(group))
 
-    async def _claim_held(self, path: Path) -> None:
-        """Claim `path` with a capacity slot already held; every way out releases it or hands it on."""
-        rel = self._rel(path, self.settings.incoming)
-        target = self.settings.processing / rel
+    async def _claim_held(self, paths: list[Path]) -> None:
+        """Claim `paths` with a capacity slot held for each; every way out releases it or hands it on."""
+        rels = [self._rel(p, self.settings.incoming) for p in paths]
+        targets = [self.settings.processing / rel for rel in rels]
         spool = self.settings.processing.parent
+
+        def rename_all() -> list[tuple[int, bool] | Exception]:
+            results: list[tuple[int, bool] | Exception] = []
+            for path, rel, target in zip(paths, rels, targets, strict=True):
+                try:
+                    results.append(_rename_into(path, target, self.settings.incoming, rel, spool))
+                except Exception as exc:  # noqa: BLE001 - each path's own outcome, handled below
+                    results.append(exc)
+            return results
+
         try:
-            mode, copied = await asyncio.to_thread(_rename_into, path, target, self.settings.incoming, rel, spool)
-        except FileNotFoundError:  # taken or deleted meanwhile
+            outcomes = await asyncio.to_thread(rename_all)
+        except BaseException:
+            self.capacity.release(len(paths))
+            raise
+        for path, rel, target, outcome in zip(paths, rels, targets, outcomes, strict=True):
+            try:
+                await self._claimed(path, rel, target, outcome)
+            except Exception as exc:
+                log.error("internal_error", stage="intake", path=str(rel), exc_info=exc)
+
+    async def _claimed(
+        self, path: Path, rel: PurePosixPath, target: Path, outcome: tuple[int, bool] | Exception
+    ) -> None:
+        """Route one claimed file on, or release its slot: what its rename gave."""
+        if isinstance(outcome, Exception):
             self.capacity.release()
+            if isinstance(outcome, FileNotFoundError):  # taken or deleted meanwhile
+                return
+            if isinstance(outcome, OutsideIncoming):
+                log.warning("not_claimed", path=str(rel), reason=str(outcome))
+            elif isinstance(outcome, FileExistsError):  # the same name is still being processed: retry once done
+                self._defer(path, self.settings.settle_s or 0.5)
+            elif isinstance(outcome, OSError):  # EACCES, EROFS, ENOSPC...: it stays in incoming/, the next scan retries
+                self._claim_failed(rel, outcome)
+            else:
+                log.error("internal_error", stage="intake", path=str(rel), exc_info=outcome)
             return
-        except OutsideIncoming as exc:
-            self.capacity.release()
-            log.warning("not_claimed", path=str(rel), reason=str(exc))
-            return
-        except FileExistsError:  # the same name is still being processed: retry once it is done
-            self.capacity.release()
-            self._defer(path, self.settings.settle_s or 0.5)
-            return
-        except OSError as exc:  # EACCES, EROFS, ENOSPC...: the file stays in incoming/, the next scan retries
-            self.capacity.release()
-            self._claim_failed(rel, exc)
-            return
-        except Exception as exc:
-            self.capacity.release()
-            log.error("internal_error", stage="intake", path=str(rel), exc_info=exc)
-            return
+        mode, copied = outcome
         if copied and not self.settings.claim_by_copy and rel.parent not in self._copied_dirs:
             self._copied_dirs.add(rel.parent)
             log.warning(
@@ -333,7 +370,7 @@ class Intake:
         if error is None:
             await self.jobs.put(job)
         else:
-            await self.failed.put(Failure(job, error))
+            await self.failed.put([Failure(job, error)])
 
     @staticmethod
     def _rel(path: Path, root: Path) -> PurePosixPath:

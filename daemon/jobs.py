@@ -126,13 +126,23 @@ class Capacity:
         self._idle.set()
 
     async def acquire(self) -> None:
-        await self._slots.acquire()
-        self.in_flight += 1
-        self._idle.clear()
+        await self.acquire_up_to(1)
 
-    def release(self) -> None:
-        self.in_flight -= 1
-        self._slots.release()
+    async def acquire_up_to(self, n: int) -> int:
+        """Wait for one slot, then take up to `n` in all, as many as are free now; how many."""
+        await self._slots.acquire()
+        taken = 1
+        while taken < n and not self._slots.locked():
+            await self._slots.acquire()  # a slot is free: this does not wait
+            taken += 1
+        self.in_flight += taken
+        self._idle.clear()
+        return taken
+
+    def release(self, n: int = 1) -> None:
+        self.in_flight -= n
+        for _ in range(n):
+            self._slots.release()
         if self.in_flight == 0:
             self._idle.set()
 

@@ -8,6 +8,8 @@ through the same renderer, so the stream has one schema.
 from __future__ import annotations
 
 import atexit
+import datetime
+import json
 import logging
 import logging.handlers
 import queue
@@ -34,6 +36,8 @@ class Sink(Protocol):
 
 
 _output: logging.StreamHandler[Sink] | None = None  # the handler that writes the rendered lines
+_lines: queue.Queue[logging.LogRecord] | None = None  # the writer thread's queue (background JSON)
+_process = "main"
 
 
 class _BlockingQueueHandler(logging.handlers.QueueHandler):
@@ -54,8 +58,9 @@ def configure(config: LogConfig, *, process: str, background: bool = False) -> N
     `background`: the writes to stdout happen in a thread of their own, so an event loop never
     waits on a slow reader (journald under load, a full pipe); queued lines are written at exit.
     """
-    global _output
+    global _output, _lines, _process
     console = is_console(config)
+    _lines, _process = None, process
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -79,6 +84,7 @@ def configure(config: LogConfig, *, process: str, background: bool = False) -> N
         lines: queue.Queue[logging.LogRecord] = queue.Queue(BACKLOG_RECORDS)
         handler = _BlockingQueueHandler(lines)  # its prepare() renders the line before it is queued
         stream.setFormatter(logging.Formatter("%(message)s"))
+        _lines = None if console else lines  # records() renders JSON lines itself and queues them
         writer = logging.handlers.QueueListener(lines, stream)
         writer.start()
         atexit.register(writer.stop)  # writes what is queued, then ends the thread
@@ -102,6 +108,26 @@ def configure(config: LogConfig, *, process: str, background: bool = False) -> N
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
+
+
+def records(logger: structlog.stdlib.BoundLogger, event: str, rows: list[dict[str, object]]) -> None:
+    """One info record `event` per row: the same lines as `logger.info(event, **row)` for each.
+
+    With JSON lines written by the background thread (the daemon), the rows are rendered here
+    with one timestamp and handed over as one block: some 6 us a line instead of structlog's
+    60, so a record per image costs the main process almost nothing. Otherwise (a console, the
+    tests' in-process loggers) each row goes through structlog as usual.
+    """
+    if not logging.getLogger().isEnabledFor(logging.INFO) or not rows:
+        return
+    if _lines is None:
+        for row in rows:
+            logger.info(event, **row)
+        return
+    ts = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+    tail = {"event": event, "level": "info", "ts": ts, "process": _process}
+    text = "\n".join(json.dumps({**row, **tail}, default=repr) for row in rows)
+    _lines.put(logging.makeLogRecord({"msg": text, "levelno": logging.INFO, "levelname": "INFO"}))
 
 
 def is_console(config: LogConfig) -> bool:

@@ -39,6 +39,7 @@ PAD_VALUE = 114
 EXIF_ORIENTATION = 0x0112
 
 
+GROUP = 4  # most jobs one thread job preprocesses
 JPEG_END = b"\xff\xd9"
 READ_WHOLE_BYTES = 64 << 20  # files up to this size are read into memory at once; larger ones stream
 REDUCED_COLOR = {
@@ -289,39 +290,58 @@ def prepare(job: Job, settings: Settings) -> Prepared:
 async def run(
     jobs: asyncio.Queue[Job],
     ready: asyncio.Queue[Prepared],
-    failed: asyncio.Queue[Outcome],
+    failed: asyncio.Queue[list[Outcome]],
     pool: ThreadPoolExecutor,
     settings: Callable[[], Settings],
     concurrency: int,
 ) -> None:
-    """Take claimed jobs, preprocess up to `concurrency` at once in `pool`, pass them on.
+    """Take claimed jobs, preprocess up to `concurrency` groups at once in `pool`, pass them on.
 
-    `settings` is asked once per image: a config reload may change them.
+    A group is the next job and, under a backlog, up to GROUP - 1 more already waiting: one
+    thread job for them all, so the event loop pays one hand-off per group, not per image.
+    `settings` is asked once per group: a config reload may change them.
     """
     loop = asyncio.get_running_loop()
     slots = asyncio.Semaphore(concurrency)
 
-    async def one(job: Job) -> None:
+    async def some(group: list[Job]) -> None:
         try:
-            started = time.monotonic()
-            job.timings_ms["queue"] = (started - job.claimed_at) * 1000
-            try:
-                prepared = await loop.run_in_executor(pool, prepare, job, settings())
-            except ItemError as exc:
-                await failed.put(Failure(job, exc))
-                return
-            except Exception as exc:
-                log.error("internal_error", stage="preprocess", path=str(job.rel), exc_info=exc)
-                await failed.put(Failure(job, ItemError.internal(exc)))
-                return
-            prepared.ready_at = time.monotonic()
-            job.timings_ms["decode"] = (prepared.ready_at - started) * 1000
-            await ready.put(prepared)
+            done = await loop.run_in_executor(pool, prepare_all, group, settings())
+            now = time.monotonic()
+            for job, (outcome, ms) in zip(group, done, strict=True):
+                job.timings_ms["decode"] = ms
+                if isinstance(outcome, Prepared):
+                    outcome.ready_at = now
+                    await ready.put(outcome)
+                    continue
+                if not isinstance(outcome, ItemError):
+                    log.error("internal_error", stage="preprocess", path=str(job.rel), exc_info=outcome)
+                    outcome = ItemError.internal(outcome)
+                await failed.put([Failure(job, outcome)])
         finally:
             slots.release()
 
-    async with asyncio.TaskGroup() as group:
+    async with asyncio.TaskGroup() as tasks:
         while True:
-            job = await jobs.get()
+            group = [await jobs.get()]
             await slots.acquire()
-            group.create_task(one(job))
+            size = min(GROUP, 1 + jobs.qsize() // concurrency)  # a short queue keeps every thread busy
+            while len(group) < size and not jobs.empty():
+                group.append(jobs.get_nowait())
+            now = time.monotonic()
+            for job in group:
+                job.timings_ms["queue"] = (now - job.claimed_at) * 1000
+            tasks.create_task(some(group))
+
+
+def prepare_all(jobs: list[Job], settings: Settings) -> list[tuple[Prepared | Exception, float]]:
+    """`prepare` each job (in a pool thread): per job its result or error, and the ms it took."""
+    out: list[tuple[Prepared | Exception, float]] = []
+    for job in jobs:
+        started = time.monotonic()
+        try:
+            result: Prepared | Exception = prepare(job, settings)
+        except Exception as exc:  # noqa: BLE001 - each job's own outcome: ItemError, or a bug
+            result = exc
+        out.append((result, (time.monotonic() - started) * 1000))
+    return out

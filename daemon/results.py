@@ -22,6 +22,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ import aiofiles.os
 import structlog
 from PIL import Image, ImageDraw, ImageOps
 
-from daemon import __version__
+from daemon import __version__, logs
 from daemon.config import OnSuccess, OutputConfig, PathsConfig
 from daemon.jobs import FailReason, Failure, Inferred, ItemError, Job, Outcome
 from daemon.sinks import Sink
@@ -158,6 +159,93 @@ class Writer:
         log.error("left_in_processing", path=str(job.rel), error=str(error), hint="taken up again at the next start")
         self.finished(item, False)
 
+    async def write_batch(self, batch: list[Outcome]) -> None:
+        """Write a batch's outcomes: the results of its images all at once (`_done_all`), a
+        failure on its own. Every way out has called `finished` once per outcome."""
+        inferred = [o for o in batch if isinstance(o, Inferred)]
+        steps = [self.write(o) for o in batch if not isinstance(o, Inferred)]
+        if inferred:
+            steps.append(self._done_all(inferred))
+        await asyncio.gather(*steps)
+
+    async def _done_all(self, items: list[Inferred]) -> None:
+        """The results of a batch's images by one thread job (written, fsynced, renamed, each
+        directory fsynced once), then every sink, then the sources moved by one more job, then
+        one log render for the batch's image_done records. An image that meets an error on
+        the way takes the one-at-a-time path (`write`: retries with backoff, write_error)."""
+        try:
+            started = time.monotonic()
+            annotations = await self._annotations(items)
+            files = [f for r, a in zip(items, annotations, strict=True) for f in self._files(r, a, started)]
+            errors = await _write_files(files, self.output.fsync)
+            broken = {id(f.owner) for f, e in zip(files, errors, strict=True) if e is not None}
+            written = [r for r in items if id(r) not in broken]
+            for r in written:
+                r.prepared.job.timings_ms["write"] = (time.monotonic() - started) * 1000
+            stored = await asyncio.gather(*(self._to_sinks(r) for r in written), return_exceptions=True)
+            kept = [r for r, e in zip(written, stored, strict=True) if e is None]
+            moved = await _release_sources([r.prepared.job for r in kept], self.paths.done, self.output.on_success)
+            finished = [r for r, e in zip(kept, moved, strict=True) if e is None]
+        except Exception as exc:  # a bug: each image is tried again on its own, with its last resort
+            log.error("internal_error", stage="results", images=len(items), exc_info=exc)
+            finished = []
+        logs.records(log, "image_done", [self._done_record(r) for r in finished])
+        for r in finished:
+            self.finished(r, True)
+        done = {id(r) for r in finished}
+        await asyncio.gather(*(self.write(r) for r in items if id(r) not in done))
+
+    async def _annotations(self, items: list[Inferred]) -> list[bytes | str | None]:
+        """Per image its annotated JPEG (`output.formats` has "image"), or why it could not be drawn."""
+        if "image" not in self.output.formats:
+            return [None] * len(items)
+
+        async def one(r: Inferred) -> bytes | str:
+            try:
+                return await asyncio.to_thread(annotate, r.prepared.job.path, r.payload, r.model.names)
+            except Exception as exc:  # noqa: BLE001 - PIL cannot draw this source: its OSErrors are not the disk's
+                error = f"{type(exc).__name__}: {exc}"
+                log.warning("annotate_failed", path=str(r.prepared.job.rel), error=error)
+                return error
+
+        return await asyncio.gather(*(one(r) for r in items))
+
+    def _files(self, result: Inferred, annotation: bytes | str | None, started: float) -> list[File]:
+        """The files of one image's results, in the order written: the .json last, rendered in
+        the writing thread so that its timings include the other files' write."""
+        p, job = result.prepared, result.prepared.job
+        base = self.paths.output / job.rel
+        files = []
+        if "txt" in self.output.formats:
+            text = result.payload.txt(p.width, p.height, result.model.names)
+            files.append(File(suffixed(base, ".txt"), text.encode(), job.recovered, result))
+        if isinstance(annotation, bytes):
+            files.append(File(suffixed(base, ".annotated.jpg"), annotation, job.recovered, result))
+        if "json" in self.output.formats:
+            error = annotation if isinstance(annotation, str) else None
+
+            def render() -> bytes:
+                job.timings_ms["write"] = (time.monotonic() - started) * 1000
+                return self._json(result, error)
+
+            files.append(File(suffixed(base, ".json"), render, job.recovered, result))
+        return files
+
+    @staticmethod
+    def _done_record(result: Inferred) -> dict[str, Any]:
+        p, job = result.prepared, result.prepared.job
+        return {
+            "path": str(job.rel),
+            "device": result.device,
+            "batch": result.batch_size,
+            "task": result.payload.task.value,
+            **result.payload.counts(result.model.names),
+            "width": p.width,
+            "height": p.height,
+            **{f"{k}_ms": round(v, 2) for k, v in job.timings_ms.items()},
+            "total_ms": round((time.monotonic() - job.claimed_at) * 1000, 2),
+        }
+
     async def done(self, result: Inferred) -> None:
         p, job = result.prepared, result.prepared.job
         started = time.monotonic()
@@ -183,18 +271,7 @@ class Writer:
         job.timings_ms["write"] = (time.monotonic() - started) * 1000
         await self._to_sinks(result)
         await self._release_source(job)
-        log.info(
-            "image_done",
-            path=str(job.rel),
-            device=result.device,
-            batch=result.batch_size,
-            task=result.payload.task.value,
-            **result.payload.counts(result.model.names),
-            width=p.width,
-            height=p.height,
-            **{f"{k}_ms": round(v, 2) for k, v in job.timings_ms.items()},
-            total_ms=round((time.monotonic() - job.claimed_at) * 1000, 2),
-        )
+        log.info("image_done", **self._done_record(result))
         self.finished(result, True)
 
     def _json(self, result: Inferred, annotation_error: str | None) -> bytes:
@@ -273,18 +350,112 @@ async def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-async def run(inbox: asyncio.Queue[Outcome], writer: Writer, concurrency: int) -> None:
-    """Write outcomes as they come, up to `concurrency` at once."""
+async def run(inbox: asyncio.Queue[list[Outcome]], writer: Writer, concurrency: int) -> None:
+    """Write batches of outcomes as they come, up to `concurrency` batches at once."""
     slots = asyncio.Semaphore(concurrency)
 
-    async def one(item: Outcome) -> None:
+    async def one(batch: list[Outcome]) -> None:
         try:
-            await writer.write(item)
+            await writer.write_batch(batch)
         finally:
             slots.release()
 
     async with asyncio.TaskGroup() as group:
         while True:
-            item = await inbox.get()
+            batch = await inbox.get()
             await slots.acquire()
-            group.create_task(one(item))
+            group.create_task(one(batch))
+
+
+@dataclass(frozen=True, slots=True)
+class File:
+    """One result file to write: `data`, or a function that renders it in the writing thread."""
+
+    target: Path
+    data: bytes | Callable[[], bytes]
+    recovered: bool  # an earlier run may have left temp files for it: remove them first
+    owner: Inferred
+
+
+@aiofiles.os.wrap
+def _write_files(files: list[File], fsync: bool) -> list[Exception | None]:
+    """Write each file as `Writer.write_atomic` does, in this one thread: every temp file
+    written, then each fsynced (the first flush carries the others' blocks with it), renamed
+    into place, and each directory fsynced once. Per file None, or the error that kept it from
+    being durable (an OSError, or a bug met rendering its .json: that image then takes the
+    one-at-a-time path)."""
+    errors: list[Exception | None] = [None] * len(files)
+    made: set[Path] = set()
+    tmps: list[Path | None] = [None] * len(files)
+    fds: list[int | None] = [None] * len(files)
+
+    def fail(i: int, exc: Exception) -> None:
+        errors[i] = exc
+        if (fd := fds[i]) is not None:
+            os.close(fd)
+            fds[i] = None
+        if (tmp := tmps[i]) is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+
+    for i, f in enumerate(files):
+        parent = f.target.parent
+        key = digest(f.target.name)
+        try:
+            if parent not in made:
+                os.makedirs(parent, exist_ok=True)
+                made.add(parent)
+            if f.recovered:
+                for stale in parent.glob(f".{key}.*.tmp"):
+                    stale.unlink(missing_ok=True)
+            data = f.data if isinstance(f.data, bytes) else f.data()
+            tmps[i] = tmp = f.target.with_name(f".{key}.{os.getpid()}.tmp")
+            fds[i] = out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(out, view) :]
+        except Exception as exc:  # noqa: BLE001 - handed back: the image is written again on its own
+            fail(i, exc)
+    for i, (handle, written) in enumerate(zip(fds, tmps, strict=True)):
+        if handle is None or written is None:
+            continue
+        try:
+            if fsync:
+                os.fsync(handle)
+            os.close(handle)
+            fds[i] = None
+            os.replace(written, files[i].target)
+        except OSError as exc:
+            fail(i, exc)
+    for parent in made if fsync else ():
+        try:
+            directory = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        except OSError as exc:
+            for i, f in enumerate(files):
+                if f.target.parent == parent and errors[i] is None:
+                    errors[i] = exc
+    return errors
+
+
+@aiofiles.os.wrap
+def _release_sources(jobs: list[Job], done: Path, on_success: OnSuccess) -> list[OSError | None]:
+    """Move each source to done/ (or delete it), as `Writer._release_source` does, in this one thread."""
+    errors: list[OSError | None] = [None] * len(jobs)
+    made: set[Path] = set()
+    for i, job in enumerate(jobs):
+        try:
+            if on_success is OnSuccess.DELETE:
+                os.remove(job.path)
+                continue
+            target = done / job.rel
+            if target.parent not in made:
+                os.makedirs(target.parent, exist_ok=True)
+                made.add(target.parent)
+            os.replace(job.path, target)
+        except OSError as exc:
+            errors[i] = exc
+    return errors

@@ -359,7 +359,7 @@ class Service:
         jobs: asyncio.Queue[Job] = asyncio.Queue(size)
         # Decoded images: only as many as the batcher has room for (Batcher.room); more wait undecoded.
         ready: asyncio.Queue[Prepared] = asyncio.Queue(cfg.pipeline.max_batch * (len(self.workers) + 1))
-        outcomes: asyncio.Queue[Outcome] = asyncio.Queue(size)
+        outcomes: asyncio.Queue[list[Outcome]] = asyncio.Queue(size)  # a batch's, or one failure
         self.batcher = batching.Batcher(ready, self.workers, outcomes, knobs(cfg))
         sinks: list[Sink] = [self.database] if self.database is not None else []
         self.writer = results.Writer(cfg.paths, cfg.output, self._finished, sinks)
@@ -379,7 +379,7 @@ class Service:
         stages = [
             loop.create_task(preprocess.run(jobs, ready, outcomes, pool, lambda: self.settings, threads * 2)),
             loop.create_task(self.batcher.run()),
-            loop.create_task(results.run(outcomes, self.writer, concurrency=16)),
+            loop.create_task(results.run(outcomes, self.writer, concurrency=8)),
             loop.create_task(self._supervision()),
             *([loop.create_task(self.database.run())] if self.database is not None else []),
         ]

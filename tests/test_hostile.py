@@ -447,9 +447,9 @@ class GatedCapacity(Capacity):
         super().__init__(limit)
         self.asked = asyncio.Event()
 
-    async def acquire(self) -> None:
+    async def acquire_up_to(self, n: int) -> int:
         self.asked.set()
-        await super().acquire()
+        return await super().acquire_up_to(n)
 
 
 class Events:
@@ -482,7 +482,7 @@ class Rig:
         self.processing.mkdir()
         self.capacity = GatedCapacity(limit)
         self.jobs: asyncio.Queue[Job] = asyncio.Queue()
-        self.failed: asyncio.Queue[Outcome] = asyncio.Queue()
+        self.failed: asyncio.Queue[list[Outcome]] = asyncio.Queue()
         settings = intake.Settings(self.incoming, self.processing, settle_s, (".tmp",), reconcile_s, 20, False)
         self.intake = intake.Intake(settings, self.capacity, self.jobs, self.failed)
 
@@ -623,7 +623,7 @@ def test_nothing_is_taken_through_a_symlinked_directory(tmp_path: Path, monkeypa
         assert rig.jobs.empty() and rig.failed.empty() and rig.capacity.in_flight == 0
         assert events.count("not_claimed") == 1
         await rig.intake.scan()  # the link itself is claimed, and failed as a symlink
-        failure = rig.failed.get_nowait()
+        (failure,) = rig.failed.get_nowait()
         assert isinstance(failure, Failure) and failure.error.reason is FailReason.SYMLINK
         assert str(failure.job.rel) == "link" and (outside / "x.jpg").is_file()
 

@@ -32,7 +32,7 @@ class Rig:
         self.processing.mkdir()
         self.capacity = Capacity(limit)
         self.jobs: asyncio.Queue[Job] = asyncio.Queue(limit)
-        self.failed: asyncio.Queue[Outcome] = asyncio.Queue(limit)
+        self.failed: asyncio.Queue[list[Outcome]] = asyncio.Queue(limit)
         settings = intake.Settings(self.incoming, self.processing, settle_s, (".tmp", ".part"), 30.0, 20, False)
         self.intake = intake.Intake(settings, self.capacity, self.jobs, self.failed)
 
@@ -84,7 +84,7 @@ def test_symlink_and_fifo_are_failed_without_being_opened(tmp_path: Path) -> Non
         await asyncio.wait_for(rig.intake.scan(), 10)  # a FIFO opened for reading would block here
         reasons = {}
         while not rig.failed.empty():
-            failure = rig.failed.get_nowait()
+            (failure,) = rig.failed.get_nowait()
             assert isinstance(failure, Failure)
             reasons[str(failure.job.rel)] = failure.error.reason
         assert reasons == {"link.jpg": FailReason.SYMLINK, "pipe.jpg": FailReason.NOT_REGULAR}

@@ -103,14 +103,14 @@ def test_an_unexpected_error_in_preprocessing_fails_that_image_alone(
     async def main() -> None:
         jobs: asyncio.Queue[Job] = asyncio.Queue()
         ready: asyncio.Queue[Prepared] = asyncio.Queue()
-        failed: asyncio.Queue[Outcome] = asyncio.Queue()
+        failed: asyncio.Queue[list[Outcome]] = asyncio.Queue()
         for name in names:
             jobs.put_nowait(Job(PurePosixPath(name), tmp_path / name))
         pool = ThreadPoolExecutor(2)
         settings = preprocess.Settings(320, True, 10**9)
         stage = asyncio.create_task(preprocess.run(jobs, ready, failed, pool, lambda: settings, 4))
         try:
-            failure = await asyncio.wait_for(failed.get(), 30)
+            (failure,) = await asyncio.wait_for(failed.get(), 30)
             done = sorted([str((await asyncio.wait_for(ready.get(), 30)).job.rel) for _ in range(2)])
             assert not stage.done(), "the stage ended"
         finally:
@@ -164,9 +164,8 @@ def test_an_unexpected_error_while_writing_fails_that_image_alone(
         return real(self, result, annotation_error)
 
     monkeypatch.setattr(results.Writer, "_json", broken)
-    outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
-    for name in ("odd.jpg", "b.jpg"):
-        outcomes.put_nowait(inferred(writer, name))
+    outcomes: asyncio.Queue[list[Outcome]] = asyncio.Queue()
+    outcomes.put_nowait([inferred(writer, name) for name in ("odd.jpg", "b.jpg")])  # one batch
 
     async def main() -> None:
         stage = asyncio.create_task(results.run(outcomes, writer, concurrency=1))
