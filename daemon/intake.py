@@ -303,9 +303,10 @@ class Intake:
 
         def rename_all() -> list[tuple[int, bool] | Exception]:
             results: list[tuple[int, bool] | Exception] = []
+            checked: set[Path] = set()
             for path, rel, target in zip(paths, rels, targets, strict=True):
                 try:
-                    results.append(_rename_into(path, target, self.settings.incoming, rel, spool))
+                    results.append(_rename_into(path, target, self.settings.incoming, rel, spool, checked))
                 except Exception as exc:  # noqa: BLE001 - each path's own outcome, handled below
                     results.append(exc)
             return results
@@ -457,22 +458,34 @@ class OutsideIncoming(Exception):
     """The path reaches its file through a symlinked directory: the file is not in incoming/."""
 
 
-def _rename_into(source: Path, target: Path, root: Path, rel: PurePosixPath, spool: Path) -> tuple[int, bool]:
+def _rename_into(
+    source: Path, target: Path, root: Path, rel: PurePosixPath, spool: Path, checked: set[Path] | None = None
+) -> tuple[int, bool]:
     """Atomically move `source` (`root`/`rel`) to `target`, never replacing one; return the moved
     entry's lstat mode, and whether it was copied: a source on another filesystem (all of
     incoming/ with intake.claim_by_copy, or a mount below it) is copied through `spool`.
+    `checked`: the source directories one group of claims has already checked (and made below
+    processing/); each costs a dozen lstat calls.
 
     Raises FileNotFoundError if the source is gone, FileExistsError if the target is taken, and
     OutsideIncoming if a directory on the way to the source is a symlink.
     """
-    if os.path.realpath(source.parent) != os.path.normpath(os.path.join(os.path.realpath(root), rel.parent)):
-        raise OutsideIncoming("a directory on its path is a symbolic link")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.is_dir() and not target.is_symlink():
+    if checked is None or source.parent not in checked:
+        if os.path.realpath(source.parent) != os.path.normpath(os.path.join(os.path.realpath(root), rel.parent)):
+            raise OutsideIncoming("a directory on its path is a symbolic link")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if checked is not None:
+            checked.add(source.parent)
+    try:
+        taken: int | None = os.lstat(target).st_mode
+    except FileNotFoundError:
+        taken = None
+    if taken is not None and stat.S_ISDIR(taken):
         # An empty directory left by an earlier claim of files below a directory of this name.
         with contextlib.suppress(OSError):
             target.rmdir()
-    if os.path.lexists(target):
+            taken = None
+    if taken is not None:
         raise FileExistsError(target)
     copied = False
     try:

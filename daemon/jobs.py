@@ -86,6 +86,8 @@ class ModelInfo:
     names: dict[int, str]
     imgsz: int
     half: bool
+    runtime: str = "torch"
+    precision: str = "fp32"
 
 
 @dataclass(slots=True)

@@ -108,7 +108,10 @@ class DeviceWorker:
             # (header, then body), and a read between them must wait, not fail as if it had died.
             os.set_blocking(self._conn.fileno(), True)
             self.info = await asyncio.wait_for(self._ready, timeout_s)
-            self.model = ModelInfo(self.info["weights"], self.info["names"], self.spec_args["imgsz"], self.info["half"])
+            info, imgsz = self.info, self.spec_args["imgsz"]
+            self.model = ModelInfo(
+                info["weights"], info["names"], imgsz, info["half"], info["runtime"], info["precision"]
+            )
         except TimeoutError:
             await self.stop(0)
             raise WorkerStartError(f"{self.device}: model not ready after {timeout_s:.0f} s", permanent=False) from None

@@ -38,6 +38,8 @@ class Boxes:
 
 def box_rows(data: np.ndarray, width: int, height: int) -> list[tuple[list[float], float, float]]:
     """(normalised cx cy w h, conf, class) per row, computed in float32 as `Boxes.xywhn` does."""
+    if not len(data):
+        return []
     xyxy = data[:, :4].astype(np.float32)
     xywh = np.empty_like(xyxy)
     xywh[:, 0] = (xyxy[:, 0] + xyxy[:, 2]) / 2
