@@ -34,10 +34,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--once", action="store_true", help="process what is in incoming/, then exit 0 when drained")
     check = sub.add_parser("check", help="validate the config, export the model (cached), load it on each device")
     check.add_argument("--config", type=Path, default=Path("config.toml"), help="config file (default ./config.toml)")
-    from daemon import bench, status
+    from daemon import status
 
     status.add_arguments(sub.add_parser("status", help="how the daemon of a config is doing (exit 3: not running)"))
-    bench.add_arguments(sub.add_parser("bench", help="measure inferd against the seed designs and the model bound"))
+    # Its options are the bench's own (bench/cli.py, in a checkout): main() hands it the words after `bench`.
+    sub.add_parser("bench", help="measure inferd against the seed designs and the model bound (from a checkout)")
     return top
 
 
@@ -51,20 +52,19 @@ def setup(config_path: Path) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     # Before anything imports Ultralytics (also in spawned workers, which inherit the environment):
     # no network probe, no pip installs at run time.
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_AUTOINSTALL", "false")
     os.environ.setdefault("YOLO_VERBOSE", "false")  # its banners bypass logging handlers at import
+    if argv[:1] == ["bench"]:
+        return bench(argv[1:])
+    args = parser().parse_args(argv)
     if args.command == "status":
         from daemon import status
 
         return status.main(args)
-    if args.command == "bench":
-        from daemon import bench
-
-        return bench.main(args)
     from daemon.service import Service
     from daemon.workers import WorkerStartError
 
@@ -82,6 +82,20 @@ def main(argv: list[str] | None = None) -> int:
         structlog.get_logger("daemon.cli").error("start_failed", error=str(exc), permanent=exc.permanent)
         sys.stderr.write(f"inferd: cannot start: {exc}\n")
         return EXIT_CONFIG if exc.permanent else EXIT_RUNTIME
+
+
+def bench(argv: list[str]) -> int:
+    """`inferd bench`: the bench is not part of the installed package but lives beside it in a
+    checkout (bench/), which it measures; run from anywhere, it is found there."""
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / "bench" / "cli.py").is_file():
+        sys.stderr.write(f"inferd bench: runs from a checkout of inferd (bench/ beside daemon/); {checkout} has none\n")
+        return 2
+    if str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    from bench import cli
+
+    return cli.main(argv)
 
 
 async def check(config: Config) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from daemon import bench, cli
+from bench import cli, images
 
 
 def run_bench(tmp_path: Path, weights: Path, *args: str) -> tuple[dict[str, Any], str]:
@@ -26,7 +26,7 @@ def run_bench(tmp_path: Path, weights: Path, *args: str) -> tuple[dict[str, Any]
 
 
 def test_options() -> None:
-    args = cli.parser().parse_args(["bench", "--size", "2048x12000", "--backlog", "10000,1000", "--modes", "naive"])
+    args = cli.parser().parse_args(["--size", "2048x12000", "--backlog", "10000,1000", "--modes", "naive"])
     assert (args.size, args.backlog, args.modes, args.count, args.batch) == (
         (2048, 12000),
         [1000, 10000],
@@ -36,32 +36,42 @@ def test_options() -> None:
     )
     for bad in (["--size", "12"], ["--modes", "naive,fast"], ["--count", "0"], ["--backlog", "0"], ["--rate", "x"]):
         with pytest.raises(SystemExit):
-            cli.parser().parse_args(["bench", *bad])
+            cli.parser().parse_args(bad)
 
 
-def test_parser_imports_no_model_code() -> None:
-    """`inferd --help` stays fast: building the parser imports neither torch nor Ultralytics."""
-    code = (
-        "import sys; from daemon import cli; cli.parser(); print(sorted({'torch', 'ultralytics'} & set(sys.modules)))"
+@pytest.mark.parametrize("package", ["daemon", "bench"])
+def test_parser_imports_no_model_code(package: str) -> None:
+    """`inferd --help` and `inferd bench --help` stay fast: building the parser imports neither
+    torch nor Ultralytics."""
+    code = f"import sys; from {package} import cli; cli.parser(); print({{'torch', 'ultralytics'}} & set(sys.modules))"
+    checkout = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=checkout)
+    assert out.stdout.strip() == "set()"
+
+
+def test_bench_runs_from_the_checkout_wherever_it_is_called(tmp_path: Path) -> None:
+    """The bench is not in the installed package: `inferd bench` finds it beside daemon/."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "daemon", "bench", "--help"], capture_output=True, text=True, cwd=tmp_path
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: inferd bench") and "--modes" in proc.stdout
 
 
 def test_generated_images_compress_like_photos() -> None:
     """Neither noise (~0.9 bytes/pixel at quality 90) nor flat (~0.02): photos are ~0.1-0.5."""
-    image = bench.photo_like(320, 240, seed=7)
+    image = images.photo_like(320, 240, seed=7)
     jpeg = io.BytesIO()
     image.save(jpeg, format="JPEG", quality=90)
     assert 0.08 < len(jpeg.getvalue()) / (320 * 240) < 0.6
-    assert bench.photo_like(320, 240, seed=7).tobytes() == image.tobytes()
+    assert images.photo_like(320, 240, seed=7).tobytes() == image.tobytes()
 
 
 @pytest.mark.slow
 def test_throughput_modes_are_measured_and_compared(tmp_path: Path, tiny_weights: Path) -> None:
     report, table = run_bench(tmp_path, tiny_weights, "--count", "3")
     modes = report["modes"]
-    assert list(modes) == list(bench.MODES)
+    assert list(modes) == list(cli.MODES)
     processes = len(report["setup"]["devices"])  # the bound runs one Runner per device process
     assert modes["bound"]["threads"].startswith(f"{processes}x")
     for mode, result in modes.items():
