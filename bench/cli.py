@@ -15,6 +15,8 @@ Every mode runs on the same generated JPEGs with the same model, model load excl
            precision, and (`bounds`) for every runtime and precision this machine has; the
            headline `inferd/fastest_bound` compares with the fastest of them
 - inferd:  `inferd run --once` as a subprocess, timed from `daemon_started` to the last `image_done`
+- pipeline (only when asked for): the same with a model that answers at once, with host and
+           with device decode: the main process's CPU per image, by stage (bench/pipeline.py)
 
 `--latency` drops files one at a time into a running daemon and times drop -> `image_done`;
 `--backlog` fills incoming/ with N files and reads the daemon's peak RSS (VmHWM) at its end.
@@ -35,12 +37,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import BenchError, baselines, bound, runs, torch_device
+from bench import BenchError, baselines, bound, pipeline, runs, torch_device
 from bench.images import generate
 from daemon import export
 from daemon.config import DEFAULTS, Config, ConfigError, parse
 
-MODES = ("naive", "naive_export", "seed002", "seed000", "bound", "inferd")
+MODES = ("naive", "naive_export", "seed002", "seed000", "bound", "inferd", "pipeline")
+DEFAULT_MODES = MODES[:-1]  # the pipeline mode's model is a stand-in: only when asked for
 NOTES = {
     "naive": "Ultralytics predict per image, .txt written inline",
     "naive_export": "the same on the daemon's export ({runtime} artefact; Ultralytics compiles it its way)",
@@ -71,7 +74,8 @@ def parser() -> argparse.ArgumentParser:
         default=DEFAULTS["output"]["database"],
         help='the daemon\'s output.database (default: its own, SQLite in the run dir); "" = off, to see its cost',
     )
-    p.add_argument("--modes", type=_modes, help=f"comma-separated subset of {','.join(MODES)} (default all)")
+    modes = f"comma-separated subset of {','.join(MODES)} (default: all but pipeline)"
+    p.add_argument("--modes", type=_modes, help=modes)
     p.add_argument("--latency", action="store_true", help="measure drop -> result latency on a running daemon")
     p.add_argument("--rate", type=_positive(float), default=2.0, help="files/s dropped by --latency (default 2)")
     p.add_argument("--backlog", type=_counts, help="peak RSS with N[,N...] files waiting in incoming/")
@@ -174,7 +178,7 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
     }
     report: dict[str, Any] = {"setup": setup, "modes": {}}
     results = report["modes"]
-    modes = args.modes or (() if args.latency or args.backlog else MODES)
+    modes = args.modes or (() if args.latency or args.backlog else DEFAULT_MODES)
     images = generate(workdir / "images", args.count, args.size, args.seed) if modes or args.latency else []
     exported = {"naive_export", "bound"} & set(modes) or args.latency
     plans = asyncio.run(export.prepare(config, devices)) if exported else []  # once, for every mode
@@ -210,6 +214,8 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
     if args.latency:
         report["latency"] = runs.latency(images, runs.daemon_config(workdir / "latency", args), args.rate)
         report["latency"]["p50_over_single_image"] = report["latency"]["p50_ms"] / report["single_image_ms"]
+    if "pipeline" in modes:
+        report["pipeline"] = pipeline.measure(images, workdir, args)
     if args.backlog:
         report["backlog"] = runs.backlog(workdir, args)
     setup["loadavg_1min_end"] = os.getloadavg()[0]
@@ -219,7 +225,7 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
 def render(report: dict[str, Any]) -> str:
     """The report as plain-text tables."""
     s = report["setup"]
-    images = f"{s['count']} images {s['size']}, " if report["modes"] or "latency" in report else ""
+    images = f"{s['count']} images {s['size']}, " if report["modes"] or {"latency", "pipeline"} & set(report) else ""
     out = [
         f"inferd bench: {images}{s['weights']}, imgsz {s['imgsz']}, batch {s['max_batch']},"
         f" database {s.get('database', 'off')}",
@@ -246,6 +252,8 @@ def render(report: dict[str, Any]) -> str:
             "  " + "  ".join(f"{k} {r[f'{k}_ms']:.1f} ms" for k in ("p50", "p95", "p99", "max")),
             f"  p50 / single-image model time: {r['p50_over_single_image']:.2f}; exit status 0 after SIGTERM",
         ]
+    if "pipeline" in report:
+        out += pipeline.render(report["pipeline"])
     if b := report.get("backlog", {}):
         out.append(f"backlog: N {b['image_size']} JPEGs waiting in incoming/, run --once, default max_pending")
         out.append(f"  {'N':>7} {'peak RSS MiB':>13} {'images/s':>9}")

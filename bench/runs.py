@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench import BenchError, rate
+from bench import BenchError, cpu, rate
 from bench.harness import Daemon, DaemonExited, Record, toml
 from bench.images import photo_like
 from daemon import progress
@@ -38,13 +38,13 @@ def daemon_config(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def start(raw: dict[str, Any], *args: str) -> Daemon:
+def start(raw: dict[str, Any], *args: str, env: dict[str, str] | None = None) -> Daemon:
     """The daemon on the config `raw`, written beside its data dirs."""
     root = Path(raw["paths"]["work"]).parent
     root.mkdir(parents=True, exist_ok=True)
     config = root / "config.toml"
     config.write_text(toml(raw))
-    return Daemon(config, *args)
+    return Daemon(config, *args, env=env)
 
 
 def records(daemon: Daemon) -> Iterator[tuple[float, Record]]:
@@ -77,14 +77,25 @@ def exit_status(daemon: Daemon) -> int:
         raise BenchError(f"the daemon did not exit within {EXIT_TIMEOUT_S:.0f} s") from None
 
 
-def run_once(raw: dict[str, Any], sources: list[Path], names: list[str]) -> dict[str, Any]:
-    """`inferd run --once` on `sources` (as `names`), timed from daemon_started to the last image_done."""
+def run_once(
+    raw: dict[str, Any],
+    sources: list[Path],
+    names: list[str],
+    *,
+    label: str = "inferd",
+    env: dict[str, str] | None = None,
+    cpu_usage: bool = False,
+) -> dict[str, Any]:
+    """`inferd run --once` on `sources` (as `names`), timed from daemon_started to the last
+    image_done; `cpu_usage`: with the main process's CPU between the two, by stage (bench.cpu)."""
     incoming = Path(raw["paths"]["incoming"])
     incoming.mkdir(parents=True)
     for source, name in zip(sources, names, strict=True):
         os.link(source, incoming / name)  # the daemon moves the link to done/; the source stays
-    with start(raw, "--once") as daemon, progress.bar("inferd", len(names)) as bar:
+    with start(raw, "--once", env=env) as daemon, progress.bar(label, len(names)) as bar:
         started, info = until(daemon, "daemon_started")
+        before = cpu.sample(daemon.proc.pid) if cpu_usage else None
+        usage: dict[str, Any] = {}
         done: set[str] = set()
         stages: dict[str, list[float]] = {}
         finished = started  # the last result durable: the daemon's own exit is not throughput
@@ -93,6 +104,8 @@ def run_once(raw: dict[str, Any], sources: list[Path], names: list[str]) -> dict
                 bar.update(1)
                 done.add(record["path"])
                 finished = arrived
+                if before is not None and len(done) == len(names):  # the last one: the daemon now drains
+                    usage = {"cpu": cpu.usage(before, cpu.sample(daemon.proc.pid), len(names))}
                 for key in ("batch", *(k for k in record if k.endswith("_ms"))):
                     stages.setdefault(key, []).append(record[key])
             elif record.get("event") == "daemon_stopped":
@@ -107,7 +120,7 @@ def run_once(raw: dict[str, Any], sources: list[Path], names: list[str]) -> dict
     rss_mib = peak_rss_kib / 1024 if peak_rss_kib else None  # None: it exited before /proc was read
     threads = f"{info['torch_threads']}+{info['preprocess_threads']}"
     medians = {k: statistics.median(v) for k, v in stages.items()}  # where an image's time went
-    return rate(len(names), finished - started, threads=threads, rss_mib=rss_mib, medians=medians)
+    return rate(len(names), finished - started, threads=threads, rss_mib=rss_mib, medians=medians, **usage)
 
 
 def latency(images: list[Path], raw: dict[str, Any], per_s: float) -> dict[str, Any]:

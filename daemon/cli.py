@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import structlog
@@ -20,6 +21,7 @@ import uvloop
 from daemon import __version__, logs
 from daemon.config import Config, ConfigError, load, prepare_dirs
 from daemon.notify import Notifier
+from daemon.threads import name_os_thread
 
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 78
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = setup(args.config)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            # aiofiles' and asyncio.to_thread's threads, named for the OS (bench --modes pipeline)
+            runner.get_loop().set_default_executor(ThreadPoolExecutor(initializer=name_os_thread, initargs=("io",)))
             if args.command == "check":
                 return runner.run(check(config))
             notifier = Notifier.from_environ(os.environ)

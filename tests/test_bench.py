@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench import cli, images
+from bench import cli, cpu, fake_model, images
 
 
 def run_bench(tmp_path: Path, weights: Path, *args: str) -> tuple[dict[str, Any], str]:
@@ -71,7 +73,7 @@ def test_generated_images_compress_like_photos() -> None:
 def test_throughput_modes_are_measured_and_compared(tmp_path: Path, tiny_weights: Path) -> None:
     report, table = run_bench(tmp_path, tiny_weights, "--count", "3")
     modes = report["modes"]
-    assert list(modes) == list(cli.MODES)
+    assert list(modes) == list(cli.DEFAULT_MODES)
     processes = len(report["setup"]["devices"])  # the bound runs one Runner per device process
     assert modes["bound"]["threads"].startswith(f"{processes}x")
     for mode, result in modes.items():
@@ -127,3 +129,64 @@ def test_a_daemon_that_cannot_start_fails_the_bench(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "exited with status 78" in proc.stderr
     assert not (tmp_path / "r.json").exists() and proc.stdout == ""
+
+
+def test_cpu_by_stage_adds_up_to_the_process() -> None:
+    """Named threads go to their stage; unnamed ones and ended ones to `other`; device processes apart."""
+    before = cpu.Sample(10, 1.0, {10: ("python", 0.5), 11: ("preprocess", 0.25), 12: ("ended", 0.25)}, {20: 1.0})
+    after = cpu.Sample(
+        10, 3.0, {10: ("python", 1.5), 11: ("preprocess", 0.5), 13: ("io", 0.25), 14: ("python", 0.5)}, {20: 2.0}
+    )
+    usage = cpu.usage(before, after, images=4)
+    assert usage["main_ms_per_image"] == pytest.approx(500)
+    stages = usage["by_stage_ms_per_image"]
+    assert list(stages) == list(cpu.ORDER)
+    assert stages == pytest.approx({"loop": 250, "decode": 62.5, "io": 62.5, "log": 0, "database": 0, "other": 125})
+    assert usage["threads"] == {"loop": 1, "decode": 1, "io": 1, "log": 0, "database": 0, "other": 1}
+    assert usage["device_ms_per_image"] == pytest.approx(250)
+
+
+def test_threads_get_os_names_the_bench_can_read() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from daemon.threads import name_os_thread
+
+    with ThreadPoolExecutor(1, initializer=name_os_thread, initargs=("preprocess",)) as pool:
+        tid = pool.submit(threading.get_native_id).result()
+        assert cpu.sample(os.getpid()).threads[tid][0] == "preprocess"
+
+
+def test_the_instant_model_answers_five_boxes_in_the_heads_shape() -> None:
+    import torch
+
+    x = torch.zeros(3, 3, 64, 96)
+    out = fake_model.prediction(3, 64, 96, 80, torch.tensor([8.0, 16.0, 32.0]), x)
+    assert out.shape == (3, 84, 8 * 12 + 4 * 6 + 2 * 3)
+    assert int((out[:, 4:].amax(dim=1) > 0.25).sum()) == 3 * len(fake_model.BOXES)
+
+
+@pytest.mark.slow
+def test_pipeline_mode_reports_the_main_process_cpu_by_stage(tmp_path: Path, tiny_weights: Path) -> None:
+    count = 24
+    report, table = run_bench(tmp_path, tiny_weights, "--modes", "pipeline", "--count", str(count), "--imgsz", "64")
+    assert report["modes"] == {}  # the pipeline has its own section: its model is a stand-in
+    pipeline = report["pipeline"]
+    for decode in ("host", "device"):
+        run = pipeline[decode]
+        assert run["images"] == count and run["images_per_s"] == pytest.approx(count / run["seconds"])
+        usage = run["cpu"]
+        stages = usage["by_stage_ms_per_image"]
+        assert list(stages) == list(cpu.ORDER)
+        assert sum(stages.values()) == pytest.approx(usage["main_ms_per_image"])
+        assert usage["main_ms_per_image"] > 0 and stages["loop"] > 0
+        # the daemon named its threads: each stage is found
+        assert usage["threads"]["loop"] == 1 and usage["threads"]["log"] == 1 and usage["threads"]["database"] == 1
+        assert usage["threads"]["decode"] >= 1 and usage["threads"]["io"] >= 1
+        assert usage["device_processes"] >= 1 and usage["device_ms_per_image"] >= 0
+        output = tmp_path / "work" / f"pipeline-{decode}" / "output"
+        for i in range(count):  # every image's files, with the instant model's boxes in them
+            name = f"img-{i:05d}.jpg"
+            assert len((output / f"{name}.txt").read_text().splitlines()) == len(fake_model.BOXES)
+            assert len(json.loads((output / f"{name}.json").read_text())["detections"]) == len(fake_model.BOXES)
+        assert f"  {decode} " in table
+    assert "pipeline: every stage real but the model" in table
