@@ -51,11 +51,16 @@ def prediction(n: int, h: int, w: int, nc: int, strides: torch.Tensor, like: tor
 
 
 def save(path: Path) -> Path:
-    """The checkpoint, written the way `YOLO.save` writes one (random-init yolo11n weights)."""
-    import ultralytics
-
+    """The checkpoint: random-init yolo11n weights, the instant forward."""
     model = InstantDetectionModel("yolo11n.yaml", verbose=False)  # type: ignore[no-untyped-call]
     model.instant = True
+    return write_checkpoint(model, path)
+
+
+def write_checkpoint(model: DetectionModel, path: Path) -> Path:
+    """`model` written the way `YOLO.save` writes a checkpoint (tests/faulty_model.py's too)."""
+    import ultralytics
+
     ckpt: dict[str, Any] = {
         "model": model.half(),
         "ema": None,
