@@ -83,6 +83,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="also write the report as JSON to this file")
     p.add_argument("--plot", type=Path, help="also draw the report as a PNG chart to this file")
     p.add_argument("--seed", type=int, default=0, help="random seed of the generated images")
+    p.add_argument(
+        "--compare", type=Path, help="with --modes pipeline: an earlier run's --json, to print this run's ratios to it"
+    )
     return p
 
 
@@ -216,6 +219,8 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
         report["latency"]["p50_over_single_image"] = report["latency"]["p50_ms"] / report["single_image_ms"]
     if "pipeline" in modes:
         report["pipeline"] = pipeline.measure(images, workdir, args)
+        if args.compare:
+            report["pipeline"]["compared"] = pipeline.compare(report["pipeline"], json.loads(args.compare.read_text()))
     if args.backlog:
         report["backlog"] = runs.backlog(workdir, args)
     setup["loadavg_1min_end"] = os.getloadavg()[0]

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bench import runs
+from bench import BenchError, runs
 
 DECODES = ("host", "device")
 CHECKOUT = Path(__file__).resolve().parent.parent  # on the daemon's PYTHONPATH: its processes unpickle the model
@@ -41,13 +41,28 @@ def measure(images: list[Path], workdir: Path, args: argparse.Namespace) -> dict
     return report
 
 
+def compare(now: dict[str, Any], earlier: dict[str, Any]) -> dict[str, Any]:
+    """This run against an earlier report's pipeline section, per decode path: images/s now over
+    then (higher is better) and main-process CPU per image now over then (lower is better)."""
+    then = earlier.get("pipeline")
+    if not isinstance(then, dict) or not all(d in then for d in DECODES):
+        raise BenchError("--compare: that report has no pipeline section (run it with --modes pipeline)")
+    ratios: dict[str, Any] = {}
+    for d in DECODES:
+        ratios[d] = {
+            "images_per_s": now[d]["images_per_s"] / then[d]["images_per_s"],
+            "main_ms_per_image": now[d]["cpu"]["main_ms_per_image"] / then[d]["cpu"]["main_ms_per_image"],
+        }
+    return ratios
+
+
 def render(report: dict[str, Any]) -> list[str]:
     """The pipeline section of the plain-text report."""
     from bench.cpu import ORDER
 
     out = [
-        f"pipeline: every stage real but the model ({report['boxes_per_image']} fixed boxes per image, at once);"
-        " main process CPU ms/image from daemon_started to the last image_done:",
+        f"pipeline: every stage real but the model ({Path(report['weights']).name}: {report['boxes_per_image']}"
+        " fixed boxes per image, at once); main process CPU ms/image from daemon_started to the last image_done:",
         f"  {'decode':<7} {'images/s':>9} {'main':>6}  " + " ".join(f"{g:>8}" for g in ORDER) + f"  {'devices':>8}",
     ]
     for decode in DECODES:
@@ -57,5 +72,10 @@ def render(report: dict[str, Any]) -> list[str]:
         out.append(
             f"  {decode:<7} {r['images_per_s']:>9.1f} {c['main_ms_per_image']:>6.3f}  {stages}"
             f"  {c['device_ms_per_image']:>8.3f}"
+        )
+    for decode, r in report.get("compared", {}).items():
+        out.append(
+            f"  {decode} against --compare: images/s x{r['images_per_s']:.2f},"
+            f" main CPU/image x{r['main_ms_per_image']:.2f}"
         )
     return out

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from bench import cli, cpu, fake_model, images
+import bench
+from bench import cli, cpu, fake_model, images, pipeline
 
 
 def run_bench(tmp_path: Path, weights: Path, *args: str) -> tuple[dict[str, Any], str]:
@@ -168,7 +169,14 @@ def test_the_instant_model_answers_five_boxes_in_the_heads_shape() -> None:
 @pytest.mark.slow
 def test_pipeline_mode_reports_the_main_process_cpu_by_stage(tmp_path: Path, tiny_weights: Path) -> None:
     count = 24
-    report, table = run_bench(tmp_path, tiny_weights, "--modes", "pipeline", "--count", str(count), "--imgsz", "64")
+    earlier = tmp_path / "before.json"  # an earlier run, as --json wrote it: this one is compared with it
+    earlier.write_text(
+        json.dumps(
+            {"pipeline": {d: {"images_per_s": 2.0, "cpu": {"main_ms_per_image": 4.0}} for d in ("host", "device")}}
+        )
+    )
+    args = ("--modes", "pipeline", "--count", str(count), "--imgsz", "64", "--compare", str(earlier))
+    report, table = run_bench(tmp_path, tiny_weights, *args)
     assert report["modes"] == {}  # the pipeline has its own section: its model is a stand-in
     pipeline = report["pipeline"]
     for decode in ("host", "device"):
@@ -189,4 +197,13 @@ def test_pipeline_mode_reports_the_main_process_cpu_by_stage(tmp_path: Path, tin
             assert len((output / f"{name}.txt").read_text().splitlines()) == len(fake_model.BOXES)
             assert len(json.loads((output / f"{name}.json").read_text())["detections"]) == len(fake_model.BOXES)
         assert f"  {decode} " in table
+        assert pipeline["compared"][decode] == pytest.approx(
+            {"images_per_s": run["images_per_s"] / 2, "main_ms_per_image": usage["main_ms_per_image"] / 4}
+        )
+        assert f"{decode} against --compare: images/s x" in table
     assert "pipeline: every stage real but the model" in table
+
+
+def test_compare_needs_a_pipeline_report() -> None:
+    with pytest.raises(bench.BenchError, match="no pipeline section"):
+        pipeline.compare({}, {"modes": {}})
