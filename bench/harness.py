@@ -99,7 +99,10 @@ class Daemon:
                 return record
         deadline = time.monotonic() + timeout_s
         while True:
-            _, record = self.next_record(max(0.0, deadline - time.monotonic()))
+            try:
+                _, record = self.next_record(max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise TimeoutError(f"no matching log line within {timeout_s} s; last lines: {self.raw[-5:]}") from None
             if predicate(record):
                 return record
 
@@ -114,9 +117,9 @@ class Daemon:
         self.proc.send_signal(sig)
         code = self.proc.wait(timeout_s)
         self._reader.join(timeout_s)
-        while not self._ended:
-            with contextlib.suppress(DaemonExited):
-                self.next_record(timeout_s)
+        with contextlib.suppress(TimeoutError, DaemonExited):
+            while True:  # what is queued; a device process that outlives it may hold stdout open
+                self.next_record(0)
         return code
 
     def stderr(self) -> str:
