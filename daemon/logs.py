@@ -19,6 +19,7 @@ from typing import Protocol
 import structlog
 
 from daemon.config import LogConfig, LogFormat
+from daemon.threads import name_os_thread
 
 # Third-party loggers whose info lines are banners, progress or per-event chatter (watchfiles logs
 # "N changes detected" for every batch of events): only their warnings reach our stream.
@@ -87,6 +88,7 @@ def configure(config: LogConfig, *, process: str, background: bool = False) -> N
         _lines = None if console else lines  # records() renders JSON lines itself and queues them
         writer = logging.handlers.QueueListener(lines, stream)
         writer.start()
+        name_os_thread("log", writer._thread)  # its CPU, told apart from the caller's (bench --modes pipeline)
         atexit.register(writer.stop)  # writes what is queued, then ends the thread
     handler.setFormatter(formatter)
     root = logging.getLogger()
