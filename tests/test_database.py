@@ -329,14 +329,14 @@ def test_rows_the_database_refuses_fail_alone_and_the_rest_of_the_batch_commits(
 
 
 def test_a_reload_keeps_the_running_database_and_says_a_restart_is_needed(tmp_path: Path) -> None:
-    from daemon import service
+    from daemon import reload
+    from daemon.workers import resolve_decode
 
-    running = config.parse({}, base=tmp_path)
+    running = resolve_decode(config.parse({}, base=tmp_path), ["cpu:0"])  # as the service resolved it
     new = config.parse({"output": {"database": "sqlite:///other.sqlite3", "fsync": False}}, base=tmp_path)
-    assert config.differences(running, new) == {"output.database", "output.fsync"}
-    assert service.needs_restart("output.database") and not service.needs_restart("output.fsync")
-    kept = service.reloadable(running, new)
-    assert kept.output.database == running.output.database and kept.output.fsync is False
+    plan = reload.plan(running, new, ["cpu:0"])
+    assert (plan.ignored, plan.changed, plan.roll) == (["output.database"], ["output.fsync"], False)
+    assert plan.new.output.database == running.output.database and plan.new.output.fsync is False
 
 
 def test_every_task_gives_rows_from_its_json_result() -> None:

@@ -28,8 +28,8 @@ from conftest import Daemon, photo_like, write_config
 from daemon import preprocess
 from daemon.batching import Batcher, Knobs
 from daemon.config import LogConfig, LogFormat
+from daemon.fleet import RESTART_BACKOFF_S
 from daemon.jobs import Job, Prepared
-from daemon.service import RESTART_BACKOFF_S
 from daemon.tasks.detect import Boxes
 from daemon.workers import BatchFailed, DeviceWorker, WorkerCrashed
 
