@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import ImageDraw
 
-from daemon.tasks import Head, Meta, Payload, Task, g
+from daemon.tasks import Head, Meta, Payload, Task
 
 COLOR = (255, 56, 56)
 
@@ -24,7 +24,8 @@ class Boxes:
         return len(self.data)
 
     def txt(self, width: int, height: int, names: dict[int, str]) -> str:
-        return "".join(g((int(c), *xywh, float(conf))) + "\n" for xywh, conf, c in box_rows(self.data, width, height))
+        rows = box_rows(self.data, width, height)
+        return "".join(f"{int(c)} {x:g} {y:g} {w:g} {h:g} {conf:g}\n" for (x, y, w, h), conf, c in rows)
 
     def json(self, names: dict[int, str]) -> dict[str, Any]:
         return {"detections": detections(self.data, names)}
@@ -41,13 +42,8 @@ def box_rows(data: np.ndarray, width: int, height: int) -> list[tuple[list[float
     if not len(data):
         return []
     xyxy = data[:, :4].astype(np.float32)
-    xywh = np.empty_like(xyxy)
-    xywh[:, 0] = (xyxy[:, 0] + xyxy[:, 2]) / 2
-    xywh[:, 1] = (xyxy[:, 1] + xyxy[:, 3]) / 2
-    xywh[:, 2] = xyxy[:, 2] - xyxy[:, 0]
-    xywh[:, 3] = xyxy[:, 3] - xyxy[:, 1]
-    xywh[:, [0, 2]] /= np.float32(width)
-    xywh[:, [1, 3]] /= np.float32(height)
+    xywh = np.concatenate(((xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]), axis=1)
+    xywh /= np.array([width, height, width, height], np.float32)
     return list(zip(xywh.tolist(), data[:, 4].tolist(), data[:, 5].tolist(), strict=True))
 
 
