@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -78,8 +79,14 @@ def prepared(name: str) -> Prepared:
     return Prepared(job, np.zeros((64, 64, 3), np.uint8), 64, 64, 1, (1.0, 1.0), (0, 0), time.monotonic())
 
 
-def serve(devices: list[Device], names: list[str], max_attempts: int = 3) -> list[list[Outcome]]:
-    """Run a batcher over `devices` until every image has an outcome; the outcomes per batch."""
+def serve(
+    devices: list[Device],
+    names: list[str],
+    max_attempts: int = 3,
+    meanwhile: Callable[[Batcher], Awaitable[None]] | None = None,
+) -> list[list[Outcome]]:
+    """Run a batcher over `devices` (and `meanwhile` beside it) until every image has an
+    outcome; the outcomes per batch."""
 
     async def main() -> list[list[Outcome]]:
         ready: asyncio.Queue[Prepared] = asyncio.Queue()
@@ -90,6 +97,8 @@ def serve(devices: list[Device], names: list[str], max_attempts: int = 3) -> lis
         task = asyncio.create_task(batcher.run())
         batches: list[list[Outcome]] = []
         try:
+            if meanwhile is not None:
+                await asyncio.wait_for(meanwhile(batcher), 10)
             while sum(map(len, batches)) < len(names):
                 batches.append(await asyncio.wait_for(out.get(), 10))
         finally:
@@ -136,31 +145,12 @@ def test_a_retiring_device_hands_its_batch_back_without_an_attempt() -> None:
     retiring, serving = FakeDevice("old", retire=True), FakeDevice("new")
     devices: list[Device] = [retiring]
 
-    async def switch_soon() -> None:  # the reload's switch: the new device takes over
+    async def switch(batcher: Batcher) -> None:  # the reload's switch: the new device takes over
         await retiring.asked.wait()
         devices[:] = [serving]
+        batcher.wake.set()
 
     names = [f"{i}.jpg" for i in range(3)]
-
-    async def main() -> dict[str, Outcome]:
-        ready: asyncio.Queue[Prepared] = asyncio.Queue()
-        for name in names:
-            ready.put_nowait(prepared(name))
-        out: asyncio.Queue[list[Outcome]] = asyncio.Queue()
-        batcher = Batcher(ready, devices, out, Knobs(4, 5, 0.25, 0.7, 3))
-        task = asyncio.create_task(batcher.run())
-        await asyncio.wait_for(switch_soon(), 10)
-        batcher.wake.set()
-        batches: list[list[Outcome]] = []
-        try:
-            while sum(map(len, batches)) < len(names):
-                batches.append(await asyncio.wait_for(out.get(), 10))
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        return outcome_of(batches)
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        found = runner.run(main())
+    found = outcome_of(serve(devices, names, meanwhile=switch))
     assert all(isinstance(o, Inferred) and o.device == "new" and o.prepared.job.attempts == 0 for o in found.values())
     assert sorted(found) == names and retiring.batches
