@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import structlog
 
 from daemon import __version__, batching, config, export, intake, logs, metrics, preprocess, progress, results, state
-from daemon.config import Config, ConfigError, Decode
+from daemon.config import Backend, Config, ConfigError, Decode
 from daemon.devices import Device, WorkerStartError, start_all
 from daemon.jobs import Capacity, FailReason, Failure, Inferred, Job, Outcome, Prepared
 from daemon.notify import Notifier
@@ -66,7 +66,7 @@ ROLL_KEYS = frozenset(
 RESTART_KEYS = frozenset(
     {"pipeline.max_pending", "pipeline.preprocess_threads", "pipeline.decode", "log.format", "output.database"}
 )
-RESTART_SECTIONS = ("paths.", "intake.", "metrics.")
+RESTART_SECTIONS = ("paths.", "intake.", "metrics.", "cluster.")
 
 
 def needs_restart(key: str) -> bool:
@@ -80,6 +80,7 @@ def reloadable(running: Config, new: Config) -> Config:
         paths=running.paths,
         intake=running.intake,
         metrics=running.metrics,
+        cluster=running.cluster,
         pipeline=dataclasses.replace(
             new.pipeline,
             max_pending=running.pipeline.max_pending,
@@ -126,6 +127,7 @@ class Service:
         self.exit_status = 0
         self.database: Database | None = None
         self.sink_error: str | None = None  # why the database sink fails now; None while it works
+        self.cluster: Any = None  # daemon.cluster.Cluster with [cluster] backend = "ray" (imported only then)
 
     def _on_signal(self, signum: int) -> None:
         if self.stop.is_set():
@@ -224,12 +226,12 @@ class Service:
         Their slots keep room for images letterboxed before the switch, at the old imgsz.
         """
         room = max([new.model.imgsz, *(w.slot_imgsz for w in self.workers)])
-        devices = await resolve_devices(new)
+        devices = await self._resolve_devices(new)
         try:
             await export.prepare(new, devices, stop=self.stop, notifier=self.notifier)
         except export.ExportStopped:
             raise WorkerStartError("stopping during the model export", permanent=False) from None
-        fresh = start_workers(new, devices, slot_imgsz=room)
+        fresh = self._make_devices(new, devices, slot_imgsz=room)
         try:
             for worker in fresh:
                 await worker.start(new.pipeline.worker_start_timeout_s)
@@ -292,6 +294,13 @@ class Service:
 
     async def run(self) -> int:
         """Serve until stopped (or, with --once, until incoming/ is drained). Returns the exit status."""
+        try:
+            return await self._run()
+        finally:
+            if self.cluster is not None:
+                await self.cluster.close()
+
+    async def _run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
@@ -302,7 +311,7 @@ class Service:
         cfg = checkpoint.resolve_config(cfg)  # imgsz "auto", refusals: before anything starts
         if cfg.output.database is not None:  # a missing driver stops the start (ConfigError: exit 78)
             self.database = open_database(cfg.output.database, fsync=cfg.output.fsync, on_state=self._sink_state)
-        devices = await self._unless_stopped(resolve_devices(cfg))
+        devices = await self._unless_stopped(self._resolve_devices(cfg))
         if devices is None:
             log.info("daemon_stopped", during="start-up", uptime_s=round(time.monotonic() - started, 2))
             return 0
@@ -382,6 +391,7 @@ class Service:
             loop.create_task(results.run(outcomes, self.writer, concurrency=16)),
             loop.create_task(self._supervision()),
             *([loop.create_task(self.database.run())] if self.database is not None else []),
+            *([loop.create_task(self.cluster.grow(cfg, self._add_device))] if self.cluster is not None else []),
         ]
         feeders = [loop.create_task(self._feed())]
         self.queues: dict[str, asyncio.Queue[Any]] = {"jobs": jobs, "ready": ready, "outcomes": outcomes}
@@ -423,9 +433,41 @@ class Service:
     async def _start_up(self, cfg: Config, devices: list[str]) -> list[dict[str, Any]] | None:
         """Start a device process per device and wait for READY; None if a stop came first."""
         self.notifier.status("loading the model on " + ", ".join(devices))
-        self.workers[:] = start_workers(cfg, devices)
+        self.workers[:] = self._make_devices(cfg, devices)
         log.info("workers_starting", devices=devices, timeout_s=cfg.pipeline.worker_start_timeout_s)
         return await self._unless_stopped(start_all(self.workers, cfg.pipeline.worker_start_timeout_s))
+
+    # --- The device backend: local processes, or actors on a Ray cluster ([cluster] backend). ---
+
+    async def _resolve_devices(self, cfg: Config) -> list[str]:
+        if cfg.cluster.backend is Backend.RAY:
+            from daemon.cluster import Cluster
+
+            if self.cluster is None:
+                self.cluster = Cluster(cfg, on_state=self._cluster_state)
+            names: list[str] = await self.cluster.resolve_devices()
+            return names
+        return await resolve_devices(cfg)
+
+    def _make_devices(self, cfg: Config, devices: list[str], *, slot_imgsz: int = 0) -> list[Device]:
+        if self.cluster is not None:
+            made: list[Device] = self.cluster.devices(cfg, devices, slot_imgsz=slot_imgsz)
+            return made
+        return start_workers(cfg, devices, slot_imgsz=slot_imgsz)
+
+    async def _add_device(self, device: Device) -> None:
+        """A started device for a node the cluster gained: the batcher takes it, a supervisor keeps it."""
+        self.workers.append(device)
+        self._supervise_worker(device)
+        self.batcher.wake.set()
+        log.info("device_added", device=device.device, pid=device.pid, devices=len(self.workers))
+
+    def _cluster_state(self, up: bool, error: str | None) -> None:
+        """The Ray cluster was lost (intake pauses as the claimed inputs wait), or is back."""
+        self.metrics.unavailable = None if up else f"Ray cluster lost, reconnecting: {error}"
+        self.notifier.status("Ray cluster back" if up else f"Ray cluster lost, reconnecting; intake paused: {error}")
+
+    # --- end of the device backend ---
 
     async def _unless_stopped(self, step: Coroutine[Any, Any, T]) -> T | None:
         """`step`'s result, or None if a stop request came first (`step` is then cancelled: it
@@ -556,6 +598,7 @@ class Service:
             "workers_up": sum(w.up for w in self.workers),
             "workers": len(self.workers),
             **({"database_up": self.sink_error is None} if self.database is not None else {}),
+            **({"cluster": self.cluster.state.value} if self.cluster is not None else {}),
         }
 
     async def _stats(self, interval_s: float) -> None:
@@ -573,6 +616,7 @@ class Service:
                 f"{s['done']} done, {s['failed']} failed, {s['in_flight']} in flight, {rate:.1f} img/s, "
                 f"{s['workers_up']}/{s['workers']} devices up"
                 + ("" if self.sink_error is None else "; database unavailable, retrying")
+                + ("" if self.cluster is None or self.cluster.problem is None else "; Ray cluster lost, reconnecting")
             )
 
     async def _watchdog(self) -> None:

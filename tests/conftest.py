@@ -201,3 +201,15 @@ def task_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("task-weights")
     return {task: task_models.build(task, root / f"yolov8s-{task}.pt") for task in task_models.IMGSZ}
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[Any]:
+    """One real Ray head for the test session (`ray start --head --num-cpus 2`, no dashboard), in a
+    process group of its own; tests that stop or kill a head start their own RayCluster."""
+    pytest.importorskip("ray", reason="the Ray backend's tests need pip install '.[ray]'")
+    from raycluster import RayCluster
+
+    cluster = RayCluster(num_cpus=2).start()
+    yield cluster
+    cluster.stop()

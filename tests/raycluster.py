@@ -1,0 +1,128 @@
+"""A real Ray cluster for the tests: `ray start` nodes as separate processes.
+
+Each node is `ray start --block` in a process group of its own, so stopping it (SIGTERM, or
+SIGKILL for a crash) ends exactly its processes, never another cluster's on this machine (`ray
+stop` would end every Ray process of the user). Every port a node opens is picked free, so two
+clusters can run side by side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Node:
+    def __init__(self, args: list[str], temp_dir: Path, log: Path) -> None:
+        self.args = args
+        self.temp_dir = temp_dir
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        ports = {
+            "--node-manager-port": free_port(),
+            "--object-manager-port": free_port(),
+            "--metrics-export-port": free_port(),
+            "--runtime-env-agent-port": free_port(),
+            "--dashboard-agent-listen-port": free_port(),
+            "--dashboard-agent-grpc-port": free_port(),
+        }
+        extra = [f"{k}={v}" for k, v in ports.items()]
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [RAY, "start", "--block", "--disable-usage-stats", f"--temp-dir={self.temp_dir}", *self.args, *extra],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """End every process of this node (its process group); SIGKILL by default (a crash)."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+        with contextlib.suppress(ProcessLookupError):  # workers that outlived the raylet
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc = None
+
+
+class RayCluster:
+    """A head (`--num-cpus`, no dashboard) and optional worker nodes, all local processes."""
+
+    def __init__(self, num_cpus: int = 2) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must be short
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        head = [
+            "--head",
+            f"--port={self.port}",
+            f"--num-cpus={num_cpus}",
+            "--include-dashboard=false",
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-port={free_port()}",
+        ]
+        self.head = Node(head, self.root / "head", self.root / "head.log")
+        self.workers: list[Node] = []
+
+    def start(self, timeout_s: float = 60) -> RayCluster:
+        self.head.start()
+        self.wait_up(timeout_s)
+        return self
+
+    def wait_up(self, timeout_s: float = 60) -> None:
+        """Until the head's GCS answers `ray status` (no sleep: the command itself waits)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = subprocess.run(
+                [RAY, "status", f"--address={self.address}"], capture_output=True, timeout=timeout_s
+            )
+            if status.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Ray head at {self.address} not up: {self.head.log.read_text()[-2000:]}")
+
+    def add_node(self, num_cpus: int = 1, resources: str = "") -> Node:
+        args = [f"--address={self.address}", f"--num-cpus={num_cpus}"]
+        if resources:
+            args.append(f"--resources={resources}")
+        node = Node(args, self.root / f"node{len(self.workers)}", self.root / f"node{len(self.workers)}.log")
+        node.start()
+        self.workers.append(node)
+        return node
+
+    def restart_head(self) -> None:
+        self.head.kill(signal.SIGTERM)
+        self.head.start()
+        self.wait_up()
+
+    def stop(self) -> None:
+        for node in self.workers:
+            node.kill()
+        self.head.kill(signal.SIGTERM)
+        shutil.rmtree(self.root, ignore_errors=True)
