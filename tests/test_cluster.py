@@ -70,3 +70,109 @@ def test_ray_results_equal_the_local_backend(tmp_path: Path, daemon_factory: Run
         assert same_rows(a[name], b[name]), (name, a[name], b[name])
     doc = json.loads((ray_dir / "var" / "output" / "bus.jpg.json").read_text())
     assert doc["device"] == "ray:cpu:0" and doc["model"]["name"] == "best.pt"
+
+
+def healthz(port: int) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def drop_many(incoming: Path, count: int) -> set[str]:
+    incoming.mkdir(parents=True, exist_ok=True)
+    names = set()
+    for i in range(count):
+        name = f"s{i:03d}.jpg"
+        photo_like(640, 480, seed=100 + i).save(incoming / f".{name}.part", "JPEG", quality=90)
+        (incoming / f".{name}.part").rename(incoming / name)
+        names.add(name)
+    return names
+
+
+def finished(daemon: Daemon, names: set[str], timeout_s: float = 240) -> None:
+    seen: set[str] = set()
+    daemon.wait_for(lambda r: r["event"] == "image_done" and not seen.add(r["path"]) and seen >= names, timeout_s)
+
+
+def test_a_ray_worker_killed_mid_stream_loses_nothing(
+    tmp_path: Path, daemon_factory: RunDaemon, ray_head: Any
+) -> None:
+    import os
+    import signal
+
+    config = ray_config(tmp_path, ray_head.address, pipeline={"max_batch": 2}, intake={"settle_ms": 100})
+    daemon = daemon_factory(config)
+    daemon.wait_event("daemon_started")
+    actor = daemon.wait_event("actor_started")
+    names = drop_many(tmp_path / "var" / "incoming", 40)
+    daemon.wait_event("image_done")
+    os.kill(actor["pid"], signal.SIGKILL)  # the actor's Ray worker process, as the OOM killer would
+    crashed = daemon.wait_event("worker_crashed")
+    assert crashed["device"] == "ray:cpu:0" and crashed["started"] is True
+    restarted = daemon.wait_event("worker_restarted", device="ray:cpu:0")
+    assert restarted["pid"] != actor["pid"]
+    finished(daemon, names)
+    assert daemon.stop() == 0
+    stopped = daemon.events("daemon_stopped")[0]
+    assert (stopped["done"], stopped["failed"]) == (40, 0)
+    assert {p.name for p in (tmp_path / "var" / "done").iterdir()} == names
+    assert not list((tmp_path / "var" / "work" / "processing").iterdir())
+
+
+def test_the_ray_head_stopped_and_restarted_mid_stream_loses_nothing(
+    tmp_path: Path, daemon_factory: RunDaemon
+) -> None:
+    pytest.importorskip("ray")
+    from raycluster import RayCluster, free_port
+
+    cluster = RayCluster(num_cpus=2).start()
+    try:
+        port = free_port()
+        config = ray_config(
+            tmp_path,
+            cluster.address,
+            cluster={"connect_timeout_s": 15},
+            pipeline={"max_batch": 2},
+            intake={"settle_ms": 100},
+            metrics={"listen": f"127.0.0.1:{port}"},
+        )
+        daemon = daemon_factory(config)
+        daemon.wait_event("actor_started")
+        assert healthz(port) == (200, "ok\n")
+        names = drop_many(tmp_path / "var" / "incoming", 40)
+        daemon.wait_event("image_done")
+        cluster.head.kill()  # the whole head: GCS, raylet, the actor's worker
+        lost = daemon.wait_event("cluster_lost")
+        assert lost["address"] == cluster.address
+        status, body = healthz(port)
+        assert status == 503 and "Ray cluster lost" in body
+        daemon.wait_event("worker_restart_failed")  # it tries, and cannot reach the head yet
+        cluster.head.start()
+        daemon.wait_event("cluster_reconnected", timeout_s=120)
+        finished(daemon, names)
+        assert healthz(port) == (200, "ok\n")
+        assert daemon.stop() == 0
+        stopped = daemon.events("daemon_stopped")[0]
+        assert (stopped["done"], stopped["failed"]) == (40, 0)
+        assert {p.name for p in (tmp_path / "var" / "done").iterdir()} == names
+    finally:
+        cluster.stop()
+
+
+def test_a_cluster_unreachable_at_start_exits_naming_the_address(
+    tmp_path: Path, daemon_factory: RunDaemon
+) -> None:
+    pytest.importorskip("ray")
+    from raycluster import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    daemon = daemon_factory(ray_config(tmp_path, address, cluster={"connect_timeout_s": 3}))
+    assert daemon.proc.wait(120) == 1  # not 78: systemd restarts it, the cluster may come up
+    daemon.stop()
+    failed = daemon.events("start_failed")[0]
+    assert f"cannot reach the Ray cluster at {address}" in failed["error"] and failed["permanent"] is False

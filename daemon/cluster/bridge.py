@@ -108,11 +108,11 @@ class Bridge:
         except (TimeoutError, ClusterLost, RemoteError) as exc:
             why = f"no answer within {timeout_s:.0f} s" if isinstance(exc, TimeoutError) else str(exc)
             self.error = f"cannot reach the Ray cluster at {self.address}: {why}"
-            await self.close()
+            await self.close(0)  # a driver still in ray.init reads no pipe
             self.state = ClusterState.LOST if was is ClusterState.LOST else ClusterState.DISCONNECTED
             raise WorkerStartError(self.error, permanent=False) from None
         except BaseException:
-            await self.close()
+            await self.close(0)
             raise
         self.state = ClusterState.CONNECTED
         if was is ClusterState.LOST:
@@ -207,8 +207,9 @@ class Bridge:
                 proc.kill()
                 await asyncio.to_thread(proc.join)
 
-    async def close(self) -> None:
-        """Stop the driver (it kills its actors, and a local Ray instance it started)."""
+    async def close(self, timeout_s: float = 15) -> None:
+        """Stop the driver (it kills its actors, and a local Ray instance it started: a few
+        seconds); kill it after `timeout_s`."""
         if self._conn is not None:
             with contextlib.suppress(OSError):
                 self._send(None)  # type: ignore[arg-type]
@@ -221,7 +222,7 @@ class Bridge:
             self._conn = None
         proc, self._proc = self._proc, None
         if proc is not None:
-            await asyncio.to_thread(proc.join, 15)  # ray.shutdown of a local instance takes a few seconds
+            await asyncio.to_thread(proc.join, timeout_s)
             if proc.is_alive():
                 proc.kill()
                 await asyncio.to_thread(proc.join)
