@@ -168,7 +168,7 @@ class ClusterConfig:
     backend: Backend = Backend.LOCAL
     address: str = ""  # "" = start a local Ray instance; "auto", "host:port" or "ray://host:port"
     actors_per_gpu: int = 1  # actors sharing one GPU (each asks for num_gpus = 1 / actors_per_gpu)
-    cpu_actors: int = 1  # actors on CPUs when the cluster has no GPU; 0 = refuse to start without one
+    cpu_actors: int = 1  # actors per node on CPUs when the cluster has no GPU; 0 = refuse to start without one
     cpus_per_actor: float = 1.0  # Ray num_cpus of each actor (a CPU actor's torch threads, rounded up)
     resources: tuple[tuple[str, float], ...] = ()  # custom Ray resources each actor needs, e.g. {"inferd" = 1}
     rescan_interval_s: float = 10.0  # how often the cluster's GPUs are counted: a node added gets an actor

@@ -43,12 +43,13 @@ class Cluster:
         return None if self.bridge.state is ClusterState.CONNECTED else self.bridge.error
 
     def device_names(self, resources: dict[str, float]) -> list[str]:
-        """One actor per GPU (times `actors_per_gpu`); `cpu_actors` on CPUs if the cluster has no GPU."""
+        """One actor per GPU (times `actors_per_gpu`); if the cluster has no GPU, `cpu_actors` per
+        node that has the CPUs (and custom resources) an actor asks for."""
         c = self.config.cluster
         gpus = int(resources.get("GPU", 0))
         if gpus:
             return [f"ray:gpu:{i}" for i in range(gpus * c.actors_per_gpu)]
-        return [f"ray:cpu:{i}" for i in range(c.cpu_actors)]
+        return [f"ray:cpu:{i}" for i in range(c.cpu_actors * int(resources.get("cpu_nodes", 0)))]
 
     async def resolve_devices(self) -> list[str]:
         """Connect and list the devices; WorkerStartError naming the address if it is unreachable."""

@@ -53,7 +53,7 @@ def main(cluster: ClusterConfig, log_config: LogConfig, conn: Connection) -> Non
         kwargs["include_dashboard"] = False
     try:
         ray.init(address=cluster.address or None, **kwargs)
-        resources = _resources(ray)
+        resources = _resources(ray, cluster)
     except Exception as exc:  # noqa: BLE001 - whatever ray.init raises, the daemon reports it
         conn.send(("unreachable", f"{type(exc).__name__}: {exc}"))
         return
@@ -65,10 +65,18 @@ def main(cluster: ClusterConfig, log_config: LogConfig, conn: Connection) -> Non
             ray.shutdown()
 
 
-def _resources(ray: Any) -> dict[str, float]:
+def _resources(ray: Any, cluster: ClusterConfig) -> dict[str, float]:
+    """The cluster's GPUs and CPUs, its live nodes, and how many of them could host a CPU actor."""
     total = ray.cluster_resources()
-    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    return {"GPU": float(total.get("GPU", 0)), "CPU": float(total.get("CPU", 0)), "nodes": float(nodes)}
+    alive = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    need = {"CPU": max(cluster.cpus_per_actor, 1e-9), **dict(cluster.resources)}
+    cpu_nodes = sum(1 for r in alive if all(r.get(k, 0) >= v for k, v in need.items()))
+    return {
+        "GPU": float(total.get("GPU", 0)),
+        "CPU": float(total.get("CPU", 0)),
+        "nodes": float(len(alive)),
+        "cpu_nodes": float(cpu_nodes),
+    }
 
 
 class Driver:
@@ -188,7 +196,7 @@ class Driver:
         self._send(("ok", req, None))
 
     async def _answer_resources(self, req: int) -> None:
-        self._send(("ok", req, await asyncio.to_thread(_resources, self.ray)))
+        self._send(("ok", req, await asyncio.to_thread(_resources, self.ray, self.cluster)))
 
     def _kill(self, name: str) -> None:
         actor = self.actors.pop(name, None)
