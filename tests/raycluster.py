@@ -45,7 +45,9 @@ class Node:
             "--dashboard-agent-grpc-port": free_port(),
         }
         extra = [f"{k}={v}" for k, v in ports.items()]
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        # The actors unpickle tests/faulty_model.py's model by name, as local device processes do.
+        path = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": path}
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [RAY, "start", "--block", "--disable-usage-stats", f"--temp-dir={self.temp_dir}", *self.args, *extra],
