@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import uvloop
 from daemon import __version__, logs
 from daemon.config import Backend, Config, ConfigError, load, prepare_dirs
 from daemon.notify import Notifier
+from daemon.threads import name_os_thread
 
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 78
@@ -35,10 +37,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--once", action="store_true", help="process what is in incoming/, then exit 0 when drained")
     check = sub.add_parser("check", help="validate the config, export the model (cached), load it on each device")
     check.add_argument("--config", type=Path, default=Path("config.toml"), help="config file (default ./config.toml)")
-    from daemon import bench, status
+    from daemon import status
 
     status.add_arguments(sub.add_parser("status", help="how the daemon of a config is doing (exit 3: not running)"))
-    bench.add_arguments(sub.add_parser("bench", help="measure inferd against the seed designs and the model bound"))
+    # Its options are the bench's own (bench/cli.py, in a checkout): main() hands it the words after `bench`.
+    sub.add_parser("bench", help="measure inferd against the seed designs and the model bound (from a checkout)")
     return top
 
 
@@ -52,26 +55,27 @@ def setup(config_path: Path) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     # Before anything imports Ultralytics (also in spawned workers, which inherit the environment):
     # no network probe, no pip installs at run time.
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_AUTOINSTALL", "false")
     os.environ.setdefault("YOLO_VERBOSE", "false")  # its banners bypass logging handlers at import
+    if argv[:1] == ["bench"]:
+        return bench(argv[1:])
+    args = parser().parse_args(argv)
     if args.command == "status":
         from daemon import status
 
         return status.main(args)
-    if args.command == "bench":
-        from daemon import bench
-
-        return bench.main(args)
     from daemon.service import Service
     from daemon.workers import WorkerStartError
 
     try:
         config = setup(args.config)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            # aiofiles' and asyncio.to_thread's threads, named for the OS (bench --modes pipeline)
+            runner.get_loop().set_default_executor(ThreadPoolExecutor(initializer=name_os_thread, initargs=("io",)))
             if args.command == "check":
                 return runner.run(check(config))
             notifier = Notifier.from_environ(os.environ)
@@ -83,6 +87,20 @@ def main(argv: list[str] | None = None) -> int:
         structlog.get_logger("daemon.cli").error("start_failed", error=str(exc), permanent=exc.permanent)
         sys.stderr.write(f"inferd: cannot start: {exc}\n")
         return EXIT_CONFIG if exc.permanent else EXIT_RUNTIME
+
+
+def bench(argv: list[str]) -> int:
+    """`inferd bench`: the bench is not part of the installed package but lives beside it in a
+    checkout (bench/), which it measures; run from anywhere, it is found there."""
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / "bench" / "cli.py").is_file():
+        sys.stderr.write(f"inferd bench: runs from a checkout of inferd (bench/ beside daemon/); {checkout} has none\n")
+        return 2
+    if str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    from bench import cli
+
+    return cli.main(argv)
 
 
 async def check(config: Config) -> int:

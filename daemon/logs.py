@@ -17,6 +17,7 @@ from typing import Protocol
 import structlog
 
 from daemon.config import LogConfig, LogFormat
+from daemon.threads import name_os_thread
 
 # Third-party loggers whose info lines are banners, progress or per-event chatter (watchfiles logs
 # "N changes detected" for every batch of events): only their warnings reach our stream.
@@ -81,6 +82,7 @@ def configure(config: LogConfig, *, process: str, background: bool = False) -> N
         stream.setFormatter(logging.Formatter("%(message)s"))
         writer = logging.handlers.QueueListener(lines, stream)
         writer.start()
+        name_os_thread("log", writer._thread)  # its CPU, told apart from the caller's (bench --modes pipeline)
         atexit.register(writer.stop)  # writes what is queued, then ends the thread
     handler.setFormatter(formatter)
     root = logging.getLogger()

@@ -34,6 +34,7 @@ from daemon.notify import Notifier
 from daemon.sinks import Sink
 from daemon.sinks.database import Database, open_database
 from daemon.tasks import Task, checkpoint
+from daemon.threads import name_os_thread
 from daemon.workers import (
     JPEG_SLOT_BYTES,
     cores,
@@ -383,7 +384,7 @@ class Service:
             cfg.intake.claim_by_copy,
         )
         self.intake = intake.Intake(intake_settings, self.capacity, jobs, outcomes)
-        pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
+        pool = ThreadPoolExecutor(threads, "preprocess", initializer=name_os_thread, initargs=("preprocess",))
         self.settings = prep_settings(cfg, self._task())
         stages = [
             loop.create_task(preprocess.run(jobs, ready, outcomes, pool, lambda: self.settings, threads * 2)),

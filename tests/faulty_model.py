@@ -14,7 +14,6 @@ except where `fault` says otherwise:
 from __future__ import annotations
 
 import ctypes
-import datetime
 import os
 import signal
 import threading
@@ -62,17 +61,9 @@ def marker_image(width: int, height: int) -> Image.Image:
 
 def save(path: Path, fault: str) -> Path:
     """A random-init yolo11n with `fault`, written the way `YOLO.save` writes a checkpoint."""
-    import ultralytics
+    from bench.fake_model import write_checkpoint  # here: the device process has no bench/ on its path
 
     assert fault in FAULTS, fault
     model = FaultyDetectionModel("yolo11n.yaml", verbose=False)
     model.fault = fault
-    ckpt: dict[str, Any] = {
-        "model": model.half(),
-        "ema": None,
-        "date": datetime.datetime.now().astimezone().isoformat(),
-        "version": ultralytics.__version__,
-        "train_args": {},
-    }
-    torch.save(ckpt, path)
-    return path
+    return write_checkpoint(model, path)

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from daemon import bench, cli
+import bench
+from bench import cli, cpu, fake_model, images, pipeline
 
 
 def run_bench(tmp_path: Path, weights: Path, *args: str) -> tuple[dict[str, Any], str]:
@@ -26,7 +29,7 @@ def run_bench(tmp_path: Path, weights: Path, *args: str) -> tuple[dict[str, Any]
 
 
 def test_options() -> None:
-    args = cli.parser().parse_args(["bench", "--size", "2048x12000", "--backlog", "10000,1000", "--modes", "naive"])
+    args = cli.parser().parse_args(["--size", "2048x12000", "--backlog", "10000,1000", "--modes", "naive"])
     assert (args.size, args.backlog, args.modes, args.count, args.batch) == (
         (2048, 12000),
         [1000, 10000],
@@ -36,32 +39,42 @@ def test_options() -> None:
     )
     for bad in (["--size", "12"], ["--modes", "naive,fast"], ["--count", "0"], ["--backlog", "0"], ["--rate", "x"]):
         with pytest.raises(SystemExit):
-            cli.parser().parse_args(["bench", *bad])
+            cli.parser().parse_args(bad)
 
 
-def test_parser_imports_no_model_code() -> None:
-    """`inferd --help` stays fast: building the parser imports neither torch nor Ultralytics."""
-    code = (
-        "import sys; from daemon import cli; cli.parser(); print(sorted({'torch', 'ultralytics'} & set(sys.modules)))"
+@pytest.mark.parametrize("package", ["daemon", "bench"])
+def test_parser_imports_no_model_code(package: str) -> None:
+    """`inferd --help` and `inferd bench --help` stay fast: building the parser imports neither
+    torch nor Ultralytics."""
+    code = f"import sys; from {package} import cli; cli.parser(); print({{'torch', 'ultralytics'}} & set(sys.modules))"
+    checkout = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=checkout)
+    assert out.stdout.strip() == "set()"
+
+
+def test_bench_runs_from_the_checkout_wherever_it_is_called(tmp_path: Path) -> None:
+    """The bench is not in the installed package: `inferd bench` finds it beside daemon/."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "daemon", "bench", "--help"], capture_output=True, text=True, cwd=tmp_path
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: inferd bench") and "--modes" in proc.stdout
 
 
 def test_generated_images_compress_like_photos() -> None:
     """Neither noise (~0.9 bytes/pixel at quality 90) nor flat (~0.02): photos are ~0.1-0.5."""
-    image = bench.photo_like(320, 240, seed=7)
+    image = images.photo_like(320, 240, seed=7)
     jpeg = io.BytesIO()
     image.save(jpeg, format="JPEG", quality=90)
     assert 0.08 < len(jpeg.getvalue()) / (320 * 240) < 0.6
-    assert bench.photo_like(320, 240, seed=7).tobytes() == image.tobytes()
+    assert images.photo_like(320, 240, seed=7).tobytes() == image.tobytes()
 
 
 @pytest.mark.slow
 def test_throughput_modes_are_measured_and_compared(tmp_path: Path, tiny_weights: Path) -> None:
     report, table = run_bench(tmp_path, tiny_weights, "--count", "3")
     modes = report["modes"]
-    assert list(modes) == list(bench.MODES)
+    assert list(modes) == list(cli.DEFAULT_MODES)
     processes = len(report["setup"]["devices"])  # the bound runs one Runner per device process
     assert modes["bound"]["threads"].startswith(f"{processes}x")
     for mode, result in modes.items():
@@ -117,3 +130,80 @@ def test_a_daemon_that_cannot_start_fails_the_bench(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "exited with status 78" in proc.stderr
     assert not (tmp_path / "r.json").exists() and proc.stdout == ""
+
+
+def test_cpu_by_stage_adds_up_to_the_process() -> None:
+    """Named threads go to their stage; unnamed ones and ended ones to `other`; device processes apart."""
+    before = cpu.Sample(10, 1.0, {10: ("python", 0.5), 11: ("preprocess", 0.25), 12: ("ended", 0.25)}, {20: 1.0})
+    after = cpu.Sample(
+        10, 3.0, {10: ("python", 1.5), 11: ("preprocess", 0.5), 13: ("io", 0.25), 14: ("python", 0.5)}, {20: 2.0}
+    )
+    usage = cpu.usage(before, after, images=4)
+    assert usage["main_ms_per_image"] == pytest.approx(500)
+    stages = usage["by_stage_ms_per_image"]
+    assert list(stages) == list(cpu.ORDER)
+    assert stages == pytest.approx({"loop": 250, "decode": 62.5, "io": 62.5, "log": 0, "database": 0, "other": 125})
+    assert usage["threads"] == {"loop": 1, "decode": 1, "io": 1, "log": 0, "database": 0, "other": 1}
+    assert usage["device_ms_per_image"] == pytest.approx(250)
+
+
+def test_threads_get_os_names_the_bench_can_read() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from daemon.threads import name_os_thread
+
+    with ThreadPoolExecutor(1, initializer=name_os_thread, initargs=("preprocess",)) as pool:
+        tid = pool.submit(threading.get_native_id).result()
+        assert cpu.sample(os.getpid()).threads[tid][0] == "preprocess"
+
+
+def test_the_instant_model_answers_five_boxes_in_the_heads_shape() -> None:
+    import torch
+
+    x = torch.zeros(3, 3, 64, 96)
+    out = fake_model.prediction(3, 64, 96, 80, torch.tensor([8.0, 16.0, 32.0]), x)
+    assert out.shape == (3, 84, 8 * 12 + 4 * 6 + 2 * 3)
+    assert int((out[:, 4:].amax(dim=1) > 0.25).sum()) == 3 * len(fake_model.BOXES)
+
+
+@pytest.mark.slow
+def test_pipeline_mode_reports_the_main_process_cpu_by_stage(tmp_path: Path, tiny_weights: Path) -> None:
+    count = 24
+    earlier = tmp_path / "before.json"  # an earlier run, as --json wrote it: this one is compared with it
+    earlier.write_text(
+        json.dumps(
+            {"pipeline": {d: {"images_per_s": 2.0, "cpu": {"main_ms_per_image": 4.0}} for d in ("host", "device")}}
+        )
+    )
+    args = ("--modes", "pipeline", "--count", str(count), "--imgsz", "64", "--compare", str(earlier))
+    report, table = run_bench(tmp_path, tiny_weights, *args)
+    assert report["modes"] == {}  # the pipeline has its own section: its model is a stand-in
+    pipeline = report["pipeline"]
+    for decode in ("host", "device"):
+        run = pipeline[decode]
+        assert run["images"] == count and run["images_per_s"] == pytest.approx(count / run["seconds"])
+        usage = run["cpu"]
+        stages = usage["by_stage_ms_per_image"]
+        assert list(stages) == list(cpu.ORDER)
+        assert sum(stages.values()) == pytest.approx(usage["main_ms_per_image"])
+        assert usage["main_ms_per_image"] > 0 and stages["loop"] > 0
+        # the daemon named its threads: each stage is found
+        assert usage["threads"]["loop"] == 1 and usage["threads"]["log"] == 1 and usage["threads"]["database"] == 1
+        assert usage["threads"]["decode"] >= 1 and usage["threads"]["io"] >= 1
+        assert usage["device_processes"] >= 1 and usage["device_ms_per_image"] >= 0
+        output = tmp_path / "work" / f"pipeline-{decode}" / "output"
+        for i in range(count):  # every image's files, with the instant model's boxes in them
+            name = f"img-{i:05d}.jpg"
+            assert len((output / f"{name}.txt").read_text().splitlines()) == len(fake_model.BOXES)
+            assert len(json.loads((output / f"{name}.json").read_text())["detections"]) == len(fake_model.BOXES)
+        assert f"  {decode} " in table
+        assert pipeline["compared"][decode] == pytest.approx(
+            {"images_per_s": run["images_per_s"] / 2, "main_ms_per_image": usage["main_ms_per_image"] / 4}
+        )
+        assert f"{decode} against --compare: images/s x" in table
+    assert "pipeline: every stage real but the model" in table
+
+
+def test_compare_needs_a_pipeline_report() -> None:
+    with pytest.raises(bench.BenchError, match="no pipeline section"):
+        pipeline.compare({}, {"modes": {}})

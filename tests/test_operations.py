@@ -379,12 +379,15 @@ def test_bench_plot_writes_a_png_headless(tmp_path: Path, tiny_weights: Path) ->
     assert report["setup"]["machine"]
     # The same chart in a fresh interpreter: drawn on an Agg canvas, pyplot never imported.
     code = (
-        "import json, sys; from pathlib import Path; from daemon import plot;"
+        "import json, sys; from pathlib import Path; from bench import plot;"
         f"f = plot.chart(json.loads(Path({str(tmp_path / 'r.json')!r}).read_text()), Path({str(plot)!r}));"
         "print(type(f.canvas).__name__, 'matplotlib.pyplot' in sys.modules);"
         "print(plot.title(json.loads(Path(" + repr(str(tmp_path / "r.json")) + ").read_text())))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    checkout = str(Path(__file__).resolve().parent.parent)  # the bench is not installed: it is beside daemon/
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=checkout
+    )
     assert out.returncode == 0, out.stderr
     first, *title = out.stdout.splitlines()
     assert first == "FigureCanvasAgg False"

@@ -32,6 +32,7 @@ from daemon.config import ConfigError, DatabaseUrl
 from daemon.jobs import Outcome
 from daemon.sinks import SinkError, schema
 from daemon.sinks.rows import ImageRow, image_row
+from daemon.threads import name_os_thread
 
 log = structlog.get_logger("daemon.sinks.database")
 BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
@@ -175,7 +176,7 @@ class Database:
         self.committed = 0  # transactions that stored results
         self.stored = 0  # results committed
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(QUEUE_SIZE)
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="database")
+        self._thread = ThreadPoolExecutor(1, "database", initializer=name_os_thread, initargs=("database",))
         self._conn: Any = None
         self._upsert = dialect.sql(_UPSERT)
         self._delete = dialect.sql(_DELETE_DETECTIONS)
