@@ -30,6 +30,9 @@ class DeviceActor:
         """Load the model: ("ready", info) or ("error", (message, permanent))."""
         # Idle intra-op threads sleep instead of spinning (as in model.serve).
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # Ray sets OMP_NUM_THREADS to the actor's num_cpus; the runner's threads are what counts.
+        if spec_args["torch_threads"]:
+            os.environ["OMP_NUM_THREADS"] = str(spec_args["torch_threads"])
         logs.configure(spec_args["log"], process=f"actor:{spec_args['name']}")
         path = Path(self._dir.name) / weights_name
         path.write_bytes(weights)
