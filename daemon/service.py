@@ -392,7 +392,7 @@ class Service:
             loop.create_task(results.run(outcomes, self.writer, concurrency=16)),
             loop.create_task(self._supervision()),
             *([loop.create_task(self.database.run())] if self.database is not None else []),
-            *([loop.create_task(self.cluster.grow(cfg, self._add_device))] if self.cluster is not None else []),
+            *([loop.create_task(self._grow_cluster())] if self.cluster is not None else []),
         ]
         feeders = [loop.create_task(self._feed())]
         self.queues: dict[str, asyncio.Queue[Any]] = {"jobs": jobs, "ready": ready, "outcomes": outcomes}
@@ -455,6 +455,10 @@ class Service:
             made: list[Device] = self.cluster.devices(cfg, devices, slot_imgsz=slot_imgsz)
             return made
         return start_workers(cfg, devices, slot_imgsz=slot_imgsz)
+
+    async def _grow_cluster(self) -> None:
+        """A device for each GPU (or CPU node) the cluster gains, with the running config."""
+        await self.cluster.grow(lambda: self.config, self._add_device)
 
     async def _add_device(self, device: Device) -> None:
         """A started device for a node the cluster gained: the batcher takes it, a supervisor keeps it."""

@@ -108,10 +108,12 @@ class Cluster:
             )
         return made
 
-    async def grow(self, config: Config, add: Callable[[Device], Awaitable[None]]) -> None:
+    async def grow(self, running: Callable[[], Config], add: Callable[[Device], Awaitable[None]]) -> None:
         """Every `rescan_interval_s`, count the cluster's GPUs; a device for each one that has none
-        yet (a node was added) is started and handed to `add`. Runs until cancelled."""
+        yet (a node was added) is started, with the `running()` config (a reload may have changed
+        the model), and handed to `add`. Runs until cancelled."""
         while True:
+            config = running()
             await asyncio.sleep(config.cluster.rescan_interval_s)  # a period, not a wait for something
             if self.bridge.state is not ClusterState.CONNECTED:
                 continue
