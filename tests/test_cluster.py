@@ -235,3 +235,24 @@ def test_a_node_added_to_the_cluster_gets_an_actor(tmp_path: Path, daemon_factor
     finally:
         node.kill()
 
+
+
+def test_an_empty_address_starts_a_local_ray_instance(
+    tmp_path: Path, daemon_factory: RunDaemon, tiny_weights: Path
+) -> None:
+    pytest.importorskip("ray")
+    import subprocess
+
+    incoming = tmp_path / "var" / "incoming"
+    incoming.mkdir(parents=True)
+    for i in range(3):
+        photo_like(320, 240, seed=i).save(incoming / f"l{i}.jpg", quality=90)
+    config = ray_config(tmp_path, "", model={"weights": str(tiny_weights)}, cluster={"connect_timeout_s": 60})
+    daemon = daemon_factory(config, "--once")
+    assert daemon.proc.wait(240) == 0, daemon.stderr()
+    daemon.stop()
+    assert daemon.events("cluster_connected")[0]["address"] == "a local Ray instance"
+    assert len(daemon.events("image_done")) == 3
+    # The instance was the driver's: it is gone with it (no gcs_server left in the daemon's session).
+    left = subprocess.run(["pgrep", "-s", str(daemon.proc.pid), "-f", "gcs_server"], capture_output=True, text=True)
+    assert left.stdout == "", left.stdout
