@@ -256,3 +256,52 @@ def test_an_empty_address_starts_a_local_ray_instance(
     # The instance was the driver's: it is gone with it (no gcs_server left in the daemon's session).
     left = subprocess.run(["pgrep", "-s", str(daemon.proc.pid), "-f", "gcs_server"], capture_output=True, text=True)
     assert left.stdout == "", left.stdout
+
+
+def test_the_runner_runs_a_batch_it_is_handed(tmp_path: Path) -> None:
+    """What an actor does: model.Runner on the bytes of a batch (RayDevice's pack), not a slot;
+    pixels give exactly the slot path's boxes, JPEG bytes the same people."""
+    import mmap
+    from pathlib import PurePosixPath
+
+    import numpy as np
+
+    from daemon import preprocess
+    from daemon.cluster.device import pack
+    from daemon.config import LogConfig, LogFormat
+    from daemon.jobs import Job
+    from daemon.model import Batch, Runner, WorkerSpec
+    from daemon.tasks.detect import Boxes
+
+    slot = 2 * 640 * 640 * 3
+    spec = WorkerSpec(
+        "cpu", "default", 640, "fp32", 300, 2, "", slot, 1, LogConfig("warning", LogFormat.JSON),
+        decode_jpegs=True, max_batch=2,
+    )  # fmt: skip
+    handed, slotted = Runner(spec, None), Runner(spec, mmap.mmap(-1, slot))
+    photos = [assets() / "bus.jpg"]
+
+    def boxes(runner: Runner, items: list[Any], data: Any) -> list[Any]:
+        h, w = items[0].shape
+        metas = [(p.gain[0], p.gain[1], p.pad[0], p.pad[1], p.width, p.height) for p in items]
+        jpegs = [(p.image.nbytes, p.orientation) for p in items] if items[0].encoded_shape else None
+        out, _ms = runner.run(Batch(0, 0, len(items), h, w, metas, 0.25, 0.7, jpegs), data)
+        assert all(isinstance(o, Boxes) for o in out), out
+        return [o.data for o in out]  # type: ignore[union-attr]
+
+    for path in photos:
+        pixels = [preprocess.prepare(Job(PurePosixPath(path.name), path), preprocess.Settings(640, True, 10**9))]
+        data, jpegs = pack(pixels)
+        assert jpegs is None and data.shape == (1, *pixels[0].shape, 3)
+        view = np.frombuffer(slotted.buffer, dtype=np.uint8, count=data.nbytes)  # type: ignore[arg-type]
+        view[:] = data.reshape(-1)
+        del view
+        from_slot = boxes(slotted, pixels, None)[0]
+        from_bytes = boxes(handed, pixels, data)[0]
+        assert len(from_slot) >= 1 and np.array_equal(from_slot, from_bytes)
+        settings = preprocess.Settings(640, True, 10**9, device_max_bytes=32 << 20)
+        encoded = [preprocess.prepare(Job(PurePosixPath(path.name), path), settings)]
+        assert encoded[0].encoded_shape is not None
+        data, jpegs = pack(encoded)
+        decoded = boxes(handed, encoded, data)[0]
+        assert len(decoded) == len(from_slot)
