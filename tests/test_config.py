@@ -157,3 +157,15 @@ def test_the_local_backend_never_imports_ray(tmp_path: Path) -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_ray_backend_without_ray_installed_names_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import importlib.util
+
+    from daemon import cluster
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(config.ConfigError) as err:
+        cluster.Cluster(parse("[cluster]\nbackend = 'ray'", tmp_path))
+    assert err.value.key == "cluster.backend" and "pip install 'inferd[ray]'" in str(err.value)

@@ -9,6 +9,7 @@ actors: the daemon's own process never imports it, whichever backend.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import math
 from collections.abc import Awaitable, Callable
 
@@ -17,7 +18,7 @@ import structlog
 from daemon import model
 from daemon.cluster.bridge import Bridge, ClusterLost, ClusterState, RemoteError
 from daemon.cluster.device import RayDevice
-from daemon.config import Config, Decode
+from daemon.config import Config, ConfigError, Decode
 from daemon.devices import Device, WorkerStartError
 
 __all__ = ["Cluster", "ClusterState", "RayDevice"]
@@ -29,6 +30,11 @@ class Cluster:
     """The daemon's Ray cluster: its driver, the devices it has, and growing them."""
 
     def __init__(self, config: Config, on_state: Callable[[bool, str | None], None] | None = None) -> None:
+        """ConfigError (exit 78) if ray is not installed: looked up, not imported."""
+        if importlib.util.find_spec("ray") is None:
+            raise ConfigError(
+                "cluster.backend", 'is "ray", but the ray package is not installed', "pip install 'inferd[ray]'"
+            )
         self.config = config
         self.bridge = Bridge(config.cluster, config.log, on_state=on_state)
         self.names: set[str] = set()  # every device name handed out
