@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 RAY = str(Path(sys.executable).with_name("ray"))
+RUNNING = "Ray runtime started"  # what `ray start` logs once its processes run
 
 
 def free_port() -> int:
@@ -34,6 +35,7 @@ class Node:
         self.temp_dir = temp_dir
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
+        self.starts_seen = 0  # "Ray runtime started" lines in the log so far
 
     def start(self) -> None:
         ports = {
@@ -56,6 +58,20 @@ class Node:
                 env=env,
                 start_new_session=True,
             )
+
+    def wait_started(self, timeout_s: float) -> None:
+        """Until this node's log says "Ray runtime started" (a new line since this start)."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout_s
+        while self.log.read_text(errors="replace").count(RUNNING) <= self.starts_seen:
+            try:
+                code = self.proc.wait(timeout=0.2)  # a wait on the process, which may exit
+            except subprocess.TimeoutExpired:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"ray start not up in {timeout_s} s: {self.log.read_text()[-2000:]}") from None
+                continue
+            raise RuntimeError(f"ray start exited {code}: {self.log.read_text()[-2000:]}")
+        self.starts_seen += 1
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """End every process of this node (its process group); SIGKILL by default (a crash)."""
@@ -92,22 +108,15 @@ class RayCluster:
         self.head = Node(head, self.root / "head", self.root / "head.log")
         self.workers: list[Node] = []
 
-    def start(self, timeout_s: float = 60) -> RayCluster:
+    def start(self, timeout_s: float = 120) -> RayCluster:
         self.head.start()
         self.wait_up(timeout_s)
         return self
 
-    def wait_up(self, timeout_s: float = 60) -> None:
-        """Until the head's GCS answers `ray status` (no sleep: the command itself waits)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            status = subprocess.run(
-                [RAY, "status", f"--address={self.address}"], capture_output=True, timeout=timeout_s
-            )
-            if status.returncode == 0:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"Ray head at {self.address} not up: {self.head.log.read_text()[-2000:]}")
+    def wait_up(self, timeout_s: float = 120) -> None:
+        """Until `ray start` logs that the node's processes run (each wait is on the process:
+        one that exits fails at once)."""
+        self.head.wait_started(timeout_s)
 
     def add_node(self, num_cpus: int = 1, resources: str = "") -> Node:
         args = [f"--address={self.address}", f"--num-cpus={num_cpus}"]

@@ -216,6 +216,28 @@ def test_check_loads_the_model_on_the_cluster(tmp_path: Path, ray_head: Any, tin
     assert next(r for r in records if r["event"] == "check_passed")["devices"] == ["ray:cpu:0"]
 
 
+def test_a_reload_with_a_new_model_starts_new_actors(
+    tmp_path: Path, daemon_factory: RunDaemon, ray_head: Any, tiny_weights: Path
+) -> None:
+    import signal
+
+    def config(weights: str) -> Path:
+        return ray_config(tmp_path, ray_head.address, model={"weights": weights}, intake={"settle_ms": 0})
+
+    daemon = daemon_factory(config("default"))
+    first = daemon.wait_event("actor_started")
+    config(str(tiny_weights))
+    daemon.proc.send_signal(signal.SIGHUP)
+    done = daemon.wait_event("reload_done")
+    assert done["workers_restarted"] == 1 and done["pids"] != [first["pid"]]
+    names = drop_many(tmp_path / "var" / "incoming", 4)
+    finished(daemon, names)
+    assert daemon.stop() == 0
+    assert all(r["device"] == "ray:cpu:0" for r in daemon.events("image_done"))
+    doc = json.loads((tmp_path / "var" / "output" / "s000.jpg.json").read_text())
+    assert doc["model"]["name"] == tiny_weights.name  # the new model's results
+
+
 def test_a_node_added_to_the_cluster_gets_an_actor(tmp_path: Path, daemon_factory: RunDaemon, ray_head: Any) -> None:
     """Last in this file: the node it adds to the session's head is killed at the end, and Ray
     takes a while to mark it dead (an actor placed there meanwhile would die loading)."""
