@@ -110,7 +110,11 @@ class RayCluster:
 
     def start(self, timeout_s: float = 120) -> RayCluster:
         self.head.start()
-        self.wait_up(timeout_s)
+        try:
+            self.wait_up(timeout_s)
+        except BaseException:  # a fixture whose setup fails gets no teardown: leave no head behind
+            self.stop()
+            raise
         return self
 
     def wait_up(self, timeout_s: float = 120) -> None:
