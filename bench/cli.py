@@ -18,6 +18,8 @@ Every mode runs on the same generated JPEGs with the same model, model load excl
 - pipeline (only when asked for): the same with a model that answers at once, with host and
            with device decode: the main process's CPU per image, by stage (bench/pipeline.py)
 
+`--cluster ADDRESS` runs the daemon twice, with local device processes and with Ray actors on the
+cluster at ADDRESS, and reports the Ray path's overhead per image (bench/cluster.py).
 `--latency` drops files one at a time into a running daemon and times drop -> `image_done`;
 `--backlog` fills incoming/ with N files and reads the daemon's peak RSS (VmHWM) at its end.
 The report is a plain-text table; `--json PATH` writes the same numbers, `--plot PATH` a chart.
@@ -37,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import BenchError, baselines, bound, pipeline, runs, torch_device
+from bench import BenchError, baselines, bound, cluster, pipeline, runs, torch_device
 from bench.images import generate
 from daemon import export
 from daemon.config import DEFAULTS, Config, ConfigError, parse
@@ -76,6 +78,11 @@ def parser() -> argparse.ArgumentParser:
     )
     modes = f"comma-separated subset of {','.join(MODES)} (default: all but pipeline)"
     p.add_argument("--modes", type=_modes, help=modes)
+    p.add_argument(
+        "--cluster",
+        metavar="ADDRESS",
+        help='the Ray path against local: a Ray address ("host:6379", "auto"), or "" for a local Ray instance',
+    )
     p.add_argument("--latency", action="store_true", help="measure drop -> result latency on a running daemon")
     p.add_argument("--rate", type=_positive(float), default=2.0, help="files/s dropped by --latency (default 2)")
     p.add_argument("--backlog", type=_counts, help="peak RSS with N[,N...] files waiting in incoming/")
@@ -181,8 +188,10 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
     }
     report: dict[str, Any] = {"setup": setup, "modes": {}}
     results = report["modes"]
-    modes = args.modes or (() if args.latency or args.backlog else DEFAULT_MODES)
-    images = generate(workdir / "images", args.count, args.size, args.seed) if modes or args.latency else []
+    asked = args.latency or args.backlog or args.cluster is not None
+    modes = args.modes or (() if asked else DEFAULT_MODES)
+    wanted = modes or args.latency or args.cluster is not None
+    images = generate(workdir / "images", args.count, args.size, args.seed) if wanted else []
     exported = {"naive_export", "bound"} & set(modes) or args.latency
     plans = asyncio.run(export.prepare(config, devices)) if exported else []  # once, for every mode
     for mode in ("naive", "naive_export", "seed002"):
@@ -223,6 +232,8 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
             report["pipeline"]["compared"] = pipeline.compare(report["pipeline"], json.loads(args.compare.read_text()))
     if args.backlog:
         report["backlog"] = runs.backlog(workdir, args)
+    if args.cluster is not None:
+        report["cluster"] = cluster.measure(images, workdir, args, config.pipeline.torch_threads or cores())
     setup["loadavg_1min_end"] = os.getloadavg()[0]
     return report
 
@@ -230,7 +241,8 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
 def render(report: dict[str, Any]) -> str:
     """The report as plain-text tables."""
     s = report["setup"]
-    images = f"{s['count']} images {s['size']}, " if report["modes"] or {"latency", "pipeline"} & set(report) else ""
+    shown = {"latency", "pipeline", "cluster"} & set(report)
+    images = f"{s['count']} images {s['size']}, " if report["modes"] or shown else ""
     out = [
         f"inferd bench: {images}{s['weights']}, imgsz {s['imgsz']}, batch {s['max_batch']},"
         f" database {s.get('database', 'off')}",
@@ -259,6 +271,8 @@ def render(report: dict[str, Any]) -> str:
         ]
     if "pipeline" in report:
         out += pipeline.render(report["pipeline"])
+    if "cluster" in report:
+        out += cluster.render(report["cluster"])
     if b := report.get("backlog", {}):
         out.append(f"backlog: N {b['image_size']} JPEGs waiting in incoming/, run --once, default max_pending")
         out.append(f"  {'N':>7} {'peak RSS MiB':>13} {'images/s':>9}")

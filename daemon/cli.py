@@ -14,12 +14,13 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import structlog
 import uvloop
 
 from daemon import __version__, logs
-from daemon.config import Config, ConfigError, load, prepare_dirs
+from daemon.config import Backend, Config, ConfigError, load, prepare_dirs
 from daemon.notify import Notifier
 from daemon.threads import name_os_thread
 
@@ -122,18 +123,25 @@ async def check(config: Config) -> int:
         finally:
             await database.close()
         log.info("check_database", database=config.output.database.redacted)
-    devices = await resolve_devices(config)
-    config = resolve_decode(config, devices)
-    for plan in await export.prepare(config, devices):  # builds the cache: a later start finds it
-        log.info(
-            "check_model", device=plan.device, runtime=plan.runtime, precision=plan.precision, artefact=plan.artefact
-        )
-    workers = start_workers(config, devices)
+    cluster: Any = None
+    if config.cluster.backend is Backend.RAY:  # the actors of the cluster, each loading the model
+        from daemon.cluster import Cluster
+
+        cluster = Cluster(config)
     try:
-        for worker in workers:
-            info = await worker.start(config.pipeline.worker_start_timeout_s)
-            log.info("check_device", **info)
+        devices = await (cluster.resolve_devices() if cluster is not None else resolve_devices(config))
+        config = resolve_decode(config, devices)
+        for plan in await export.prepare(config, devices):  # builds the cache: a later start finds it
+            log.info("check_model", device=plan.device, runtime=plan.runtime, precision=plan.precision)
+        workers = cluster.devices(config, devices) if cluster is not None else start_workers(config, devices)
+        try:
+            for worker in workers:
+                info = await worker.start(config.pipeline.worker_start_timeout_s)
+                log.info("check_device", **info)
+        finally:
+            await asyncio.gather(*(w.stop(10) for w in workers))
     finally:
-        await asyncio.gather(*(w.stop(10) for w in workers))
+        if cluster is not None:
+            await cluster.close()
     log.info("check_passed", config=str(config.source), devices=devices)
     return 0

@@ -55,6 +55,13 @@ class Precision(enum.Enum):
     BF16 = "bf16"
 
 
+class Backend(enum.Enum):
+    """Where the device processes run."""
+
+    LOCAL = "local"  # spawned processes on this machine (daemon.workers)
+    RAY = "ray"  # actors on a Ray cluster (daemon.cluster); needs pip install 'inferd[ray]'
+
+
 class LogFormat(enum.Enum):
     JSON = "json"
     CONSOLE = "console"
@@ -155,6 +162,20 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """`[cluster]`: the device processes as Ray actors (daemon.cluster) instead of local processes."""
+
+    backend: Backend = Backend.LOCAL
+    address: str = ""  # "" = start a local Ray instance; "auto", "host:port" or "ray://host:port"
+    actors_per_gpu: int = 1  # actors sharing one GPU (each asks for num_gpus = 1 / actors_per_gpu)
+    cpu_actors: int = 1  # actors per node on CPUs when the cluster has no GPU; 0 = refuse to start without one
+    cpus_per_actor: float = 1.0  # Ray num_cpus of each actor (a CPU actor's torch threads, rounded up)
+    resources: tuple[tuple[str, float], ...] = ()  # custom Ray resources each actor needs, e.g. {"inferd" = 1}
+    rescan_interval_s: float = 10.0  # how often the cluster's GPUs are counted: a node added gets an actor
+    connect_timeout_s: float = 30.0  # a cluster that does not answer within this is unreachable
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: Path | None  # the file it was read from
     paths: PathsConfig
@@ -164,6 +185,7 @@ class Config:
     output: OutputConfig
     log: LogConfig
     metrics: MetricsConfig
+    cluster: ClusterConfig = ClusterConfig()
 
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -215,6 +237,16 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "log": {"level": "info", "format": "auto", "stats_interval_s": 60.0},
     "metrics": {"listen": "", "allow_remote": False},
+    "cluster": {
+        "backend": "local",
+        "address": "",
+        "actors_per_gpu": 1,
+        "cpu_actors": 1,
+        "cpus_per_actor": 1.0,
+        "resources": {},
+        "rescan_interval_s": 10.0,
+        "connect_timeout_s": 30.0,
+    },
 }
 
 
@@ -297,8 +329,9 @@ def parse(raw: dict[str, Any], *, base: Path, source: Path | None = None) -> Con
         stats_interval_s=t.number("log", "stats_interval_s", low=0.0),
     )
     metrics = MetricsConfig(listen=t.listen())
+    cluster = t.cluster(model)
     t.reject_unknown()
-    return Config(source, paths, model, intake, pipeline, output, log, metrics)
+    return Config(source, paths, model, intake, pipeline, output, log, metrics, cluster)
 
 
 def prepare_dirs(paths: PathsConfig, *, claim_by_copy: bool = False) -> None:
@@ -466,6 +499,53 @@ class _Table:
         if "port" in query and not all(p.isdigit() for p in query["port"]):
             raise self.fail("output", "database", f"{value!r} has a port that is not a number", "write ?port=5432")
         return DatabaseUrl("postgresql", None, value)
+
+    def cluster(self, model: ModelConfig) -> ClusterConfig:
+        backend = Backend(self.choice("cluster", "backend", [e.value for e in Backend]))
+        address = self.get("cluster", "address")
+        forms = '"" (start a local Ray instance), "auto", "host:6379" or "ray://host:10001"'
+        if not isinstance(address, str):
+            raise self.fail("cluster", "address", f"must be a string, got {address!r}", f"write {forms}")
+        if address not in ("", "auto"):
+            host, sep, port = address.removeprefix("ray://").rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise self.fail("cluster", "address", f"{address!r} is not a Ray address", f"write {forms}")
+        resources = self.get("cluster", "resources")
+        if not isinstance(resources, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+            for k, v in resources.items()
+        ):
+            raise self.fail(
+                "cluster", "resources", f"must be a table of positive numbers, got {resources!r}",
+                'write resources = { inferd = 1 } (names of custom resources given to `ray start --resources`)',
+            )
+        for name in ("CPU", "GPU", "memory", "object_store_memory"):
+            if name in resources:
+                raise self.fail(
+                    "cluster", "resources", f"names {name}, which Ray counts itself",
+                    "use cluster.cpus_per_actor and cluster.actors_per_gpu instead",
+                )
+        cluster = ClusterConfig(
+            backend=backend,
+            address=address,
+            actors_per_gpu=self.integer("cluster", "actors_per_gpu", low=1, high=16),
+            cpu_actors=self.integer("cluster", "cpu_actors", low=0, high=256),
+            cpus_per_actor=self.number("cluster", "cpus_per_actor", low=0.0),
+            resources=tuple(sorted((str(k), float(v)) for k, v in resources.items())),
+            rescan_interval_s=self.number("cluster", "rescan_interval_s", low=1.0),
+            connect_timeout_s=self.number("cluster", "connect_timeout_s", low=1.0),
+        )
+        if backend is Backend.RAY and model.runtime not in (Runtime.AUTO, Runtime.TORCH):
+            raise self.fail(
+                "model", "runtime", f"is {model.runtime.value!r}, which the Ray backend does not run",
+                'use "auto" or "torch" with cluster.backend = "ray" (actors load the PyTorch weights they are sent)',
+            )
+        if backend is Backend.RAY and model.devices != ("auto",):
+            raise self.fail(
+                "model", "devices", "lists devices, but with cluster.backend = \"ray\" the cluster's GPUs are used",
+                'leave model.devices = "auto" (one actor per GPU of the cluster; see cluster.cpu_actors)',
+            )
+        return cluster
 
     def reject_unknown(self) -> None:
         for section, table in self.raw.items():

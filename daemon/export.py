@@ -71,7 +71,8 @@ async def prepare(
     """Make sure every device's artefact is in the cache (exporting it if not); one plan per
     device type. WorkerStartError when the config cannot run or the export fails; ExportStopped
     when `stop` is set meanwhile."""
-    kinds = sorted({"cpu" if d.startswith("cpu") else d for d in devices})
+    # Ray actors (ray:...) run the PyTorch weights they are sent: nothing to export here.
+    kinds = sorted({"cpu" if d.startswith("cpu") else d for d in devices if not d.startswith("ray:")})
     return [await _prepare_one(config, device, stop, notifier) for device in kinds]
 
 

@@ -1,6 +1,9 @@
 """The fleet: the devices that serve the model, their supervision, and a reload's switch.
 
-`devices` is the list the batcher picks from; only the fleet changes it. Each device has a
+Which devices: spawned local processes (`daemon.workers`), or actors on a Ray cluster
+(`[cluster] backend = "ray"`, `daemon.cluster`, imported only then), which also adds a device
+for each node the cluster gains. `devices` is the list the batcher picks from; only the fleet
+changes it. Each device has a
 supervisor: when the device dies (its batches were already handed back to the batcher), it is
 started again with backoff. A reload starts new devices beside the old ones (`daemon.reload`),
 then `switch` retires the old ones and hands the batcher the new ones.
@@ -11,11 +14,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
+from daemon.config import Backend, Config
 from daemon.devices import Device, WorkerStartError, start_all
 from daemon.metrics import Metrics
+from daemon.workers import resolve_devices, start_workers
 
 log = structlog.get_logger("daemon.fleet")
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -23,12 +29,21 @@ STABLE_S = 60.0  # a device process that ran this long before dying restarts at 
 
 
 class Fleet:
-    def __init__(self, metrics: Metrics, start_timeout_s: Callable[[], float], on_change: Callable[[], None]) -> None:
-        """`start_timeout_s`: the running config's; `on_change`: a device came back or the
-        devices were switched (the batcher may have work for them)."""
+    def __init__(
+        self,
+        metrics: Metrics,
+        running: Callable[[], Config],
+        on_change: Callable[[], None],
+        on_cluster: Callable[[bool, str | None], None],
+    ) -> None:
+        """`running`: the running config; `on_change`: a device came back or was added, or the
+        devices were switched (the batcher may have work for them); `on_cluster`: the Ray
+        cluster was lost (False, why) or is back (True)."""
         self.metrics = metrics
-        self.start_timeout_s = start_timeout_s
+        self.running = running
         self.on_change = on_change
+        self.on_cluster = on_cluster
+        self.cluster: Any = None  # daemon.cluster.Cluster with [cluster] backend = "ray"
         self.devices: list[Device] = []  # the batcher's list: a switch swaps its contents
         self._supervisors = asyncio.TaskGroup()
         self._supervised: dict[Device, asyncio.Task[None]] = {}
@@ -49,6 +64,39 @@ class Fleet:
     def task(self) -> str:
         """The task of the model the devices serve (they all load the same weights)."""
         return str(self.devices[0].info.get("task", "detect")) if self.devices else "detect"
+
+    async def resolve(self, cfg: Config) -> list[str]:
+        """The names of the devices `cfg` runs on: this machine's, or the Ray cluster's."""
+        if cfg.cluster.backend is Backend.RAY:
+            from daemon.cluster import Cluster
+
+            if self.cluster is None:
+                self.cluster = Cluster(cfg, on_state=self.on_cluster)
+            names: list[str] = await self.cluster.resolve_devices()
+            return names
+        return await resolve_devices(cfg)
+
+    def make(self, cfg: Config, names: list[str], *, slot_imgsz: int = 0) -> list[Device]:
+        """Devices (not started) for `names`; `slot_imgsz` as in DeviceWorker."""
+        if self.cluster is not None:
+            made: list[Device] = self.cluster.devices(cfg, names, slot_imgsz=slot_imgsz)
+            return made
+        return start_workers(cfg, names, slot_imgsz=slot_imgsz)
+
+    async def grow(self) -> None:
+        """A stage with the Ray backend (only): a device for each GPU (or CPU node) the cluster
+        gains, made with the running config, taken by the batcher, kept by a supervisor."""
+        await self.cluster.grow(self.running, self._add)
+
+    async def close(self) -> None:
+        if self.cluster is not None:
+            await self.cluster.close()
+
+    async def _add(self, device: Device) -> None:
+        self.devices.append(device)
+        self._watch(device)
+        self.on_change()
+        log.info("device_added", device=device.device, pid=device.pid, devices=len(self.devices))
 
     async def start(self, devices: list[Device], timeout_s: float) -> list[dict[str, object]]:
         """Start `devices` at once and make them the fleet; their READY answers. If one fails,
@@ -120,7 +168,7 @@ class Fleet:
             while True:
                 await asyncio.sleep(delay)  # backoff: a crash loop must not spin
                 try:
-                    await device.start(self.start_timeout_s())
+                    await device.start(self.running().pipeline.worker_start_timeout_s)
                     break
                 except (WorkerStartError, OSError) as exc:  # OSError: no pipe or process to be had now
                     failures += 1

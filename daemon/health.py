@@ -53,6 +53,7 @@ class Health:
             "workers_up": s.fleet.up,
             "workers": len(s.fleet.devices),
             **({"database_up": self.sink_error is None} if s.database is not None else {}),
+            **({"cluster": s.fleet.cluster.state.value} if s.fleet.cluster is not None else {}),
         }
 
     def sample(self) -> None:
@@ -80,6 +81,12 @@ class Health:
             s.notifier.status(f"database unavailable, retrying; intake paused: {error}")
         self.sink_error = error
 
+    def cluster_state(self, up: bool, error: str | None) -> None:
+        """The Ray cluster was lost (intake pauses as the claimed inputs wait), or is back."""
+        s = self.service
+        s.metrics.unavailable = None if up else f"Ray cluster lost, reconnecting: {error}"
+        s.notifier.status("Ray cluster back" if up else f"Ray cluster lost, reconnecting; intake paused: {error}")
+
     async def _stats_loop(self, interval_s: float) -> None:
         """A `stats` log line and systemd STATUS every `interval_s` (0: never)."""
         s = self.service
@@ -88,6 +95,7 @@ class Health:
             await asyncio.sleep(interval_s)  # a period, not a wait for something
             now = time.monotonic()
             summary = self.summary()
+            cluster = s.fleet.cluster
             rate = (summary["done"] - last) / (now - last_t)
             last, last_t = summary["done"], now
             log.info("stats", images_per_s=round(rate, 2), **summary)
@@ -95,6 +103,7 @@ class Health:
                 f"{summary['done']} done, {summary['failed']} failed, {summary['in_flight']} in flight, "
                 f"{rate:.1f} img/s, {summary['workers_up']}/{summary['workers']} devices up"
                 + ("" if self.sink_error is None else "; database unavailable, retrying")
+                + ("" if cluster is None or cluster.problem is None else "; Ray cluster lost, reconnecting")
             )
 
     async def _watchdog(self) -> None:

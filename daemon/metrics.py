@@ -43,6 +43,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.healthy = False  # the service sets it after READY and clears it when the drain starts
         self.failing_sinks: set[str] = set()  # /healthz answers 503 while a sink cannot store results
+        self.unavailable: str | None = None  # /healthz answers 503 with this (the Ray cluster is lost)
         self.on_scrape: Callable[[], None] | None = None  # e.g. sample queue depths just before rendering
         ns, reg = NAMESPACE, self.registry
         self.images_done_total = Counter(
@@ -195,6 +196,8 @@ def _respond(metrics: Metrics, request: list[str]) -> tuple[HTTPStatus, str, byt
     if path == "/metrics":
         return HTTPStatus.OK, CONTENT_TYPE_LATEST, metrics.render(), []
     if path == "/healthz":
+        if metrics.healthy and metrics.unavailable:
+            return HTTPStatus.SERVICE_UNAVAILABLE, text, f"{metrics.unavailable}\n".encode(), []
         if metrics.healthy and metrics.failing_sinks:
             failing = ", ".join(sorted(metrics.failing_sinks))
             return HTTPStatus.SERVICE_UNAVAILABLE, text, f"results cannot be stored: {failing}\n".encode(), []

@@ -115,7 +115,9 @@ def resolve_weights(weights: str) -> str:
 class Runner:
     """The loaded model on one device."""
 
-    def __init__(self, spec: WorkerSpec, buffer: mmap.mmap) -> None:
+    def __init__(self, spec: WorkerSpec, buffer: mmap.mmap | None) -> None:
+        """`buffer`: the shared slots of a local device process; None for a Ray actor, which is
+        handed each batch's bytes (`launch(batch, data)`)."""
         import torch
         from ultralytics.nn.autobackend import AutoBackend
 
@@ -164,7 +166,7 @@ class Runner:
         self.copies = torch.cuda.Stream(self.device) if cuda else None  # type: ignore[no-untyped-call]
         # On a CPU a launch is the whole computation: there is nothing to overlap.
         self.pipelined = cuda if spec.pipelined is None else spec.pipelined
-        if cuda:  # page-lock the shared slots so host->device copies are DMA
+        if cuda and buffer is not None:  # page-lock the shared slots so host->device copies are DMA
             view = torch.frombuffer(buffer, dtype=torch.uint8)
             self.pinned = (
                 torch.cuda.cudart().cudaHostRegister(  # type: ignore[no-untyped-call]
@@ -173,12 +175,15 @@ class Runner:
                 == 0
             )
         imgsz = spec.imgsz  # warm-up, through the real path: cuDNN's autotuning, then nvJPEG's handle
-        self.run(Batch(-1, 0, 1, imgsz, imgsz, [(1.0, 1.0, 0, 0, imgsz, imgsz)], 0.25, 0.7))
+        warm = None if buffer is not None else bytearray(imgsz * imgsz * 3)
+        self.run(Batch(-1, 0, 1, imgsz, imgsz, [(1.0, 1.0, 0, 0, imgsz, imgsz)], 0.25, 0.7), warm)
         if spec.decode_jpegs:
             jpeg = io.BytesIO()
             Image.new("RGB", (64, 64), (90, 120, 150)).save(jpeg, "JPEG")
-            buffer[: jpeg.tell()] = jpeg.getvalue()  # the parent writes no slot before READY
-            self.run(Batch(-1, 0, 1, 64, 64, [(1.0, 1.0, 0, 0, 64, 64)], 0.25, 0.7, [(jpeg.tell(), 1)]))
+            if buffer is not None:
+                buffer[: jpeg.tell()] = jpeg.getvalue()  # the parent writes no slot before READY
+            warm = None if buffer is not None else bytearray(jpeg.getvalue())
+            self.run(Batch(-1, 0, 1, 64, 64, [(1.0, 1.0, 0, 0, 64, 64)], 0.25, 0.7, [(jpeg.tell(), 1)]), warm)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -212,11 +217,17 @@ class Runner:
         metas = [(gx, gy, px + left, py + top, ow, oh) for gx, gy, px, py, ow, oh in batch.metas]
         return x, dataclasses.replace(batch, h=fh, w=fw, metas=metas)
 
-    def _pixels(self, batch: Batch) -> Any:
+    def _host(self, batch: Batch, count: int, data: Any) -> Any:
+        """The batch's bytes as a uint8 tensor: from its slot, or from `data` (a Ray actor's)."""
+        if data is None:
+            offset = batch.slot * self.spec.slot_bytes
+            return self.torch.frombuffer(self.buffer, dtype=self.torch.uint8, count=count, offset=offset)
+        return self.torch.frombuffer(data, dtype=self.torch.uint8, count=count)
+
+    def _pixels(self, batch: Batch, data: Any) -> Any:
         torch = self.torch
-        offset = batch.slot * self.spec.slot_bytes
         count = batch.n * batch.h * batch.w * 3
-        host = torch.frombuffer(self.buffer, dtype=torch.uint8, count=count, offset=offset)
+        host = self._host(batch, count, data)
         host = host.view(batch.n, batch.h, batch.w, 3)
         if self.copies is None:
             return self._scale(host.permute(0, 3, 1, 2))
@@ -227,25 +238,23 @@ class Runner:
         x.record_stream(compute)  # allocated on the copy stream, used on this one
         return self._scale(x.permute(0, 3, 1, 2))
 
-    def _jpegs(self, batch: Batch) -> tuple[Any, dict[int, str]]:
+    def _jpegs(self, batch: Batch, data: Any) -> tuple[Any, dict[int, str]]:
         assert batch.jpegs is not None
-        torch = self.torch
         sizes = [size for size, _ in batch.jpegs]
-        data = torch.frombuffer(
-            self.buffer, dtype=torch.uint8, count=sum(sizes), offset=batch.slot * self.spec.slot_bytes
-        )
+        data = self._host(batch, sum(sizes), data)
         metas = [(*m, orientation) for m, (_, orientation) in zip(batch.metas, batch.jpegs, strict=True)]
         return decode_batch(list(data.split(sizes)), metas, batch.h, batch.w, self.device, half=self.half)
 
-    def launch(self, batch: Batch) -> Launched:
-        """Queue the batch's inputs and forward pass on the device."""
+    def launch(self, batch: Batch, data: Any = None) -> Launched:
+        """Queue the batch's inputs and forward pass on the device; the inputs are in the batch's
+        slot, or in `data` (a writable buffer: what a Ray actor was handed)."""
         started = time.perf_counter()
         with self.torch.inference_mode():
             errors: dict[int, str] = {}
             if batch.jpegs is None:
-                x = self._pixels(batch)
+                x = self._pixels(batch, data)
             else:
-                x, errors = self._jpegs(batch)
+                x, errors = self._jpegs(batch, data)
             x, batch = self._fit(x, batch)
             return Launched(batch, self.backend(x), errors, started)
 
@@ -260,8 +269,8 @@ class Runner:
         out: list[tasks.Payload | str] = [launched.errors.get(i, r) for i, r in enumerate(results)]
         return out, (time.perf_counter() - launched.started) * 1000
 
-    def run(self, batch: Batch) -> tuple[list[tasks.Payload | str], float]:
-        return self.finish(self.launch(batch))
+    def run(self, batch: Batch, data: Any = None) -> tuple[list[tasks.Payload | str], float]:
+        return self.finish(self.launch(batch, data))
 
 
 def decode_batch(

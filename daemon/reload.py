@@ -20,7 +20,7 @@ from daemon import config, export
 from daemon.config import Config, ConfigError
 from daemon.devices import Device, WorkerStartError
 from daemon.tasks import checkpoint
-from daemon.workers import resolve_decode, resolve_devices, start_workers
+from daemon.workers import resolve_decode
 
 if TYPE_CHECKING:
     from daemon.service import Service
@@ -44,7 +44,7 @@ ROLL_KEYS = frozenset(
 RESTART_KEYS = frozenset(
     {"pipeline.max_pending", "pipeline.preprocess_threads", "pipeline.decode", "log.format", "output.database"}
 )
-RESTART_SECTIONS = ("paths.", "intake.", "metrics.")
+RESTART_SECTIONS = ("paths.", "intake.", "metrics.", "cluster.")
 
 
 def needs_restart(key: str) -> bool:
@@ -58,6 +58,7 @@ def reloadable(running: Config, new: Config) -> Config:
         paths=running.paths,
         intake=running.intake,
         metrics=running.metrics,
+        cluster=running.cluster,
         pipeline=dataclasses.replace(
             new.pipeline,
             max_pending=running.pipeline.max_pending,
@@ -163,12 +164,12 @@ class Reloader:
         """
         s = self.service
         room = max([new.model.imgsz, *(d.slot_imgsz for d in s.fleet.devices)])
-        devices = await resolve_devices(new)
+        devices = await s.fleet.resolve(new)
         try:
             await export.prepare(new, devices, stop=s.stop, notifier=s.notifier)
         except export.ExportStopped:
             raise WorkerStartError("stopping during the model export", permanent=False) from None
-        fresh = start_workers(new, devices, slot_imgsz=room)
+        fresh = s.fleet.make(new, devices, slot_imgsz=room)
         try:
             for device in fresh:
                 await device.start(new.pipeline.worker_start_timeout_s)

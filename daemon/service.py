@@ -40,8 +40,6 @@ from daemon.workers import (
     JPEG_SLOT_BYTES,
     cores,
     resolve_decode,
-    resolve_devices,
-    start_workers,
     torch_threads,
 )
 
@@ -76,9 +74,9 @@ class Service:
         self.done = 0
         self.failed = 0
         self.capacity = Capacity(config.pipeline.max_pending)
-        self.fleet = Fleet(self.metrics, lambda: self.config.pipeline.worker_start_timeout_s, self._devices_changed)
-        self.reloader = Reloader(self)
         self.health = Health(self)
+        self.fleet = Fleet(self.metrics, lambda: self.config, self._devices_changed, self.health.cluster_state)
+        self.reloader = Reloader(self)
         self.exit_status = 0
         self.database: Database | None = None
         self.queues: dict[str, asyncio.Queue[Any]] = {}
@@ -128,6 +126,12 @@ class Service:
 
     async def run(self) -> int:
         """Serve until stopped (or, with --once, until incoming/ is drained). Returns the exit status."""
+        try:
+            return await self._run()
+        finally:
+            await self.fleet.close()  # the Ray backend's driver, if any
+
+    async def _run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
@@ -138,7 +142,7 @@ class Service:
         cfg = checkpoint.resolve_config(cfg)  # imgsz "auto", refusals: before anything starts
         if cfg.output.database is not None:  # a missing driver stops the start (ConfigError: exit 78)
             self.database = open_database(cfg.output.database, fsync=cfg.output.fsync, on_state=self.health.sink_state)
-        devices = await self._unless_stopped(resolve_devices(cfg))
+        devices = await self._unless_stopped(self.fleet.resolve(cfg))
         if devices is None:
             log.info("daemon_stopped", during="start-up", uptime_s=round(time.monotonic() - started, 2))
             return 0
@@ -217,6 +221,7 @@ class Service:
             loop.create_task(self.batcher.run()),
             loop.create_task(results.run(outcomes, self.writer, concurrency=8)),
             loop.create_task(self.fleet.supervise()),
+            *([loop.create_task(self.fleet.grow())] if self.fleet.cluster is not None else []),
             *([loop.create_task(self.database.run())] if self.database is not None else []),
         ]
         feeders = [loop.create_task(self._feed())]
@@ -260,7 +265,7 @@ class Service:
         """Start a device process per device and wait for READY; None if a stop came first."""
         self.notifier.status("loading the model on " + ", ".join(devices))
         log.info("workers_starting", devices=devices, timeout_s=cfg.pipeline.worker_start_timeout_s)
-        fleet = start_workers(cfg, devices)
+        fleet = self.fleet.make(cfg, devices)
         return await self._unless_stopped(self.fleet.start(fleet, cfg.pipeline.worker_start_timeout_s))
 
     async def _unless_stopped(self, step: Coroutine[Any, Any, T]) -> T | None:

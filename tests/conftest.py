@@ -91,4 +91,35 @@ def task_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {task: task_models.build(task, root / f"yolov8s-{task}.pt") for task in task_models.IMGSZ}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ray_token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every Ray process of the tests (heads, nodes, the daemons' drivers, a local instance) uses
+    token authentication with a token of this session's: none reads or writes ~/.ray/auth_token,
+    whose presence makes Ray 2.60 turn authentication on for a head but not for its drivers."""
+    import secrets
+
+    path = tmp_path_factory.mktemp("ray-auth") / "token"
+    path.write_text(secrets.token_hex(32))
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(path))
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[Any]:
+    """One real Ray head for the test session (`ray start --head --num-cpus 2`, no dashboard), in a
+    process group of its own; tests that stop or kill a head start their own RayCluster."""
+    pytest.importorskip("ray", reason="the Ray backend's tests need pip install '.[ray]'")
+    from raycluster import RayCluster
+
+    cluster = RayCluster(num_cpus=2).start()
+    yield cluster
+    cluster.stop()
+
+
 __all__ = ["Daemon", "assets", "in_mount_namespace", "photo_like", "write_config"]

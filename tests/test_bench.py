@@ -207,3 +207,15 @@ def test_pipeline_mode_reports_the_main_process_cpu_by_stage(tmp_path: Path, tin
 def test_compare_needs_a_pipeline_report() -> None:
     with pytest.raises(bench.BenchError, match="no pipeline section"):
         pipeline.compare({}, {"modes": {}})
+
+
+@pytest.mark.slow
+def test_cluster_mode_reports_the_ray_path_against_local(tmp_path: Path, tiny_weights: Path, ray_head: Any) -> None:
+    report, table = run_bench(tmp_path, tiny_weights, "--cluster", ray_head.address, "--count", "6", "--imgsz", "64")
+    section = report["cluster"]
+    assert section["address"] == ray_head.address and not report["modes"]
+    for backend in ("local", "ray"):
+        assert section[backend]["images"] == 6 and section[backend]["images_per_s"] > 0
+    ms = 1000 / section["ray"]["images_per_s"] - 1000 / section["local"]["images_per_s"]
+    assert section["overhead_ms_per_image"] == pytest.approx(ms)
+    assert "overhead of the Ray path" in table

@@ -114,3 +114,58 @@ def test_version_and_help(tmp_path: Path) -> None:
     assert helped.returncode == 0
     for command in ("run", "check", "bench"):
         assert command in helped.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "fix"),
+    [
+        ("[cluster]\nbackend = 'slurm'", "cluster.backend", "'ray'"),
+        ("[cluster]\nbackend = 'ray'\naddress = 'headnode'", "cluster.address", '"host:6379"'),
+        ("[cluster]\naddress = 'ray://head:99999'", "cluster.address", '"ray://host:10001"'),
+        ("[cluster]\naddress = 6379", "cluster.address", '"auto"'),
+        ("[cluster]\nactors_per_gpu = 0", "cluster.actors_per_gpu", "between 1 and 16"),
+        ("[cluster]\ncpu_actors = -1", "cluster.cpu_actors", "between 0 and 256"),
+        ("[cluster]\ncpus_per_actor = 'two'", "cluster.cpus_per_actor", "a number"),
+        ("[cluster]\nresources = { inferd = 0 }", "cluster.resources", "ray start --resources"),
+        ("[cluster]\nresources = { GPU = 1 }", "cluster.resources", "cluster.actors_per_gpu"),
+        ("[cluster]\nbackend = 'ray'\n[model]\nruntime = 'openvino'", "model.runtime", '"torch"'),
+        ("[cluster]\nbackend = 'ray'\n[model]\ndevices = ['cuda:0']", "model.devices", "one actor per GPU"),
+        ("[cluster]\nmax_restarts = 3", "cluster.max_restarts", "remove it or use one of"),
+    ],
+)
+def test_bad_cluster_values_name_key_and_fix(tmp_path: Path, text: str, key: str, fix: str) -> None:
+    with pytest.raises(config.ConfigError) as err:
+        parse(text, tmp_path)
+    assert err.value.key == key
+    assert fix in str(err.value)
+
+
+def test_cluster_addresses(tmp_path: Path) -> None:
+    for address in ("", "auto", "10.1.2.3:6379", "head.example:6379", "ray://head:10001"):
+        cfg = parse(f"[cluster]\nbackend = 'ray'\naddress = '{address}'", tmp_path)
+        assert (cfg.cluster.backend, cfg.cluster.address) == (config.Backend.RAY, address)
+    cfg = parse("[cluster]\nresources = { inferd = 1 }", tmp_path)
+    assert cfg.cluster.backend is config.Backend.LOCAL and cfg.cluster.resources == (("inferd", 1.0),)
+
+
+def test_the_local_backend_never_imports_ray(tmp_path: Path) -> None:
+    """The daemon's modules, the cluster package included, import no ray: only its driver process does."""
+    code = (
+        "import sys, daemon.cli, daemon.service, daemon.workers, daemon.cluster, daemon.config as c;"
+        "daemon.cluster.Cluster(c.load(None));"
+        "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'ray imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_ray_backend_without_ray_installed_names_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import importlib.util
+
+    from daemon import cluster
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(config.ConfigError) as err:
+        cluster.Cluster(parse("[cluster]\nbackend = 'ray'", tmp_path))
+    assert err.value.key == "cluster.backend" and "pip install 'inferd[ray]'" in str(err.value)

@@ -32,9 +32,11 @@ def model_of(var: Path, name: str) -> dict[str, Any]:
     return model
 
 
-def start(tmp_path: Path, daemon_factory: RunDaemon, weights: Path) -> tuple[Path, Daemon, int]:
+def start(
+    tmp_path: Path, daemon_factory: RunDaemon, weights: Path, **pipeline: Any
+) -> tuple[Path, Daemon, int]:
     model = {"weights": str(weights), "devices": ["cpu"], "imgsz": 320}
-    config = write_config(tmp_path, model=model, intake={"settle_ms": 100})
+    config = write_config(tmp_path, model=model, intake={"settle_ms": 100}, pipeline={"cpu_workers": 1, **pipeline})
     daemon = daemon_factory(config)
     pids = daemon.wait_event("daemon_started")["pids"]
     assert len(pids) == 1
@@ -47,7 +49,9 @@ def test_a_new_model_takes_over_without_losing_a_file(
 ) -> None:
     second = tmp_path / "second.pt"
     shutil.copyfile(tiny_weights, second)
-    config, daemon, old_pid = start(tmp_path, daemon_factory, tiny_weights)
+    # Batches of 2: the frozen worker's two slots hold 4 of the 8 images dropped while it is frozen
+    # (claims and decoding go in groups: with batches of 8 all of them could be in flight on it).
+    config, daemon, old_pid = start(tmp_path, daemon_factory, tiny_weights, max_batch=2)
     var = tmp_path / "var"
     before, during, after = ["b0.jpg", "b1.jpg"], [f"d{i}.jpg" for i in range(8)], ["a0.jpg", "a1.jpg"]
     drop(var / "incoming", before)

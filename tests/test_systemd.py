@@ -94,3 +94,8 @@ def test_template_is_per_instance() -> None:
     assert single["WorkingDirectory"] == "/var/lib/inferd/%i"
     assert single["ReadWritePaths"] == "/var/lib/inferd/%i"
     assert "RemoveIPC" not in single  # instances share the user; see the unit's comment
+
+
+@pytest.mark.parametrize("name", ["ray-head.service", "ray-node.service"])
+def test_ray_units_verify(tmp_path: Path, name: str) -> None:
+    verify(UNITS / name, tmp_path, name)

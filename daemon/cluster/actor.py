@@ -1,0 +1,78 @@
+"""Runs inside a Ray actor, on any node of the cluster: the same `model.Runner` as a local device
+process, handed each batch's bytes instead of reading a shared-memory slot.
+
+The weights arrive as bytes (the node needs no shared storage): they are written to a temporary
+file of the actor's own and loaded from there. A load failure is an answer (`load` returns it),
+not an exception, so the driver can tell a model that can never load from an actor that died.
+Only the actor's death (its process or node gone) raises on the caller's side.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+from daemon import logs, model
+
+
+class DeviceActor:
+    """The model on one device of a Ray node (ray.remote is applied by the driver)."""
+
+    def __init__(self) -> None:
+        self.runner: model.Runner | None = None
+        self._dir = tempfile.TemporaryDirectory(prefix="inferd-actor-")
+
+    def load(self, spec_args: dict[str, Any], weights: bytes, weights_name: str) -> tuple[str, Any]:
+        """Load the model: ("ready", info) or ("error", (message, permanent))."""
+        # Idle intra-op threads sleep instead of spinning (as in model.serve).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # Ray sets OMP_NUM_THREADS to the actor's num_cpus; the runner's threads are what counts.
+        if spec_args["torch_threads"]:
+            os.environ["OMP_NUM_THREADS"] = str(spec_args["torch_threads"])
+        logs.configure(spec_args["log"], process=f"actor:{spec_args['name']}")
+        path = Path(self._dir.name) / weights_name
+        path.write_bytes(weights)
+        args = {k: v for k, v in spec_args.items() if k != "name"}
+        spec = model.WorkerSpec(**{**args, "weights": str(path)}, buffer_path="", slot_bytes=0, slots=0)
+        try:
+            self.runner = model.Runner(spec, None)
+        except Exception as exc:  # noqa: BLE001 - any load failure is the ERROR half of the handshake
+            return "error", (f"{type(exc).__name__}: {exc}", not model._transient(exc))
+        info = self.runner.info()
+        info.update(pid=os.getpid(), node=socket.gethostname(), node_ip=_node_ip())
+        return "ready", info
+
+    def infer(self, batch: model.Batch, data: Any) -> tuple[str, Any]:
+        """("done", (answers, model_ms)) or ("failed", (kind, message)): a model error fails the
+        batch, not the actor."""
+        runner = self.runner
+        assert runner is not None
+        torch = runner.torch
+        try:
+            with warnings.catch_warnings():
+                # Ray hands arguments over read-only (zero-copy from its object store); the model
+                # only reads its input.
+                warnings.filterwarnings("ignore", message="The given buffer is not writable")
+                return "done", runner.run(batch, data)
+        except torch.OutOfMemoryError as exc:
+            if runner.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return "failed", ("oom", str(exc))
+        except Exception as exc:  # noqa: BLE001 - a model error fails this batch, not the actor
+            return "failed", ("error", f"{type(exc).__name__}: {exc}")
+
+    def set_level(self, level: str) -> None:
+        logs.set_level(level)
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+def _node_ip() -> str:
+    import ray
+
+    return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
