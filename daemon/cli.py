@@ -14,13 +14,12 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import structlog
 import uvloop
 
 from daemon import __version__, logs
-from daemon.config import Backend, Config, ConfigError, load, prepare_dirs
+from daemon.config import Config, ConfigError, load, prepare_dirs
 from daemon.notify import Notifier
 from daemon.threads import name_os_thread
 
@@ -106,8 +105,10 @@ def bench(argv: list[str]) -> int:
 async def check(config: Config) -> int:
     """Load the model on every configured device and report what was found."""
     from daemon import export
+    from daemon.fleet import Fleet
+    from daemon.metrics import Metrics
     from daemon.tasks import checkpoint
-    from daemon.workers import resolve_decode, resolve_devices, start_workers
+    from daemon.workers import resolve_decode
 
     log = structlog.get_logger("daemon.cli")
     config = checkpoint.resolve_config(config)
@@ -123,17 +124,19 @@ async def check(config: Config) -> int:
         finally:
             await database.close()
         log.info("check_database", database=config.output.database.redacted)
-    cluster: Any = None
-    if config.cluster.backend is Backend.RAY:  # the actors of the cluster, each loading the model
-        from daemon.cluster import Cluster
-
-        cluster = Cluster(config)
+    fleet = Fleet(Metrics(), lambda: config, lambda: None, lambda up, error: None)  # local devices, or the cluster's
     try:
-        devices = await (cluster.resolve_devices() if cluster is not None else resolve_devices(config))
+        devices = await fleet.resolve(config)
         config = resolve_decode(config, devices)
         for plan in await export.prepare(config, devices):  # builds the cache: a later start finds it
-            log.info("check_model", device=plan.device, runtime=plan.runtime, precision=plan.precision)
-        workers = cluster.devices(config, devices) if cluster is not None else start_workers(config, devices)
+            log.info(
+                "check_model",
+                device=plan.device,
+                runtime=plan.runtime,
+                precision=plan.precision,
+                artefact=plan.artefact,
+            )
+        workers = fleet.make(config, devices)
         try:
             for worker in workers:
                 info = await worker.start(config.pipeline.worker_start_timeout_s)
@@ -141,7 +144,6 @@ async def check(config: Config) -> int:
         finally:
             await asyncio.gather(*(w.stop(10) for w in workers))
     finally:
-        if cluster is not None:
-            await cluster.close()
+        await fleet.close()
     log.info("check_passed", config=str(config.source), devices=devices)
     return 0
