@@ -6,12 +6,16 @@ the tests and the bench drive the daemon the same way."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from bench.harness import Daemon, toml
 from bench.images import photo_like
@@ -39,6 +43,32 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "yolo11n-random.pt"
     YOLO("yolo11n.yaml").save(str(path))
     return path
+
+
+def oriented(tmp: Path, orientation: int) -> Path:
+    """bus.jpg stored with an EXIF orientation tag (pixels as stored, the tag says how to turn them)."""
+    path = tmp / f"bus-o{orientation}.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    with Image.open(assets() / "bus.jpg") as im:
+        im.save(path, exif=exif, quality=95)
+    return path
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback now (or only a unique number, for a unix socket's name)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """The status and body of a GET, an HTTP error's too."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
 
 
 def write_config(tmp: Path, **sections: dict[str, Any]) -> Path:

@@ -12,21 +12,16 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from conftest import free_port
+
 RAY = str(Path(sys.executable).with_name("ray"))
 RUNNING = "Ray runtime started"  # what `ray start` logs once its processes run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Node:

@@ -128,7 +128,8 @@ def test_the_ray_head_stopped_and_restarted_mid_stream_loses_nothing(
     tmp_path: Path, daemon_factory: RunDaemon
 ) -> None:
     pytest.importorskip("ray")
-    from raycluster import RayCluster, free_port
+    from conftest import free_port
+    from raycluster import RayCluster
 
     cluster = RayCluster(num_cpus=2).start()
     try:
@@ -167,7 +168,7 @@ def test_a_cluster_unreachable_at_start_exits_naming_the_address(
     tmp_path: Path, daemon_factory: RunDaemon
 ) -> None:
     pytest.importorskip("ray")
-    from raycluster import free_port
+    from conftest import free_port
 
     address = f"127.0.0.1:{free_port()}"
     daemon = daemon_factory(ray_config(tmp_path, address, cluster={"connect_timeout_s": 3}))

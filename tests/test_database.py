@@ -12,14 +12,12 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
-from conftest import Daemon, assets, write_config
+from conftest import Daemon, assets, free_port, http_get, write_config
 
 from daemon import config
 from daemon.config import ConfigError
@@ -148,20 +146,6 @@ def test_kill_9_of_the_process_group_leaves_each_source_once(tmp_path: Path, dae
         assert found.get(name, []) == from_json(var / "output", name)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 @pytest.mark.slow
 def test_a_locked_database_pauses_intake_and_then_everything_lands(
     tmp_path: Path, daemon_factory: RunDaemon, tiny_weights: Path
@@ -194,7 +178,7 @@ def test_a_locked_database_pauses_intake_and_then_everything_lands(
             message = notify.recv(4096).decode()
             if message.startswith("STATUS=database unavailable"):
                 break
-        status, body = get(f"http://127.0.0.1:{port}/healthz")
+        status, body = http_get(f"http://127.0.0.1:{port}/healthz")
         assert status == 503 and "database" in body
         assert files(tmp_path / "var" / "done") == []  # nothing released before its rows are committed
         # Intake paused: at most max_pending claimed, the rest still waits in incoming/.
@@ -206,9 +190,9 @@ def test_a_locked_database_pauses_intake_and_then_everything_lands(
     daemon.wait_event("database_recovered")
     for name in names:
         daemon.wait_event("image_done", path=name, timeout_s=180)
-    status, _ = get(f"http://127.0.0.1:{port}/healthz")
+    status, _ = http_get(f"http://127.0.0.1:{port}/healthz")
     assert status == 200
-    _, text = get(f"http://127.0.0.1:{port}/metrics")
+    _, text = http_get(f"http://127.0.0.1:{port}/metrics")
     assert 'inferd_sink_up{sink="database"} 1.0' in text
     counter = 'inferd_sink_failures_total{sink="database"}'
     failures = next(line for line in text.splitlines() if line.startswith(counter))

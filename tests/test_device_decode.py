@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import uvloop
-from conftest import Daemon, assets, photo_like, write_config
+from conftest import Daemon, assets, oriented, photo_like, write_config
 from PIL import Image, ImageEnhance, ImageOps
 from test_workers import CONF, IOU, make_worker, match
 
@@ -34,16 +34,6 @@ CUDA = torch.cuda.is_available()
 
 def prepare(path: Path, settings: preprocess.Settings) -> Prepared:
     return preprocess.prepare(Job(PurePosixPath(path.name), path), settings)
-
-
-def oriented(tmp: Path, orientation: int) -> Path:
-    """bus.jpg stored with an EXIF orientation tag (pixels as stored, the tag says how to turn them)."""
-    path = tmp / f"bus-o{orientation}.jpg"
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    with Image.open(assets() / "bus.jpg") as im:
-        im.save(path, exif=exif, quality=95)
-    return path
 
 
 def broken(tmp: Path) -> Path:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, photo_like, write_config
+from conftest import Daemon, free_port, photo_like, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon import state, status
@@ -176,14 +176,6 @@ def inferd_status(config: Path, *args: str) -> tuple[int, str]:
     )
     assert proc.stderr == "", proc.stderr
     return proc.returncode, proc.stdout
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_status_of_two_instances_then_stopped_then_stale(

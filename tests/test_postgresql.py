@@ -8,7 +8,6 @@ import json
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, assets, photo_like, write_config
+from conftest import Daemon, assets, free_port, photo_like, write_config
 from test_database import check_readme_queries
 
 RunDaemon = Callable[..., Daemon]
@@ -58,12 +57,6 @@ def find_bindir() -> Path | None:
         if candidate:
             return Path(candidate).resolve().parent
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:  # only a number for the socket's name: the server listens on no TCP port
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

@@ -7,29 +7,13 @@ import os
 import shutil
 import signal
 import socket
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import Daemon, assets, write_config
+from conftest import Daemon, assets, free_port, http_get, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
 RunDaemon = Callable[..., Daemon]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def test_notify_reload_metrics(tmp_path: Path, daemon_factory: RunDaemon, tiny_weights: Path) -> None:
@@ -64,7 +48,7 @@ def run_service(tmp_path: Path, daemon_factory: RunDaemon, config: Path, sock: s
     assert next_message("STATUS=").startswith("STATUS=loading the model")
     next_message("READY=1")
     daemon.wait_event("daemon_started")
-    status, _body = get(f"http://127.0.0.1:{port}/healthz")
+    status, _body = http_get(f"http://127.0.0.1:{port}/healthz")
     assert status == 200
     next_message("WATCHDOG=1")  # idle counts as healthy
 
@@ -77,7 +61,7 @@ def run_service(tmp_path: Path, daemon_factory: RunDaemon, config: Path, sock: s
     assert stats["workers_up"] == 1 and stats["in_flight"] == 0
     assert next_message("STATUS=1 done, 1 failed").endswith("1/1 devices up")
 
-    status, text = get(f"http://127.0.0.1:{port}/metrics")
+    status, text = http_get(f"http://127.0.0.1:{port}/metrics")
     assert status == 200
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value

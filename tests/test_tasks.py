@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import uvloop
-from conftest import assets
+from conftest import assets, oriented
 from PIL import Image, ImageDraw, ImageOps
 
 from daemon import preprocess
@@ -138,15 +138,6 @@ def polygon(xy: list[float], side: int = 1000) -> np.ndarray:
 
 def overlap(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
-
-
-def oriented(tmp: Path, orientation: int) -> Path:
-    path = tmp / f"bus-o{orientation}.jpg"
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    with Image.open(assets() / "bus.jpg") as im:
-        im.save(path, exif=exif, quality=95)
-    return path
 
 
 def photo(tmp: Path, name: str) -> Path:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Daemon, assets, write_config
+from conftest import Daemon, assets, oriented, write_config
 from PIL import Image
-from test_tasks import oriented, predict_txt, same_txt
+from test_tasks import predict_txt, same_txt
 
 from daemon.cli import EXIT_CONFIG
 
