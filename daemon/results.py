@@ -190,7 +190,10 @@ class Writer:
         except Exception as exc:  # a bug: each image is tried again on its own, with its last resort
             log.error("internal_error", stage="results", images=len(items), exc_info=exc)
             finished = []
-        logs.records(log, "image_done", [self._done_record(r) for r in finished])
+        try:
+            logs.records(log, "image_done", [self._done_record(r) for r in finished])
+        except Exception as exc:  # a bug in rendering a record: the results stand, the slots come back
+            log.error("internal_error", stage="results", images=len(finished), exc_info=exc)
         for r in finished:
             self.finished(r, True)
         done = {id(r) for r in finished}
