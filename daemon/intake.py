@@ -30,6 +30,7 @@ import structlog
 import watchfiles
 from watchfiles._rust_notify import WatchfilesRustInternalError  # not re-exported by watchfiles
 
+from daemon import durable
 from daemon.jobs import Capacity, FailReason, Failure, ItemError, Job, Outcome
 
 log = structlog.get_logger("daemon.intake")
@@ -473,7 +474,7 @@ def _rename_into(
     if checked is None or source.parent not in checked:
         if os.path.realpath(source.parent) != os.path.normpath(os.path.join(os.path.realpath(root), rel.parent)):
             raise OutsideIncoming("a directory on its path is a symbolic link")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        durable.makedirs(target.parent)  # a claim into a directory a power cut can take back would be lost
         if checked is not None:
             checked.add(source.parent)
     try:

@@ -7,11 +7,14 @@ mount see every write, create, rename and unlink at once. What a disk would hold
 it, as LazyFS (the file system Jepsen cuts the power of) models it:
 - a file's data (its bytes and size) reaches the disk only when that file is fsynced;
 - a create, mkdir, link, unlink, rmdir or rename reaches the disk when a directory it touched is
-  fsynced (a rename is atomic: both of its names, or neither);
+  fsynced (a rename is atomic: both of its names, or neither), together with every earlier
+  change to the same file or directory (the disk sees each one's changes in order);
 - nothing else ever does.
 At a power cut the disk keeps only that (mode `lose`); or, in mode `reorder`, also each pending
-directory change by a coin toss, in order, as if the kernel had written some of them back on its
-own before the cut (file data that was not fsynced is still lost). The disk's state is then
+directory change by a coin toss, as if the kernel had written some back on its own before the
+cut, unless an earlier change to the same file or directory was lost (file data that was not
+fsynced is still lost). This is stricter than ext4 or XFS, whose journal keeps all metadata
+changes in one order: a daemon that passes here does not rely on that. The disk's state is then
 written to BACKING, the mount answers EIO to everything, and the next unmount only ends it. A
 clean unmount with no cut writes the tree as the processes saw it (an orderly shutdown).
 
@@ -19,9 +22,9 @@ Control by lines on stdin, answers on stdout ("ready" once mounted):
     arm KIND N [PREFIX] [MODE]   cut at the Nth KIND operation from now (write, fsync, fsyncdir,
                                  create, rename, unlink, mkdir) on a path starting with PREFIX;
                                  that operation fails and does not happen  -> "armed"
-    cut [MODE]                   cut now                                    -> "cut now -"
+    cut [MODE]                   cut now                 -> "cut now" (or "cut already")
     counts                       operations of each kind so far             -> "counts {json}"
-At a cut it prints "cut KIND PATH"; at the end "unmounted".
+At every cut it prints "fired KIND PATH" ("fired now -" for `cut`); at the end "unmounted".
 """
 
 from __future__ import annotations
@@ -150,21 +153,36 @@ class Model:
         self.disk_data[node.ino] = bytes(node.data)
 
     def fsyncdir(self, node: Node) -> None:
-        """Persist, in order, every pending change that touched this directory."""
-        kept = []
-        for touched, effect in self.pending:
-            if node.ino in touched:
-                self._apply(effect)
-            else:
-                kept.append((touched, effect))
-        self.pending = kept
+        """Persist every pending change that touched this directory, and every earlier one that
+        touched the same file or directory as a change persisted (the disk sees each file's and
+        each directory's changes in order); in order."""
+        needed, persist = {node.ino}, set()
+        for i in range(len(self.pending) - 1, -1, -1):
+            keys = self._keys(*self.pending[i])
+            if keys & needed:
+                persist.add(i)
+                needed |= keys
+        for i in sorted(persist):
+            self._apply(self.pending[i][1])
+        self.pending = [p for i, p in enumerate(self.pending) if i not in persist]
 
     def cut(self, reorder: random.Random | None) -> None:
-        """The power goes: pending changes are lost (with `reorder`, each may have been written back)."""
-        for _touched, effect in self.pending:
-            if reorder is not None and reorder.random() < 0.5:
+        """The power goes: pending changes are lost. With `reorder`, each may have been written
+        back by a coin toss, unless an earlier change to the same file or directory was not."""
+        lost: set[int] = set()
+        for touched, effect in self.pending:
+            keys = self._keys(touched, effect)
+            if reorder is not None and not keys & lost and reorder.random() < 0.5:
                 self._apply(effect)
+            else:
+                lost |= keys
         self.pending = []
+
+    def _keys(self, touched: frozenset[int], effect: Effect) -> frozenset[int]:
+        """What orders a change: the directories it touched, and the file it named. Not a
+        directory it named: its entry in its parent is not ordered with the entries in it."""
+        named = effect[-1]
+        return touched if stat.S_ISDIR(self.nodes[named].mode) else touched | {named}
 
     def _apply(self, effect: Effect) -> None:
         if effect[0] == "move":
@@ -210,7 +228,7 @@ class PowerFS(mfusepy.Operations):
         self.backing = backing
         self.model = Model()
         self.model.load(backing)
-        self.lock = threading.Lock()
+        self.mutex = threading.Lock()
         self.rng = random.Random(seed)
         self.counts: dict[str, int] = {}
         self.armed: tuple[str, int, str, str] | None = None  # kind, operations left, prefix, mode
@@ -233,18 +251,21 @@ class PowerFS(mfusepy.Operations):
         self.dead = True
         self.model.cut(self.rng if mode == "reorder" else None)
         self.model.write_out(self.backing, durable=True)
-        say(f"cut {kind} {path}")
+        say(f"fired {kind} {path}")
 
     def control(self) -> None:
         for line in sys.stdin:
             words = line.split()
-            with self.lock:
+            with self.mutex:
                 if words[:1] == ["arm"]:
                     prefix = words[3] if len(words) > 3 else ""
                     self.armed = (words[1], int(words[2]), prefix, words[4] if len(words) > 4 else "lose")
                     say("armed")
-                elif words[:1] == ["cut"] and not self.dead:
+                elif words[:1] == ["cut"] and self.dead:
+                    say("cut already")
+                elif words[:1] == ["cut"]:
                     self.cut(words[1] if len(words) > 1 else "lose", "now", "-")
+                    say("cut now")
                 elif words[:1] == ["counts"]:
                     say(f"counts {json.dumps(self.counts)}")
 
@@ -256,7 +277,7 @@ class PowerFS(mfusepy.Operations):
         say("ready")
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
-        with self.lock:
+        with self.mutex:
             if self.dead:
                 raise mfusepy.FuseOSError(errno.EIO)
             node = self._node(path, fh)
@@ -267,68 +288,71 @@ class PowerFS(mfusepy.Operations):
                 "st_atime": node.mtime_ns, "st_mtime": node.mtime_ns, "st_ctime": node.mtime_ns,
             }  # fmt: skip
 
-    def readdir(self, path: str, fh: int) -> list[str]:
-        with self.lock:
+    def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:
+        with self.mutex:  # an inode number with each name: glibc skips entries whose d_ino is 0
             self._step("readdir", path)
-            return [".", "..", *self._node(path, fh).entries]
+            node = self._node(path, fh)
+            nodes = self.model.nodes
+            entries = [(".", node.ino), ("..", node.ino), *node.entries.items()]
+            return [(name, {"st_ino": ino, "st_mode": nodes[ino].mode}, 0) for name, ino in entries]
 
     def opendir(self, path: str) -> int:
-        with self.lock:
+        with self.mutex:
             self._step("opendir", path)
             return self.model.lookup(path).ino
 
     def create(self, path: str, mode: int, fi: Any = None) -> int:
-        with self.lock:
+        with self.mutex:
             self._step("create", path)
             node = self.model.new(stat.S_IFREG | stat.S_IMODE(mode))
             self.model.add(path, node)
             return node.ino
 
     def mkdir(self, path: str, mode: int) -> None:
-        with self.lock:
+        with self.mutex:
             self._step("mkdir", path)
             self.model.add(path, self.model.new(stat.S_IFDIR | stat.S_IMODE(mode)))
 
     def symlink(self, target: str, source: str) -> None:
-        with self.lock:
+        with self.mutex:
             self._step("create", target)
             node = self.model.new(stat.S_IFLNK | 0o777)
             node.target = source
             self.model.add(target, node)
 
     def readlink(self, path: str) -> str:
-        with self.lock:
+        with self.mutex:
             return self.model.lookup(path).target
 
     def link(self, target: str, source: str) -> None:
-        with self.lock:
+        with self.mutex:
             self._step("create", target)
             self.model.add(target, self.model.lookup(source))
 
     def unlink(self, path: str) -> None:
-        with self.lock:
+        with self.mutex:
             self._step("unlink", path)
             self.model.remove(path)
 
     rmdir = unlink
 
     def rename(self, old: str, new: str) -> None:
-        with self.lock:
+        with self.mutex:
             self._step("rename", f"{old} -> {new}")
             self.model.rename(old, new)
 
     def open(self, path: str, flags: int) -> int:
-        with self.lock:
+        with self.mutex:
             self._step("open", path)
             return self.model.lookup(path).ino
 
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
-        with self.lock:
+        with self.mutex:
             self._step("read", path)
             return bytes(self.model.nodes[fh].data[offset : offset + size])
 
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
-        with self.lock:
+        with self.mutex:
             self._step("write", path)
             node = self.model.nodes[fh]
             if len(node.data) < offset:
@@ -338,7 +362,7 @@ class PowerFS(mfusepy.Operations):
             return len(data)
 
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> None:
-        with self.lock:
+        with self.mutex:
             self._step("write", path)
             node = self._node(path, fh)
             del node.data[length:]
@@ -346,22 +370,22 @@ class PowerFS(mfusepy.Operations):
             node.mtime_ns = time.time_ns()
 
     def fsync(self, path: str | None, datasync: int, fh: int) -> None:
-        with self.lock:
+        with self.mutex:
             self._step("fsync", path)
             self.model.fsync(self.model.nodes[fh])
 
     def fsyncdir(self, path: str | None, datasync: int, fh: int) -> None:
-        with self.lock:
+        with self.mutex:
             self._step("fsyncdir", path)
             self.model.fsyncdir(self._node(path, fh))
 
     def utimens(self, path: str, times: tuple[int, int] | None = None) -> None:
-        with self.lock:
+        with self.mutex:
             self._step("utimens", path)
             self.model.lookup(path).mtime_ns = times[1] if times else time.time_ns()
 
     def chmod(self, path: str, mode: int) -> None:
-        with self.lock:
+        with self.mutex:
             node = self.model.lookup(path)
             node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(mode)
 
@@ -378,7 +402,7 @@ class PowerFS(mfusepy.Operations):
         return None
 
     def access(self, path: str, amode: int) -> None:
-        with self.lock:
+        with self.mutex:
             self.model.lookup(path)
 
     def statfs(self, path: str) -> dict[str, int]:
@@ -401,12 +425,13 @@ def main() -> None:
     parser.add_argument("mountpoint", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    fs = PowerFS(args.backing, args.seed)
+    backing = args.backing.resolve()
+    fs = PowerFS(backing, args.seed)
     threading.Thread(target=fs.control, name="control", daemon=True).start()
     mfusepy.FUSE(fs, str(args.mountpoint), foreground=True, nothreads=True, hard_remove=True, use_ino=True)
-    with fs.lock:
+    with fs.mutex:
         if not fs.dead:
-            fs.model.write_out(args.backing, durable=False)
+            fs.model.write_out(backing, durable=False)
     say("unmounted")
 
 

@@ -34,6 +34,8 @@ class Mount:
         backing.mkdir(parents=True, exist_ok=True)
         mountpoint.mkdir(parents=True, exist_ok=True)
         self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self.cut_line: str | None = None  # "fired KIND PATH" once the power was cut
+        self.fired = threading.Event()
         self.proc = subprocess.Popen(
             [sys.executable, str(POWERFS), str(backing), str(mountpoint), "--seed", str(seed)],
             stdin=subprocess.PIPE,
@@ -48,7 +50,11 @@ class Mount:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self._lines.put(line.rstrip("\n"))
+            if line.startswith("fired "):
+                self.cut_line = line.rstrip("\n")
+                self.fired.set()
+            else:
+                self._lines.put(line.rstrip("\n"))
         self._lines.put(None)
 
     def expect(self, prefix: str, timeout_s: float = 60) -> str:
@@ -73,8 +79,9 @@ class Mount:
         self.expect("armed")
 
     def cut(self, mode: str = "lose") -> None:
+        """Cut the power now (if an armed cut has not already)."""
         self.send(f"cut {mode}")
-        self.expect("cut now")
+        self.expect("cut")
 
     def unmount(self) -> None:
         """Unmount (after a cut this only ends the dead mount); the backing directory then holds
