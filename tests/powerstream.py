@@ -46,6 +46,7 @@ TARGETS = (
 )
 BAD_EVERY = 25  # every 25th file (from the 7th) is not an image: it must end in failed/ with its reason
 BOXES = 5  # bench/fake_model.py's detections per image
+WINDOW = 4  # files the producer keeps ahead of inferd
 
 
 @dataclass
@@ -57,8 +58,8 @@ class Producer:
     cut_short: list[str] = field(default_factory=list)
     sent: int = 0
 
-    def send(self, count: int) -> None:
-        """Up to `count` files; stops at the first error (the power went)."""
+    def send(self, count: int) -> bool:
+        """Up to `count` files; False at the first error (the power went)."""
         for _ in range(count):
             i, self.sent = self.sent, self.sent + 1
             name = f"{i:04}.jpg"
@@ -66,8 +67,9 @@ class Producer:
                 self._deliver(name, i)
             except OSError:
                 self.cut_short.append(name)
-                return
+                return False
             self.acknowledged.append(name)
+        return True
 
     def _deliver(self, name: str, i: int) -> None:
         tmp = self.incoming / f".{name}.part"
@@ -132,11 +134,19 @@ class Stream:
             mount.unmount()
 
     def _feed(self, daemon: Daemon, mount: Mount, chunk: int) -> None:
-        """Drop the chunk once inferd is up; until the cut, or until every acknowledged source is done."""
+        """Once inferd is up, drop the chunk as a stream (WINDOW files ahead of what inferd has
+        finished, so that its claims, writes and moves interleave with the producer's fsyncs);
+        until the cut, or until every acknowledged source is done."""
         if not self._until(daemon, mount, lambda r: r["event"] == "daemon_started"):
             return
         self.producer.tidy()
-        self.producer.send(chunk)
+        end = self.producer.sent + chunk
+        if not self.producer.send(min(WINDOW, chunk)):
+            return
+        while self.producer.sent < end:
+            target = _finished(daemon) + 1
+            if not self._until(daemon, mount, lambda _r, t=target: _finished(daemon) >= t) or not self.producer.send(1):
+                return
         self._until(daemon, mount, lambda _r: self._accounted(self.var))
 
     def _until(self, daemon: Daemon, mount: Mount, predicate: Callable[[Record], bool], timeout_s: float = 120) -> bool:
@@ -177,6 +187,10 @@ class Stream:
         return daemon
 
 
+def _finished(daemon: Daemon) -> int:
+    return sum(r["event"] in ("image_done", "image_failed") for r in daemon.lines)
+
+
 def files(root: Path) -> list[str]:
     """Every file below `root`, relative; [] if it does not exist."""
     if not root.exists():
@@ -214,6 +228,8 @@ def check(disk: Path, producer: Producer) -> dict[str, int]:
 
 def check_results(output: Path, name: str) -> None:
     """Complete, parseable .txt and .json for `name`: BOXES detections in both."""
+    missing = [s for s in (".txt", ".json") if not (output / f"{name}{s}").is_file()]
+    assert not missing, f"done/{name} has no {' nor '.join(missing)} in output/: its results were lost"
     document = json.loads((output / f"{name}.json").read_text())
     assert document["source"] == name and len(document["detections"]) == BOXES, (name, document)
     lines = (output / f"{name}.txt").read_text().splitlines()
