@@ -89,6 +89,29 @@ def test_temp_files_of_dead_runs_are_swept(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
 
 
+def test_what_acknowledged_means(tmp_path: Path, instant_weights: Path) -> None:
+    """A file is acknowledged once its bytes and its name in incoming/ are fsynced; inferd owes
+    it results. A name not fsynced may vanish at a cut; bytes not fsynced behind a synced name
+    leave a torn file, which inferd fails with a reason (never results from half an image)."""
+    s = stream(tmp_path, instant_weights, seed=3)
+    incoming = s.var / "incoming"
+    with Mount(s.disk, s.var) as mount:
+        durable.makedirs(incoming)
+        s.producer.send(1)  # 0000.jpg: the whole protocol
+        good = (incoming / "0000.jpg").read_bytes()
+        (incoming / "unsynced-bytes.jpg").write_bytes(good)
+        fsync_path(incoming)  # name synced, bytes not
+        (incoming / "unsynced-name.jpg").write_bytes(good)
+        fsync_path(incoming / "unsynced-name.jpg")  # bytes synced, name not
+        mount.cut()
+        mount.unmount()
+    s.finish(images=1)
+    disk = s.disk
+    assert files(disk / "done") == ["0000.jpg"]
+    assert files(disk / "failed") == ["unsynced-bytes.jpg", "unsynced-bytes.jpg.error.json"]
+    assert files(disk / "incoming") == [] and files(disk / "output") == ["0000.jpg.json", "0000.jpg.txt"]
+
+
 def stream(tmp_path: Path, weights: Path, seed: int) -> Stream:
     skip_without_fuse()
     config = write_config(
