@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from types import TracebackType
@@ -16,14 +18,27 @@ import pytest
 POWERFS = Path(__file__).with_name("powerfs.py")
 
 
-def skip_without_fuse() -> None:
-    """Skip where FUSE cannot be mounted: no /dev/fuse, not root, or no libfuse 3."""
+@functools.cache
+def _why_no_fuse() -> str | None:
     if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
-        pytest.skip("power-loss tests mount FUSE: they need /dev/fuse and root")
+        return "power-loss tests mount FUSE: they need /dev/fuse and root"
     try:
         import mfusepy  # noqa: F401 - loads libfuse
-    except (ImportError, OSError, EnvironmentError) as exc:  # noqa: UP024 - mfusepy raises EnvironmentError
-        pytest.skip(f"power-loss tests need mfusepy and libfuse 3 (Debian's fuse3): {exc}")
+    except (ImportError, OSError) as exc:
+        return f"power-loss tests need mfusepy and libfuse 3 (Debian's fuse3): {exc}"
+    with tempfile.TemporaryDirectory() as tmp:  # a container may still refuse the mount itself
+        try:
+            Mount(Path(tmp, "disk"), Path(tmp, "mnt")).unmount()
+        except (OSError, AssertionError, TimeoutError, subprocess.CalledProcessError) as exc:
+            subprocess.run(["umount", "-l", str(Path(tmp, "mnt"))], check=False, capture_output=True)
+            return f"FUSE cannot be mounted here: {exc}"
+    return None
+
+
+def skip_without_fuse() -> None:
+    """Skip where FUSE cannot be mounted: no /dev/fuse, not root, no libfuse 3, or refused."""
+    if (why := _why_no_fuse()) is not None:
+        pytest.skip(why)
 
 
 class Mount:
