@@ -10,10 +10,12 @@ shows both); `sweep` removes such files, once per directory and run.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 from pathlib import Path
 
+UNSYNCABLE = (errno.EINVAL, errno.EBADF, errno.EACCES, errno.EPERM, errno.EROFS)
 TEMP = re.compile(r"\.[0-9a-f]{16}\.(\d+)\.tmp")  # results.Writer's temp names: .<digest>.<pid>.tmp
 
 
@@ -37,7 +39,11 @@ def makedirs(path: Path) -> None:
         return
     path.mkdir(parents=True, exist_ok=True)
     for made in reversed(missing):
-        fsync_dir(made.parent)
+        try:
+            fsync_dir(made.parent)
+        except OSError as exc:  # as PostgreSQL's fsync_fname: some filesystems cannot fsync a
+            if exc.errno not in UNSYNCABLE:  # directory, or it is write-only to us; it is as
+                raise  # durable there as that filesystem makes it
 
 
 def sweep(directory: Path, pattern: re.Pattern[str] = TEMP) -> int:
