@@ -40,6 +40,7 @@ from daemon.tasks import SCHEMA_VERSION, Payload
 log = structlog.get_logger("daemon.results")
 _fsync = aiofiles.os.wrap(os.fsync)
 WRITE_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
+SWEPT_MAX = 10_000  # result directories remembered as swept
 NAME_MAX = 255  # bytes in one file name, on every Linux filesystem inferd supports
 
 
@@ -355,8 +356,7 @@ class Writer:
         report_path = suffixed(target, ".error.json")
         await self.write_atomic(report_path, json.dumps(report, indent=1).encode(), recovered=job.recovered)
         await self._to_sinks(failure)
-        await asyncio.to_thread(durable.makedirs, target.parent)
-        await aiofiles.os.replace(job.path, target)
+        await aiofiles.os.replace(job.path, target)  # its directory was made with the report's
         log.warning("image_failed", path=str(job.rel), reason=error.reason.value, error=str(error))
         self.finished(failure, True)
 
@@ -377,6 +377,8 @@ def _prepare_dir(directory: Path, swept: set[Path]) -> None:
     durable.makedirs(directory)
     if directory in swept:
         return
+    if len(swept) >= SWEPT_MAX:  # a tree of many directories: forget, and sweep again on a later use
+        swept.clear()
     if (removed := durable.sweep(directory)) > 0:
         log.info("temp_files_removed", directory=str(directory), count=removed)
     swept.add(directory)
