@@ -28,6 +28,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def sync_dir(path: Path) -> None:
+    """`fsync_dir`, where the filesystem allows it. As PostgreSQL's fsync_fname: some filesystems
+    cannot fsync a directory, or it is write-only to us; it is then as durable as that filesystem
+    makes it."""
+    try:
+        fsync_dir(path)
+    except OSError as exc:
+        if exc.errno not in UNSYNCABLE:
+            raise
+
+
 def makedirs(path: Path) -> None:
     """`mkdir -p path`, then fsync the parent of every directory it created, outermost first."""
     missing: list[Path] = []
@@ -39,11 +50,7 @@ def makedirs(path: Path) -> None:
         return
     path.mkdir(parents=True, exist_ok=True)
     for made in reversed(missing):
-        try:
-            fsync_dir(made.parent)
-        except OSError as exc:  # as PostgreSQL's fsync_fname: some filesystems cannot fsync a
-            if exc.errno not in UNSYNCABLE:  # directory, or it is write-only to us; it is as
-                raise  # durable there as that filesystem makes it
+        sync_dir(made.parent)
 
 
 def sweep(directory: Path, pattern: re.Pattern[str] = TEMP) -> int:

@@ -527,4 +527,7 @@ def _copy_into(source: Path, target: Path, spool: Path) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name)
             raise
+    # The copy's name reaches the disk before the source's removal can: they may be on two
+    # filesystems, whose writes a power cut does not keep in order.
+    durable.sync_dir(target.parent)
     os.unlink(source)

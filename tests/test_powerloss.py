@@ -67,6 +67,24 @@ def test_a_claim_into_a_new_subdirectory_survives_a_cut(disk: tuple[Mount, Path,
     assert files(backing / "incoming") == [] and files(backing / "work" / "processing") == ["sub/x.jpg"]
 
 
+def test_a_claim_by_copy_survives_the_next_fsync_of_incoming(disk: tuple[Mount, Path, Path]) -> None:
+    """Regression: a claim by copy (intake.claim_by_copy, or a camera share mounted below
+    incoming/) renamed the copy into processing/ and deleted the source, with no fsync between:
+    the producer's next fsync of incoming/ made the deletion durable and not the copy. Across two
+    filesystems no journal keeps them in order. processing/ is now fsynced before the delete."""
+    mount, mnt, backing = disk
+    (mnt / "incoming").mkdir()
+    (mnt / "incoming" / "x.jpg").write_bytes(b"x")
+    for path in (mnt / "incoming" / "x.jpg", mnt / "incoming", mnt):
+        fsync_path(path)  # acknowledged
+    intake._copy_into(mnt / "incoming" / "x.jpg", mnt / "work" / "processing" / "x.jpg", mnt / "work")
+    fsync_path(mnt / "incoming")  # the producer acknowledges its next file
+    mount.cut()
+    mount.unmount()
+    assert files(backing / "incoming") == [] and files(backing / "work" / "processing") == ["x.jpg"]
+    assert files(backing / "work") == ["processing/x.jpg"]  # no claim temp file either
+
+
 def test_makedirs_is_durable_and_os_makedirs_is_not(disk: tuple[Mount, Path, Path]) -> None:
     mount, mnt, backing = disk
     durable.makedirs(mnt / "done" / "a" / "b")
