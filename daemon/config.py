@@ -14,15 +14,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from daemon.errors import ConfigError as ConfigError  # re-exported: its old home
+
 DEFAULT_WEIGHTS = "default"  # the embedded person detector (see model.resolve_weights)
-
-
-class ConfigError(Exception):
-    """A configuration problem: `key` is the dotted TOML key, `fix` says what to do."""
-
-    def __init__(self, key: str, problem: str, fix: str) -> None:
-        super().__init__(f"config key '{key}': {problem}. Fix: {fix}")
-        self.key = key
 
 
 class OnSuccess(enum.Enum):

@@ -14,6 +14,10 @@ import enum
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from daemon.errors import BatchFailed as BatchFailed  # re-exported: its old home
+from daemon.errors import WorkerCrashed as WorkerCrashed
+from daemon.errors import WorkerRetired as WorkerRetired
+from daemon.errors import WorkerStartError as WorkerStartError
 from daemon.jobs import ModelInfo, Prepared
 from daemon.tasks import Payload
 
@@ -26,47 +30,6 @@ class DeviceState(enum.Enum):
     UP = "up"  # answered READY: takes batches
     STOPPING = "stopping"  # asked to stop: answers the batches it holds, takes no new one
     EXITED = "exited"  # gone; stop() reaps it
-
-
-class WorkerStartError(Exception):
-    """A device could not start (the message says why).
-
-    `permanent`: it never will as configured (weights missing or not a model, no room for the
-    slots): exit 78, which systemd does not restart. Otherwise (a timeout, a process that died
-    while loading, out of memory, a cluster not reachable yet) a later start may succeed: exit 1,
-    and systemd restarts it.
-    """
-
-    def __init__(self, message: str, *, permanent: bool) -> None:
-        super().__init__(message)
-        self.permanent = permanent
-
-
-class WorkerCrashed(Exception):
-    """The device died with batches in flight.
-
-    `started` is False for a batch that cannot have caused the death: it was queued behind the
-    one being computed, or sent to a device already gone. It must not count as an attempt.
-    """
-
-    def __init__(self, message: str, *, started: bool = True) -> None:
-        super().__init__(message)
-        self.started = started
-
-
-class WorkerRetired(WorkerCrashed):
-    """The device is being retired (a reload): the batch goes back, to be sent to another."""
-
-    def __init__(self, device: str) -> None:
-        super().__init__(f"{device} is retiring", started=False)
-
-
-class BatchFailed(Exception):
-    """The model raised on a batch; `kind` is "oom" or "error"."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 class Device(Protocol):

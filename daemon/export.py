@@ -26,16 +26,13 @@ import structlog
 
 from daemon import runtimes
 from daemon.config import Config
+from daemon.errors import ExportStopped as ExportStopped  # re-exported: its old home
 from daemon.notify import Notifier
 from daemon.workers import WorkerStartError
 
 log = structlog.get_logger("daemon.export")
 KEEPALIVE_S = 5.0  # systemd is told this often that a long export is progress
 STDERR_TAIL = 4000
-
-
-class ExportStopped(Exception):
-    """A stop request arrived during the export; nothing was cached."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +77,8 @@ def _cached(req: dict[str, Any]) -> Prepared | None:
     """The plan of a CPU device without a child process: torch, an export given as weights, or
     an entry already in the cache. None: the child must look (and maybe export)."""
     from daemon.config import ConfigError, Precision, Runtime
-    from daemon.model import ModelError, resolve_weights
+    from daemon.errors import ModelError
+    from daemon.weights import resolve_weights
 
     try:
         weights = resolve_weights(req["weights"])

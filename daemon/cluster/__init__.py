@@ -15,11 +15,11 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from daemon import model
 from daemon.cluster.bridge import Bridge, ClusterLost, ClusterState, RemoteError
 from daemon.cluster.device import RayDevice
 from daemon.config import Config, ConfigError, Decode
 from daemon.devices import Device, WorkerStartError
+from daemon.weights import resolve_weights
 
 __all__ = ["Cluster", "ClusterState", "RayDevice"]
 log = structlog.get_logger("daemon.cluster")
@@ -73,7 +73,7 @@ class Cluster:
         """One (not yet started) RayDevice per name."""
         self.names.update(names)
         c, m, p = config.cluster, config.model, config.pipeline
-        weights = model.resolve_weights(m.weights)  # read on this machine; the actors get its bytes
+        weights = resolve_weights(m.weights)  # read on this machine; the actors get its bytes
         room = max(slot_imgsz, m.imgsz)
         jpegs = p.decode is Decode.DEVICE
         slot_bytes = max(p.max_batch * room * room * 3, JPEG_SLOT_BYTES if jpegs else 0)

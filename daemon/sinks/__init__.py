@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from daemon.errors import SinkError as SinkError  # re-exported: its old home
 from daemon.jobs import Outcome
 
 
@@ -22,7 +23,3 @@ class Sink(Protocol):
     async def put(self, outcome: Outcome) -> None:
         """Return once `outcome` is durable in this sink; raise SinkError if it never can be."""
         ...
-
-
-class SinkError(Exception):
-    """This one outcome cannot be stored (its data, not the sink, is at fault)."""
