@@ -101,7 +101,6 @@ def bench(argv: list[str]) -> int:
 
 async def check(config: Config) -> int:
     """Load the model on every configured device and report what was found."""
-    from daemon import export
     from daemon.fleet import Fleet
     from daemon.metrics import Metrics
     from daemon.tasks import checkpoint
@@ -109,23 +108,22 @@ async def check(config: Config) -> int:
 
     log = structlog.get_logger("daemon.cli")
     config = checkpoint.resolve_config(config)
-    if config.output.database is not None:
-        from daemon.sinks.database import open_database
+    from daemon import sinks
 
-        database = open_database(config.output.database, fsync=config.output.fsync, on_state=lambda up, error: None)
+    for sink in sinks.make(config.output, lambda name, up, error: None):
         try:
-            await database.check()
+            await sink.check()
         except Exception as exc:  # noqa: BLE001 - whatever the driver raises, the check reports it
             log.error("check_failed", key="output.database", error=f"{type(exc).__name__}: {exc}")
             return EXIT_RUNTIME
         finally:
-            await database.close()
-        log.info("check_database", database=config.output.database.redacted)
+            await sink.close()
+        log.info("check_database", database=config.output.database.redacted if config.output.database else None)
     fleet = Fleet(Metrics(), lambda: config, lambda: None, lambda up, error: None)  # local devices, or the cluster's
     try:
         devices = await fleet.resolve(config)
         config = resolve_decode(config, devices)
-        for plan in await export.prepare(config, devices):  # builds the cache: a later start finds it
+        for plan in await fleet.prepare(config, devices):  # builds the cache: a later start finds it
             log.info(
                 "check_model",
                 device=plan.device,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from daemon.errors import BatchFailed as BatchFailed  # re-exported: its old home
@@ -30,6 +31,45 @@ class DeviceState(enum.Enum):
     UP = "up"  # answered READY: takes batches
     STOPPING = "stopping"  # asked to stop: answers the batches it holds, takes no new one
     EXITED = "exited"  # gone; stop() reaps it
+
+
+class DeviceKind(enum.Enum):
+    """What a device computes on."""
+
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceName:
+    """A device's name, parsed once: `cpu`, `cpu:0`, `cuda:1` (local processes), `ray:gpu:3`,
+    `ray:cpu:0` (Ray actors); any other `backend:...` name is a CPU device of that backend."""
+
+    text: str  # as written in logs and metrics
+    backend: str  # "local", "ray", or another backend's name
+    kind: DeviceKind
+    index: int | None  # cpu:0 -> 0, cuda:1 -> 1; None for a bare "cpu"
+
+    @classmethod
+    def parse(cls, text: str) -> DeviceName:
+        head, _, rest = text.partition(":")
+        if head in ("cpu", "cuda"):
+            return cls(text, "local", DeviceKind(head), int(rest) if rest.isdigit() else None)
+        kind, _, index = rest.partition(":")
+        gpu = kind in ("gpu", "cuda")
+        return cls(text, head, DeviceKind.CUDA if gpu else DeviceKind.CPU, int(index) if index.isdigit() else None)
+
+    @property
+    def torch(self) -> str:
+        """The torch device the process opens: "cpu" for every CPU device, else "cuda:N"."""
+        if self.kind is DeviceKind.CPU:
+            return "cpu"
+        return "cuda:0" if self.remote else self.text  # Ray sets CUDA_VISIBLE_DEVICES to the GPU it gives
+
+    @property
+    def remote(self) -> bool:
+        """On another backend than this machine's processes (a Ray actor): its own runtime."""
+        return self.backend != "local"
 
 
 class Device(Protocol):

@@ -26,6 +26,7 @@ import structlog
 
 from daemon import runtimes
 from daemon.config import Config
+from daemon.devices import DeviceName
 from daemon.errors import ExportStopped as ExportStopped  # re-exported: its old home
 from daemon.notify import Notifier
 from daemon.workers import WorkerStartError
@@ -69,7 +70,7 @@ async def prepare(
     device type. WorkerStartError when the config cannot run or the export fails; ExportStopped
     when `stop` is set meanwhile."""
     # Ray actors (ray:...) run the PyTorch weights they are sent: nothing to export here.
-    kinds = sorted({"cpu" if d.startswith("cpu") else d for d in devices if not d.startswith("ray:")})
+    kinds = sorted({n.torch for n in map(DeviceName.parse, devices) if not n.remote})
     return [await _prepare_one(config, device, stop, notifier) for device in kinds]
 
 

@@ -18,7 +18,7 @@ import structlog
 from daemon.cluster.bridge import Bridge, ClusterLost, ClusterState, RemoteError
 from daemon.cluster.device import RayDevice
 from daemon.config import Config, ConfigError, Decode
-from daemon.devices import Device, WorkerStartError
+from daemon.devices import Device, DeviceKind, DeviceName, WorkerStartError
 from daemon.weights import resolve_weights
 
 __all__ = ["Cluster", "ClusterState", "RayDevice"]
@@ -79,7 +79,7 @@ class Cluster:
         slot_bytes = max(p.max_batch * room * room * 3, JPEG_SLOT_BYTES if jpegs else 0)
         made: list[Device] = []
         for name in names:
-            gpu = name.startswith("ray:gpu:")
+            gpu = DeviceName.parse(name).kind is DeviceKind.CUDA
             threads = p.torch_threads or (2 if gpu else max(1, math.ceil(c.cpus_per_actor)))
             spec_args = dict(
                 device="cuda:0" if gpu else "cpu",  # Ray sets CUDA_VISIBLE_DEVICES to the GPU it gives
