@@ -22,6 +22,7 @@ from daemon.errors import WorkerStartError as WorkerStartError
 from daemon.jobs import ModelInfo, Prepared
 from daemon.tasks import Payload
 
+JPEG_SLOT_BYTES = 32 << 20  # the most JPEG bytes one batch carries (pipeline.decode = "device"), any backend
 Answers = tuple[list[Payload | str], float]  # per image a payload or why its JPEG did not decode; model ms
 
 

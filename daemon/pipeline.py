@@ -16,12 +16,12 @@ from typing import Any
 
 from daemon import batching, intake, preprocess, results
 from daemon.config import Config, Decode
-from daemon.devices import Device
+from daemon.devices import JPEG_SLOT_BYTES, Device
 from daemon.jobs import Capacity, Job, Outcome, Prepared
 from daemon.sinks import Sink
 from daemon.tasks import Task
 from daemon.threads import name_os_thread
-from daemon.workers import JPEG_SLOT_BYTES, cores
+from daemon.workers import cores
 
 QUEUES = ("jobs", "ready", "outcomes", "batching")
 

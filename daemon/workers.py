@@ -31,6 +31,7 @@ import structlog
 
 from daemon import model, runtimes
 from daemon.config import Config, Decode, Runtime
+from daemon.devices import JPEG_SLOT_BYTES as JPEG_SLOT_BYTES  # re-exported: its old home
 from daemon.devices import (
     Answers,
     BatchFailed,
@@ -48,7 +49,6 @@ log = structlog.get_logger("daemon.workers")
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 # A batch of JPEGs for the device to decode fits in this; a larger JPEG is decoded on the host.
 # Five 2048x12000 photos (~6 MB each); the pages are touched only as far as they are used.
-JPEG_SLOT_BYTES = 32 << 20
 
 
 __all__ = ["BatchFailed", "DeviceWorker", "WorkerCrashed", "WorkerRetired", "WorkerStartError", "WorkerState"]

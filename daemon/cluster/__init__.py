@@ -18,12 +18,11 @@ import structlog
 from daemon.cluster.bridge import Bridge, ClusterLost, ClusterState, RemoteError
 from daemon.cluster.device import RayDevice
 from daemon.config import Config, ConfigError, Decode
-from daemon.devices import Device, DeviceKind, DeviceName, WorkerStartError
+from daemon.devices import JPEG_SLOT_BYTES, Device, DeviceKind, DeviceName, WorkerStartError
 from daemon.weights import resolve_weights
 
 __all__ = ["Cluster", "ClusterState", "RayDevice"]
 log = structlog.get_logger("daemon.cluster")
-JPEG_SLOT_BYTES = 32 << 20  # as workers.JPEG_SLOT_BYTES: the most JPEG bytes one batch carries
 
 
 class Cluster:
