@@ -31,7 +31,6 @@ import structlog
 
 from daemon import __version__, intake, logs, metrics, preprocess, progress, results, sinks, state
 from daemon.config import Config
-from daemon.devices import Device
 from daemon.errors import ExportStopped
 from daemon.fleet import Fleet
 from daemon.health import Health
@@ -85,10 +84,6 @@ class Service:
         self.settings: preprocess.Settings | None = None
         self.stopped_during: str | None = None  # the start-up phase a stop request ended the run in
 
-    @property
-    def workers(self) -> list[Device]:
-        return self.fleet.devices
-
     def snapshot(self) -> Snapshot:
         """The counters of the running pipeline (safe from another thread: ints and copies)."""
         p = self.pipeline
@@ -110,9 +105,6 @@ class Service:
             cluster=backend.state if backend is not None else None,
             cluster_problem=backend is not None and backend.problem is not None,
         )
-
-    def summary(self) -> dict[str, Any]:
-        return self.health.summary()
 
     def fail(self, exit_status: int) -> None:
         """Stop the daemon, to exit with `exit_status` (a reload crashed: a bug)."""
@@ -227,6 +219,7 @@ class Service:
         cfg = self.config
         loop = asyncio.get_running_loop()
         p = self.pipeline = Pipeline.build(cfg, self.fleet.devices, self.capacity, self._finished, self.sinks)
+        stack.callback(p.pool.shutdown, wait=False, cancel_futures=True)
         q = p.queues
         self.settings = prep_settings(cfg, self.fleet.task)
         stages = [
@@ -245,9 +238,12 @@ class Service:
         self.serving.set()
         self.notifier.ready()
         watchdog = self.health.start(cfg.log.stats_interval_s)
+        stack.callback(self.health.stop)
         assert self.reporter is not None
         self.reporter.serving()
         reporting = loop.create_task(self.reporter.run(self.snapshot, self.metrics))
+        for task in [*watchdog, reporting]:
+            stack.callback(task.cancel)
         display = progress.show(self.snapshot, once=self.once, log=cfg.log)  # a terminal only
         try:
             await self._until_stopped(stages + feeders)
@@ -257,10 +253,6 @@ class Service:
             display.close()
             self.reporter.draining()
             await self.drain(p, stages, feeders)
-            p.pool.shutdown(wait=False, cancel_futures=True)
-            for task in [*watchdog, reporting]:
-                task.cancel()
-            self.health.stop()
 
     def _settings(self) -> preprocess.Settings:
         assert self.settings is not None
