@@ -47,9 +47,9 @@ def from_json(output: Path, source: str) -> list[tuple[Any, ...]]:
 
 
 def readme_queries(dialect: str) -> list[str]:
-    """The README's SQL for `dialect` ("sqlite" or "postgresql"), 'person' read as the default
-    model's class 'Normal', in order: at least 3 detections, per hour, failures by reason."""
-    text = (Path(__file__).parent.parent / "README.md").read_text()
+    """The documented SQL (docs/results.md) for `dialect` ("sqlite" or "postgresql"), 'person' read as
+    the default model's class 'Normal', in order: at least 3 detections, per hour, failures by reason."""
+    text = (Path(__file__).parent.parent / "docs" / "results.md").read_text()
     block = text.split("```sql\n", 1)[1].split("```", 1)[0]
     queries = []
     for chunk in block.split(";"):
