@@ -278,7 +278,7 @@ def test_rows_the_database_refuses_fail_alone_and_the_rest_of_the_batch_commits(
     import asyncio
     import dataclasses
 
-    from daemon.config import DatabaseUrl
+    from daemon.checks import DatabaseUrl
     from daemon.sinks import SinkError
     from daemon.sinks.database import _Pending, open_database
     from daemon.sinks.rows import image_row

@@ -22,8 +22,8 @@ KEY_ROW = re.compile(r"^\| `([a-z_]+\.[a-z_]+)` \|", re.MULTILINE)
 
 
 def declared_keys() -> dict[str, Any]:
-    """Every key the daemon knows, as "section.key" -> its default, from config.DEFAULTS."""
-    return {f"{section}.{key}": default for section, keys in config.DEFAULTS.items() for key, default in keys.items()}
+    """Every key the daemon knows, as "section.key" -> its default, from its declaration (config.KEYS)."""
+    return {key.name: key.default for key in config.KEYS}
 
 
 def documented_keys(text: str) -> list[str]:
@@ -56,6 +56,28 @@ def test_config_toml_sets_every_key_to_its_default_with_a_comment() -> None:
             section = line.strip("[] ")
         elif re.match(r"^[a-z_]+ =", line):
             assert "#" in line, f"{section}.{line.split()[0]} has no comment in config.toml"
+
+
+def test_config_toml_comments_begin_with_the_declared_doc_lines() -> None:
+    """The first line of each key's comment in config.toml is its declaration's doc line."""
+    comments, section = {}, ""
+    for line in (ROOT / "config.toml").read_text().splitlines():
+        if line.startswith("["):
+            section = line.strip("[] ")
+        elif match := re.match(r"^([a-z_]+) = .*?\s+# (.*)$", line):
+            comments[f"{section}.{match[1]}"] = match[2]
+    wrong = {key.name: (comments.get(key.name), key.doc) for key in config.KEYS
+             if comments.get(key.name, "").rstrip(";:,. ") != key.doc}
+    assert not wrong, f"config.toml's comment (first line) differs from the declared doc line: {wrong}"
+
+
+def test_the_configuration_page_gives_each_key_its_declared_reload_class() -> None:
+    rows = re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \| [^|]* \| ([a-z]+) \|", (DOCS / "configuration.md").read_text(),
+                      re.MULTILINE)
+    assert len(rows) == len(config.KEYS), "a key's row has no reload column (| key | default | reload | meaning |)"
+    wrong = {name: (cell, config.BY_NAME[name].reload.value) for name, cell in rows
+             if cell != config.BY_NAME[name].reload.value}
+    assert not wrong, f"docs/configuration.md's reload column differs from the declarations: {wrong}"
 
 
 def test_readme_is_short_and_its_two_commands_are_the_ones_ci_runs() -> None:
