@@ -59,6 +59,18 @@ class WorkerStartError(InferdError):
         self.exit_status = EXIT_CONFIG if permanent else EXIT_RUNTIME
 
 
+class Invalid(InferdError):
+    """A config value a check refuses (`daemon.checks`): what is wrong, and how to fix it;
+    config.parse adds the key's name to make it a ConfigError."""
+
+    exit_status = EXIT_CONFIG
+
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__(f"{problem}. Fix: {fix}")
+        self.problem = problem
+        self.fix = fix
+
+
 class ListenError(InferdError, ValueError):
     """A bad listen address: `problem` and `fix` feed ConfigError('metrics.listen', ...)."""
 

@@ -1,23 +1,22 @@
 """SIGHUP: re-read the config and apply all of it, or (it does not load, its model does not
 start) nothing.
 
-Thresholds, batching, output and the log level apply at once. A new model, input size, device
-list or slot size (ROLL_KEYS) starts new devices beside the old ones, and the fleet switches
-over once they are READY. Keys only a restart can change are kept at their running values,
-with a warning that names them.
+Each key's declaration (config.KEYS) says what a reload does with it: LIVE keys (thresholds,
+batching, output, the log level) apply at once; ROLL keys (a new model, input size, device list
+or slot size) start new devices beside the old ones, and the fleet switches over once they are
+READY; RESTART keys are kept at their running values, with a warning that names them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 
 from daemon import config
-from daemon.config import Config
+from daemon.config import Config, Reload
 from daemon.devices import Device
 from daemon.errors import EXIT_RUNTIME, ConfigError, ExportStopped, WorkerStartError
 from daemon.fleet import Fleet
@@ -26,48 +25,6 @@ from daemon.tasks import checkpoint
 from daemon.workers import resolve_decode
 
 log = structlog.get_logger("daemon.service")
-# Keys whose change needs new device processes (a reload starts them beside the old ones).
-ROLL_KEYS = frozenset(
-    {
-        "model.weights",
-        "model.imgsz",
-        "model.runtime",
-        "model.precision",
-        "model.max_det",
-        "model.devices",
-        "pipeline.torch_threads",
-        "pipeline.cpu_workers",
-        "pipeline.max_batch",
-    }
-)
-# Keys only a restart applies: the watched folders, the queues, the thread pool, the HTTP endpoint.
-RESTART_KEYS = frozenset(
-    {"pipeline.max_pending", "pipeline.preprocess_threads", "pipeline.decode", "log.format", "output.database"}
-)
-RESTART_SECTIONS = ("paths.", "intake.", "metrics.", "cluster.")
-
-
-def needs_restart(key: str) -> bool:
-    return key in RESTART_KEYS or key.startswith(RESTART_SECTIONS)
-
-
-def reloadable(running: Config, new: Config) -> Config:
-    """`new`, with the keys only a restart can change kept at their running values."""
-    return dataclasses.replace(
-        new,
-        paths=running.paths,
-        intake=running.intake,
-        metrics=running.metrics,
-        cluster=running.cluster,
-        pipeline=dataclasses.replace(
-            new.pipeline,
-            max_pending=running.pipeline.max_pending,
-            preprocess_threads=running.pipeline.preprocess_threads,
-            decode=running.pipeline.decode,  # the slots are sized for it
-        ),
-        log=dataclasses.replace(new.log, format=running.log.format),
-        output=dataclasses.replace(new.output, database=running.output.database),  # the sink's connection
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +39,10 @@ def plan(running: Config, read: Config, devices: list[str]) -> Plan:
     """What applying `read` (the file as loaded) to `running` changes; `devices`: where it runs
     now, for `pipeline.decode = "auto"` as it was resolved at start."""
     read = resolve_decode(read, devices)
-    ignored = sorted(key for key in config.differences(running, read) if needs_restart(key))
-    new = reloadable(running, read)
+    ignored = sorted(key for key in config.differences(running, read) if config.reload_class(key) is Reload.RESTART)
+    new = config.reloadable(running, read)
     changed = sorted(config.differences(running, new))
-    return Plan(new, changed, ignored, not ROLL_KEYS.isdisjoint(changed))
+    return Plan(new, changed, ignored, any(config.reload_class(key) is Reload.ROLL for key in changed))
 
 
 class Reloader:

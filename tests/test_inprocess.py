@@ -20,7 +20,8 @@ from conftest import write_config
 from PIL import Image
 
 from daemon import backends, fleet, sinks
-from daemon.config import Config, DatabaseUrl, load
+from daemon.checks import DatabaseUrl
+from daemon.config import Config, load
 from daemon.devices import Answers, Device, DeviceState
 from daemon.export import Prepared as Plan
 from daemon.jobs import ModelInfo, Outcome, Prepared

@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from daemon.config import DatabaseUrl, OutputConfig
+from daemon.checks import DatabaseUrl
+from daemon.config import OutputConfig
 from daemon.errors import ConfigError
 from daemon.errors import SinkError as SinkError  # re-exported: its old home
 from daemon.jobs import Outcome
