@@ -2,7 +2,7 @@
 declaration (config.KEYS). A check turns the TOML value into what the daemon uses, or raises
 `Invalid(problem, fix)`; config.parse adds the key's name to make it a ConfigError.
 
-A leaf module: it imports nothing of the daemon's, so any module may declare a key with it.
+A leaf module: it imports only `daemon.errors`, so any module may declare a key with it.
 """
 
 from __future__ import annotations
@@ -13,14 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-
-class Invalid(Exception):
-    """A value a check refuses: what is wrong, and how to fix it."""
-
-    def __init__(self, problem: str, fix: str) -> None:
-        super().__init__(f"{problem}. Fix: {fix}")
-        self.problem = problem
-        self.fix = fix
+from daemon.errors import Invalid as Invalid  # re-exported: the checks' vocabulary
 
 
 class Check(Protocol):

@@ -18,16 +18,9 @@ from typing import Any
 
 from daemon import checks
 from daemon.checks import Check, DatabaseUrl, Integer, Invalid, Number
+from daemon.errors import ConfigError as ConfigError  # re-exported: its old home
 
 DEFAULT_WEIGHTS = "default"  # the embedded person detector (see model.resolve_weights)
-
-
-class ConfigError(Exception):
-    """A configuration problem: `key` is the dotted TOML key, `fix` says what to do."""
-
-    def __init__(self, key: str, problem: str, fix: str) -> None:
-        super().__init__(f"config key '{key}': {problem}. Fix: {fix}")
-        self.key = key
 
 
 class OnSuccess(enum.Enum):
