@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from daemon import checks
+from daemon import checks, durable
 from daemon.checks import Check, DatabaseUrl, Integer, Invalid, Number
 from daemon.errors import ConfigError as ConfigError  # re-exported: its old home
 
@@ -392,7 +392,7 @@ def prepare_dirs(paths: PathsConfig, *, claim_by_copy: bool = False) -> None:
     for f in fields(PathsConfig):
         target: Path = getattr(paths, f.name)
         try:
-            target.mkdir(parents=True, exist_ok=True)
+            durable.makedirs(target)  # created for good: a power cut cannot take it back
             if not os.access(target, os.W_OK | os.X_OK):
                 raise PermissionError(f"{target} is not writable")
         except OSError as exc:
@@ -401,7 +401,7 @@ def prepare_dirs(paths: PathsConfig, *, claim_by_copy: bool = False) -> None:
                 f"cannot use directory {target} ({exc.strerror or exc})",
                 "point it at a directory this user can create and write, or create it with the right owner",
             ) from None
-    (paths.work / "processing").mkdir(exist_ok=True)
+    durable.makedirs(paths.work / "processing")
     base, others = ("work", ("done", "failed")) if claim_by_copy else ("incoming", ("work", "done", "failed"))
     for name in others:
         if getattr(paths, name).stat().st_dev != getattr(paths, base).stat().st_dev:

@@ -30,6 +30,7 @@ import structlog
 import watchfiles
 from watchfiles._rust_notify import WatchfilesRustInternalError  # not re-exported by watchfiles
 
+from daemon import durable
 from daemon.errors import OutsideIncoming as OutsideIncoming  # re-exported: its old home
 from daemon.jobs import Capacity, FailReason, Failure, ItemError, Job, Outcome
 
@@ -470,7 +471,7 @@ def _rename_into(
     if checked is None or source.parent not in checked:
         if os.path.realpath(source.parent) != os.path.normpath(os.path.join(os.path.realpath(root), rel.parent)):
             raise OutsideIncoming("a directory on its path is a symbolic link")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        durable.makedirs(target.parent)  # a claim into a directory a power cut can take back would be lost
         if checked is not None:
             checked.add(source.parent)
     try:
@@ -523,4 +524,7 @@ def _copy_into(source: Path, target: Path, spool: Path) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name)
             raise
+    # The copy's name reaches the disk before the source's removal can: they may be on two
+    # filesystems, whose writes a power cut does not keep in order.
+    durable.sync_dir(target.parent)
     os.unlink(source)

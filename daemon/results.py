@@ -31,7 +31,7 @@ import aiofiles.os
 import structlog
 from PIL import Image, ImageDraw, ImageOps
 
-from daemon import __version__, logs
+from daemon import __version__, durable, logs
 from daemon.config import OnSuccess, OutputConfig, PathsConfig
 from daemon.jobs import FailReason, Failure, Inferred, ItemError, Job, ModelInfo, Outcome
 from daemon.sinks import Sink
@@ -40,6 +40,7 @@ from daemon.tasks import SCHEMA_VERSION, Payload
 log = structlog.get_logger("daemon.results")
 _fsync = aiofiles.os.wrap(os.fsync)
 WRITE_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
+SWEPT_MAX = 10_000  # result directories remembered as swept
 NAME_MAX = 255  # bytes in one file name, on every Linux filesystem inferd supports
 
 
@@ -87,6 +88,7 @@ class Writer:
         self.sinks = sinks  # each must hold an outcome durably before its source is released
         self.write_errors = 0  # failed write attempts, retried or not
         self._models: dict[int, tuple[ModelInfo, str]] = {}  # id -> (model, its encoded part of the .json)
+        self.swept: set[Path] = set()  # result directories made durable and cleared of dead runs' temp files
 
     async def write_atomic(self, target: Path, data: bytes, *, recovered: bool = False) -> None:
         """Write `data` to a hidden temp file beside `target`, fsync, rename over `target`.
@@ -94,7 +96,7 @@ class Writer:
         `recovered`: the input was in flight when an earlier run died, so that run may have left
         its own temp files for this target; they are removed first.
         """
-        await aiofiles.os.makedirs(target.parent, exist_ok=True)
+        await asyncio.to_thread(_prepare_dir, target.parent, self.swept)
         key = digest(target.name)  # temp names have a fixed length, whatever the target's
         if recovered:
             stale = await asyncio.to_thread(lambda: list(target.parent.glob(f".{key}.*.tmp")))
@@ -178,7 +180,7 @@ class Writer:
             started = time.monotonic()
             annotations = await self._annotations(items)
             files = [f for r, a in zip(items, annotations, strict=True) for f in self._files(r, a, started)]
-            errors = await _write_files(files, self.output.fsync)
+            errors = await _write_files(files, self.output.fsync, self.swept)
             broken = {id(f.owner) for f, e in zip(files, errors, strict=True) if e is not None}
             written = [r for r in items if id(r) not in broken]
             for r in written:
@@ -337,7 +339,7 @@ class Writer:
             await aiofiles.os.remove(job.path)
             return
         target = self.paths.done / job.rel
-        await aiofiles.os.makedirs(target.parent, exist_ok=True)
+        await asyncio.to_thread(durable.makedirs, target.parent)
         await aiofiles.os.replace(job.path, target)
 
     async def failed(self, failure: Failure) -> None:
@@ -354,7 +356,7 @@ class Writer:
         report_path = suffixed(target, ".error.json")
         await self.write_atomic(report_path, json.dumps(report, indent=1).encode(), recovered=job.recovered)
         await self._to_sinks(failure)
-        await aiofiles.os.replace(job.path, target)
+        await aiofiles.os.replace(job.path, target)  # its directory was made with the report's
         log.warning("image_failed", path=str(job.rel), reason=error.reason.value, error=str(error))
         self.finished(failure, True)
 
@@ -366,6 +368,20 @@ def _dumps(value: dict[str, Any]) -> str:
 async def _remove_quietly(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         await aiofiles.os.remove(path)
+
+
+def _prepare_dir(directory: Path, swept: set[Path]) -> None:
+    """A result directory, made durably if it is missing, and on its first use in this run
+    cleared of the temp files of dead runs (a power cut can keep a temp file and take back its
+    rename)."""
+    durable.makedirs(directory)
+    if directory in swept:
+        return
+    if len(swept) >= SWEPT_MAX:  # a tree of many directories: forget, and sweep again on a later use
+        swept.clear()
+    if (removed := durable.sweep(directory)) > 0:
+        log.info("temp_files_removed", directory=str(directory), count=removed)
+    swept.add(directory)
 
 
 async def _fsync_dir(path: Path) -> None:
@@ -404,7 +420,7 @@ class File:
 
 
 @aiofiles.os.wrap
-def _write_files(files: list[File], fsync: bool) -> list[Exception | None]:
+def _write_files(files: list[File], fsync: bool, swept: set[Path]) -> list[Exception | None]:
     """Write each file as `Writer.write_atomic` does, in this one thread: every temp file
     written, then each fsynced (the first flush carries the others' blocks with it), renamed
     into place, and each directory fsynced once. Per file None, or the error that kept it from
@@ -429,7 +445,7 @@ def _write_files(files: list[File], fsync: bool) -> list[Exception | None]:
         key = digest(f.target.name)
         try:
             if parent not in made:
-                os.makedirs(parent, exist_ok=True)
+                _prepare_dir(parent, swept)
                 made.add(parent)
             if f.recovered:
                 for stale in parent.glob(f".{key}.*.tmp"):
@@ -479,7 +495,7 @@ def _release_sources(jobs: list[Job], done: Path, on_success: OnSuccess) -> list
                 continue
             target = done / job.rel
             if target.parent not in made:
-                os.makedirs(target.parent, exist_ok=True)
+                durable.makedirs(target.parent)
                 made.add(target.parent)
             os.replace(job.path, target)
         except OSError as exc:

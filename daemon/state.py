@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import enum
 import json
 import logging
 import os
+import re
 import threading
 import time
 from datetime import UTC, datetime
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from daemon import __version__
+from daemon import __version__, durable
 
 if TYPE_CHECKING:
     from daemon.metrics import Metrics
@@ -160,6 +162,8 @@ class Reporter:
 
     def start(self, devices: list[str]) -> None:
         """Before the model loads: say so in the file, and watch the log for errors."""
+        with contextlib.suppress(OSError):  # a power cut can keep a dead run's temp file
+            durable.sweep(self.file.parent, re.compile(rf"\.{re.escape(FILE_NAME)}\.(\d+)\.tmp"))
         try:
             other = read(self.file)
         except (OSError, ValueError):
