@@ -31,7 +31,8 @@ def daemon_config(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     devices = args.devices if args.devices == "auto" else [d.strip() for d in args.devices.split(",")]
     return {
         "paths": {name: str(root / name) for name in DEFAULTS["paths"]},
-        "model": {"weights": weights, "imgsz": args.imgsz, "devices": devices},
+        "model": {"weights": weights, "imgsz": args.imgsz, "devices": devices}
+        | ({"calibration": str(args.calibration.resolve())} if getattr(args, "calibration", None) else {}),
         "pipeline": {"max_batch": args.batch, "decode": args.decode},
         "output": {"database": args.database},  # a relative sqlite:/// URL lands under `root`
         "log": {"format": "json"},

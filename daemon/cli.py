@@ -112,6 +112,7 @@ async def check(config: Config) -> int:
 
     log = structlog.get_logger("daemon.cli")
     config = checkpoint.resolve_config(config)
+    config = await export.resolve(config)  # the measured choice: logged as runtime_tuned, with its table
     if config.output.database is not None:
         from daemon.sinks.database import open_database
 

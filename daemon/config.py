@@ -39,7 +39,7 @@ class Decode(enum.Enum):
 class Runtime(enum.Enum):
     """What runs the model (runtimes.choose makes AUTO concrete per device)."""
 
-    AUTO = "auto"  # OpenVINO on CPUs; TensorRT on CUDA when the tensorrt package imports, else PyTorch
+    AUTO = "auto"  # CPUs: measured (runtimes.tune); CUDA: TensorRT when it imports, else PyTorch
     TORCH = "torch"
     OPENVINO = "openvino"
     ONNXRUNTIME = "onnxruntime"
@@ -49,10 +49,11 @@ class Runtime(enum.Enum):
 class Precision(enum.Enum):
     """The arithmetic of the forward pass (runtimes.choose makes AUTO concrete per device)."""
 
-    AUTO = "auto"  # fp16 on CUDA; bf16 with OpenVINO on CPUs with AMX; else fp32
+    AUTO = "auto"  # CPUs: measured with the runtime (runtimes.tune); CUDA: fp16
     FP32 = "fp32"
     FP16 = "fp16"
     BF16 = "bf16"
+    INT8 = "int8"  # OpenVINO on CPUs, quantized by NNCF on model.calibration's images
 
 
 class Backend(enum.Enum):
@@ -92,6 +93,7 @@ class ModelConfig:
     devices: tuple[str, ...]  # ("auto",) until service resolves it
     runtime: Runtime = Runtime.AUTO
     precision: Precision = Precision.AUTO
+    calibration: Path | None = None  # a folder of images for INT8 (and the measured choice's gate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +207,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "devices": "auto",
         "runtime": "auto",
         "precision": "auto",
+        "calibration": "",
     },
     "intake": {
         "settle_ms": 1000,
@@ -290,6 +293,7 @@ def parse(raw: dict[str, Any], *, base: Path, source: Path | None = None) -> Con
         devices=t.devices(),
         runtime=Runtime(t.choice("model", "runtime", [e.value for e in Runtime])),
         precision=Precision(t.choice("model", "precision", [e.value for e in Precision])),
+        calibration=t.calibration(),
     )
     intake = IntakeConfig(
         settle_ms=t.integer("intake", "settle_ms", low=0),
@@ -387,6 +391,21 @@ class _Table:
         if not isinstance(value, str) or not value:
             raise self.fail(section, key, f"must be a non-empty string, got {value!r}", 'quote it: key = "value"')
         return value
+
+    def calibration(self) -> Path | None:
+        """model.calibration: a folder of images, relative to the config file; "" = none."""
+        value = self.get("model", "calibration")
+        if not isinstance(value, str):
+            raise self.fail("model", "calibration", f"must be a string, got {value!r}", 'write calibration = "calib"')
+        if not value:
+            if self.get("model", "precision") == "int8":
+                raise self.fail("model", "calibration", 'is not set, and precision = "int8" is calibrated on it',
+                                "set it to a folder of images like the ones you serve (a few dozen)")  # fmt: skip
+            return None
+        folder = self.path("model", "calibration")
+        if not folder.is_dir():
+            raise self.fail("model", "calibration", f"{folder} is not a folder", "give a folder of images, or \"\"")
+        return folder
 
     def path(self, section: str, key: str) -> Path:
         return (self.base / self.string(section, key)).resolve()

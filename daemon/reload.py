@@ -135,6 +135,12 @@ class Reloader:
         try:
             read = config.load(running.source) if running.source else running
             read = checkpoint.resolve_config(read)  # imgsz "auto": the new checkpoint's
+            read = await export.resolve(read, stop=s.stop, notifier=s.notifier)  # cached unless the model changed
+        except export.ExportStopped:
+            return
+        except WorkerStartError as exc:
+            log.error("reload_failed", error=str(exc))
+            return
         except ConfigError as exc:
             log.error("reload_failed", error=str(exc))
             return

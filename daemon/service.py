@@ -140,6 +140,11 @@ class Service:
         log.info("daemon_starting", version=__version__, config=str(self.config.source), pid=os.getpid())
         cfg = self.config
         cfg = checkpoint.resolve_config(cfg)  # imgsz "auto", refusals: before anything starts
+        try:  # runtime/precision "auto" on a CPU: measured on the first start, then cached
+            cfg = await export.resolve(cfg, stop=self.stop, notifier=self.notifier)
+        except export.ExportStopped:
+            log.info("daemon_stopped", during="runtime_tune", uptime_s=round(time.monotonic() - started, 2))
+            return 0
         if cfg.output.database is not None:  # a missing driver stops the start (ConfigError: exit 78)
             self.database = open_database(cfg.output.database, fsync=cfg.output.fsync, on_state=self.health.sink_state)
         devices = await self._unless_stopped(self.fleet.resolve(cfg))

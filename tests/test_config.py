@@ -59,7 +59,10 @@ def test_repository_config_is_valid_and_documents_every_key() -> None:
         ("[model]\nhalf = true", "model.half", 'precision = "fp16"'),
         ("[model]\nhalf = 'auto'", "model.half", 'precision = "auto"'),
         ("[model]\nruntime = 'tensorflow'", "model.runtime", "'openvino'"),
-        ("[model]\nprecision = 'int8'", "model.precision", "'bf16'"),
+        ("[model]\nprecision = 'int4'", "model.precision", "'bf16'"),
+        ("[model]\nprecision = 'int8'", "model.calibration", "a folder of images"),  # INT8 is calibrated on it
+        ("[model]\ncalibration = 'no-such-folder'", "model.calibration", "a folder of images"),
+        ("[model]\ncalibration = 3", "model.calibration", 'calibration = "calib"'),
     ],
 )
 def test_bad_values_name_key_and_fix(tmp_path: Path, text: str, key: str, fix: str) -> None:
