@@ -76,6 +76,7 @@ def test_measured_once_then_cached_and_explicit_skips(tmp_path: Path, daemon_fac
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     (tuned,) = [r for r in records if r["event"] == "runtime_tuned"]
+    print("runtime_tuned:", tuned["runtime"], tuned["precision"], tuned["layout"], tuned["tune_s"], tuned["table"])
     assert tuned["measured_now"] and any("(chosen)" in row for row in tuned["table"]), tuned
     assert any("onnxruntime" in row for row in tuned["table"]) and any("openvino int8" in row for row in tuned["table"])
     assert any("no model.calibration images" in row for row in tuned["table"])  # skipped with its reason
