@@ -67,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, help="the daemon's pipeline.max_batch (default 8)")
     p.add_argument("--imgsz", type=int, default=640, help="model input size (default 640)")
     p.add_argument(
+        "--calibration", type=Path, help="the daemon's model.calibration: real photos for INT8 and the accuracy gate"
+    )
+    p.add_argument(
         "--decode",
         choices=("auto", "host", "device"),
         default="auto",
