@@ -33,6 +33,7 @@ ROLL_KEYS = frozenset(
         "model.imgsz",
         "model.runtime",
         "model.precision",
+        "model.calibration",
         "model.max_det",
         "model.devices",
         "pipeline.torch_threads",
