@@ -271,7 +271,7 @@ def _tuned(config: Config) -> tuple[set[str], list[str]]:
     asyncio.run(export.resolve(config))
     choice = tune.cached(export.tune_request(config) | {"weights": resolve_weights(config.model.weights)})
     rows = choice.table if choice is not None else []
-    return {f"{r.runtime} {r.precision}" for r in rows if r.note == "below the accuracy gate"}, [
+    return {f"{r.runtime} {r.precision}" for r in rows if r.note.startswith("below the accuracy gate")}, [
         tune.describe(r) for r in rows
     ]
 

@@ -50,6 +50,19 @@ def _compile_openvino(backend: Any, artefact: str, precision: Precision, threads
     compile_model(backend, artefact, precision, threads)
 
 
+def _threads_onnxruntime(backend: Any, artefact: str, precision: Precision, threads: int) -> None:
+    """A new CPU session with our thread count: Ultralytics' takes every core, and two device
+    processes would then fight over them."""
+    inner = backend.backend
+    if not threads or getattr(inner, "use_io_binding", False):  # a GPU session: its threads do not matter
+        return
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    inner.session = onnxruntime.InferenceSession(artefact, options, providers=inner.session.get_providers())
+
+
 _CPU32 = frozenset({Precision.FP32})
 _HALF = frozenset({Precision.FP32, Precision.FP16})
 SPECS: dict[Runtime, RuntimeSpec] = {
@@ -66,7 +79,13 @@ SPECS: dict[Runtime, RuntimeSpec] = {
             cpu_processes=lambda cores: 1,  # one process with every core's threads (README, measured)
         ),
         RuntimeSpec(
-            Runtime.ONNXRUNTIME, "onnxruntime", "onnx", (".onnx",), {"cpu": _CPU32, "cuda": _HALF}, extra="onnxruntime"
+            Runtime.ONNXRUNTIME,
+            "onnxruntime",
+            "onnx",
+            (".onnx",),
+            {"cpu": _CPU32, "cuda": _HALF},
+            extra="onnxruntime",
+            post_load=_threads_onnxruntime,
         ),
         RuntimeSpec(
             Runtime.TENSORRT,

@@ -206,7 +206,10 @@ def _gate_all(request: dict[str, Any], cores: int) -> tuple[list[Row], list[tupl
                             cache_dir=cache_dir, threads=cores)  # fmt: skip
             result = gate.score(gate.detections(r, items), reference)
             del r
-        except (cache.ExportError, ConfigError) as exc:  # GateFailed (INT8 on its held-out images) too
+        except gate.GateFailed as exc:  # INT8 on its held-out images
+            table.append(Row(runtime.value, precision.value, note=f"below the accuracy gate: {exc}"[:400]))
+            continue
+        except (cache.ExportError, ConfigError) as exc:
             table.append(Row(runtime.value, precision.value, note=f"cannot run: {exc}"[:400]))
             continue
         figures = f"{result.matched}/{result.reference}"
@@ -254,8 +257,9 @@ class Pool:
         conns = [c for _, c in self.members[:processes]]
         for c in conns:
             c.send(("load", load))
-        for c in conns:
-            c.recv()
+        errors = [answer for c in conns if (answer := c.recv()) != "ready"]
+        if errors:
+            raise RuntimeError(str(errors[0]))
         for c in conns:
             c.send(("go", TIME_S))
         answers = [c.recv() for c in conns]
@@ -283,38 +287,51 @@ def _time_all(pool: Pool, passed: list[tuple[Runtime, Precision, str]], plans: l
                 continue
             load = {**request, "runtime": runtime.value, "precision": precision.value, "threads": threads,
                     "image": item.image}  # fmt: skip
-            rows.append(Row(**{**asdict(row), "img_s": round(pool.rate(processes, load), 2)}))
+            try:
+                rows.append(Row(**{**asdict(row), "img_s": round(pool.rate(processes, load), 2)}))
+            except RuntimeError as exc:  # it would not load in a timing process
+                rows.append(Row(**{**asdict(row), "note": f"cannot run: {exc}"[:400]}))
     return rows
+
+
+def _load(arg: dict[str, Any]) -> tuple[Any, Any, int]:
+    """A candidate's Runner with a batch of one real image in its slot, warmed up."""
+    import numpy as np
+
+    from daemon.model import Batch
+
+    runtime, precision = Runtime(arg["runtime"]), Precision(arg["precision"])
+    calibration = tuple(Path(p) for p in arg["calibration"])
+    plan = cache.ensure(arg["weights"], imgsz=arg["imgsz"], max_batch=arg["max_batch"], runtime=runtime,
+                        precision=precision, device="cpu", cache_dir=Path(arg["cache_dir"]),
+                        calibration=calibration)  # fmt: skip
+    r = gate.runner(plan.artefact, runtime.value, precision.value, imgsz=arg["imgsz"], max_batch=arg["max_batch"],
+                    cache_dir=Path(arg["cache_dir"]), threads=arg["threads"])  # fmt: skip
+    image, n = arg["image"], arg["max_batch"]
+    h, w = image.shape[:2]
+    view = np.frombuffer(r.buffer, dtype=np.uint8, count=n * h * w * 3)
+    view.reshape(n, h, w, 3)[:] = image
+    del view
+    batch = Batch(0, 0, n, h, w, [(1.0, 1.0, 0, 0, w, h)] * n, 0.25, 0.7)
+    r.run(batch)  # warm: the first run at a shape allocates
+    return r, batch, n
 
 
 def _timer(conn: Connection) -> None:
     """A timing process: load a candidate, then run batches of one real image for the time asked."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as a device process runs
-    import numpy as np
-
-    from daemon.model import Batch
-
-    r = None
+    r: Any = None
+    batch: Any = None
+    n = 0
     while (message := conn.recv()) is not None:
         verb, arg = message
         if verb == "load":
             r = None
-            weights = arg["weights"]
-            runtime, precision = Runtime(arg["runtime"]), Precision(arg["precision"])
-            calibration = tuple(Path(p) for p in arg["calibration"])
-            plan = cache.ensure(weights, imgsz=arg["imgsz"], max_batch=arg["max_batch"], runtime=runtime,
-                                precision=precision, device="cpu", cache_dir=Path(arg["cache_dir"]),
-                                calibration=calibration)  # fmt: skip
-            r = gate.runner(plan.artefact, runtime.value, precision.value, imgsz=arg["imgsz"],
-                            max_batch=arg["max_batch"], cache_dir=Path(arg["cache_dir"]),
-                            threads=arg["threads"])  # fmt: skip
-            image, n = arg["image"], arg["max_batch"]
-            h, w = image.shape[:2]
-            view = np.frombuffer(r.buffer, dtype=np.uint8, count=n * h * w * 3)
-            view.reshape(n, h, w, 3)[:] = image
-            del view
-            batch = Batch(0, 0, n, h, w, [(1.0, 1.0, 0, 0, w, h)] * n, 0.25, 0.7)
-            r.run(batch)  # warm: the first run at a shape allocates
+            try:
+                r, batch, n = _load(arg)
+            except Exception as exc:  # noqa: BLE001 - reported as this candidate's row, the others go on
+                conn.send(f"{type(exc).__name__}: {exc}")
+                continue
             conn.send("ready")
         elif verb == "go" and r is not None:
             done, t0 = 0, time.perf_counter()
