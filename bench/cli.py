@@ -223,6 +223,7 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
             others = bound.measure_bounds(images, config, devices, skip=ceiling["runtime"])
             report["bounds"] = {ceiling["runtime"]: ceiling, **others}
     if "inferd" in modes:
+        runs.share_models(workdir / "inferd", config.paths.work / "models")
         raw = runs.daemon_config(workdir / "inferd", args)
         results["inferd"] = runs.run_once(raw, images, [p.name for p in images])
     if "inferd" in results:
@@ -234,6 +235,7 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
             report["fastest_bound"] = fastest
             report["ratios"]["inferd/fastest_bound"] = rate / report["bounds"][fastest]["images_per_s"]
     if args.latency:
+        runs.share_models(workdir / "latency", config.paths.work / "models")
         report["latency"] = runs.latency(images, runs.daemon_config(workdir / "latency", args), args.rate)
         report["latency"]["p50_over_single_image"] = report["latency"]["p50_ms"] / report["single_image_ms"]
     if "pipeline" in modes:

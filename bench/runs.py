@@ -39,6 +39,16 @@ def daemon_config(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def share_models(root: Path, models: Path) -> None:
+    """The daemon under `root` uses the bench's model cache (`models`): it finds the exports and
+    the measured choice there instead of making them again (never timed either way)."""
+    work = root / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    models.mkdir(parents=True, exist_ok=True)
+    if not (work / "models").exists():
+        (work / "models").symlink_to(models.resolve())
+
+
 def start(raw: dict[str, Any], *args: str, env: dict[str, str] | None = None) -> Daemon:
     """The daemon on the config `raw`, written beside its data dirs."""
     root = Path(raw["paths"]["work"]).parent
