@@ -554,10 +554,10 @@ class _Table:
             rescan_interval_s=self.number("cluster", "rescan_interval_s", low=1.0),
             connect_timeout_s=self.number("cluster", "connect_timeout_s", low=1.0),
         )
-        if backend is Backend.RAY and model.runtime not in (Runtime.AUTO, Runtime.TORCH):
+        if backend is Backend.RAY and model.precision is Precision.INT8:
             raise self.fail(
-                "model", "runtime", f"is {model.runtime.value!r}, which the Ray backend does not run",
-                'use "auto" or "torch" with cluster.backend = "ray" (actors load the PyTorch weights they are sent)',
+                "model", "precision", "is \"int8\", which the Ray backend does not calibrate on its nodes yet",
+                'use "fp32" or "auto" with cluster.backend = "ray"',
             )
         if backend is Backend.RAY and model.devices != ("auto",):
             raise self.fail(

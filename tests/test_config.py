@@ -131,7 +131,7 @@ def test_version_and_help(tmp_path: Path) -> None:
         ("[cluster]\ncpus_per_actor = 'two'", "cluster.cpus_per_actor", "a number"),
         ("[cluster]\nresources = { inferd = 0 }", "cluster.resources", "ray start --resources"),
         ("[cluster]\nresources = { GPU = 1 }", "cluster.resources", "cluster.actors_per_gpu"),
-        ("[cluster]\nbackend = 'ray'\n[model]\nruntime = 'openvino'", "model.runtime", '"torch"'),
+        ("[cluster]\nbackend = 'ray'\n[model]\nprecision = 'int8'\ncalibration = '.'", "model.precision", '"fp32"'),
         ("[cluster]\nbackend = 'ray'\n[model]\ndevices = ['cuda:0']", "model.devices", "one actor per GPU"),
         ("[cluster]\nmax_restarts = 3", "cluster.max_restarts", "remove it or use one of"),
     ],
