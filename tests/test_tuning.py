@@ -159,3 +159,21 @@ def test_gate_counts_fp32_detections_found() -> None:
     ours = [np.array([[0, 0, 10, 11, 0.9, 0], [20, 20, 30, 30, 0.8, 0], [56, 56, 66, 66, 0.7, 0]], np.float32)]
     assert gate.score(ours, ref) == gate.Score(1, 3) and not gate.score(ours, ref).passed
     assert gate.score(ref, ref).passed and gate.Score(0, 0).passed
+
+
+def test_layouts_and_candidates() -> None:
+    """Processes x threads over the cores (a configured one is the only one), and every CPU
+    runtime x precision of the table, with why one cannot run here instead of a guess."""
+    from daemon.runtimes import tune
+
+    assert tune.layouts(2, 0, 0) == [(1, 2), (2, 1)]
+    assert tune.layouts(8, 0, 0) == [(1, 8), (2, 4), (4, 2)]
+    assert tune.layouts(8, 1, 0) == [(1, 8)] and tune.layouts(8, 0, 2) == [(4, 2)]
+    listed = {(r.value, p.value): why for r, p, why in tune.candidates(())}
+    assert set(listed) == {("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8"),
+                           ("onnxruntime", "fp32"), ("torch", "fp32")}  # fmt: skip
+    assert listed[("openvino", "int8")] == "no model.calibration images"
+    assert listed[("openvino", "fp32")] == listed[("torch", "fp32")] == ""
+    from daemon.runtimes.openvino import capabilities
+
+    assert (listed[("openvino", "bf16")] == "") == ("BF16" in capabilities())  # asked, not read from flags
