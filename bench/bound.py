@@ -63,9 +63,11 @@ def variants(devices: list[str], calibration: tuple[Path, ...] = ()) -> list[tup
     return [(r, p) for r, p, why in tune.candidates(calibration) if not why]
 
 
-def measure_bounds(images: list[Path], config: Config, devices: list[str], *, skip: str) -> dict[str, dict[str, Any]]:
-    """The bound of each runtime and precision but `skip` ("openvino bf16"), each with the device
-    processes and threads the daemon would give it (the measured layout, when it was measured)."""
+def measure_bounds(
+    images: list[Path], config: Config, devices: list[str], *, skip: str, layouts: dict[str, tuple[int, int]]
+) -> dict[str, dict[str, Any]]:
+    """The bound of each runtime and precision but `skip` ("openvino bf16"), each in its fastest
+    measured layout (`layouts`: "openvino fp32" -> (processes, threads)), else the daemon's."""
     import dataclasses
 
     from daemon.workers import calibration_images, resolve_devices
@@ -76,6 +78,10 @@ def measure_bounds(images: list[Path], config: Config, devices: list[str], *, sk
         if f"{runtime.value} {precision.value}" == skip:
             continue
         c = dataclasses.replace(config, model=dataclasses.replace(config.model, runtime=runtime, precision=precision))
+        if (layout_of := layouts.get(f"{runtime.value} {precision.value}")) is not None:
+            processes, threads = layout_of
+            c = dataclasses.replace(c, pipeline=dataclasses.replace(c.pipeline, cpu_workers=processes,
+                                                                    torch_threads=threads))  # fmt: skip
         layout = asyncio.run(resolve_devices(c))  # the daemon's processes and threads for this runtime
         asyncio.run(export.prepare(c, layout))
         bound = measure_runner(images, c, layout)

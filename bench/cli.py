@@ -172,7 +172,7 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
         weights = resolve_weights(config.model.weights)
     except ModelError as exc:
         raise BenchError(str(exc)) from None
-    below_gate, tuned = _tuned(config)
+    below_gate, tuned, layouts = _tuned(config)
     config = asyncio.run(export.resolve(config))  # the measured choice (cached: measured once per workdir)
     devices = asyncio.run(resolve_devices(config))
     config = resolve_decode(config, devices)
@@ -220,7 +220,7 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
         report["single_image_ms"] = ceiling.pop("single_image_ms")
         if "bound" in modes:
             results["bound"] = ceiling
-            others = bound.measure_bounds(images, config, devices, skip=ceiling["runtime"])
+            others = bound.measure_bounds(images, config, devices, skip=ceiling["runtime"], layouts=layouts)
             report["bounds"] = {ceiling["runtime"]: ceiling, **others}
     if "inferd" in modes:
         runs.share_models(workdir / "inferd", config.paths.work / "models")
@@ -264,18 +264,22 @@ def _own_export(config: Config, devices: list[str], plans: list[export.Prepared]
     return plan
 
 
-def _tuned(config: Config) -> tuple[set[str], list[str]]:
-    """The measured choice's table (measured now if not cached), and the candidates it found
-    below the accuracy gate ("openvino int8"). `config`: before export.resolve."""
+def _tuned(config: Config) -> tuple[set[str], list[str], dict[str, tuple[int, int]]]:
+    """The measured choice's table (measured now if not cached), the candidates it found below
+    the accuracy gate ("openvino int8"), and each candidate's fastest layout (processes,
+    threads). `config`: before export.resolve."""
     from daemon.model import resolve_weights
     from daemon.runtimes import tune
 
     asyncio.run(export.resolve(config))
     choice = tune.cached(export.tune_request(config) | {"weights": resolve_weights(config.model.weights)})
     rows = choice.table if choice is not None else []
-    return {f"{r.runtime} {r.precision}" for r in rows if r.note.startswith("below the accuracy gate")}, [
-        tune.describe(r) for r in rows
-    ]
+    below = {f"{r.runtime} {r.precision}" for r in rows if r.note.startswith("below the accuracy gate")}
+    best: dict[str, tuple[int, int]] = {}
+    for r in sorted((r for r in rows if r.img_s is not None), key=lambda r: r.img_s or 0.0):
+        processes, threads = r.layout.split("x")
+        best[f"{r.runtime} {r.precision}"] = (int(processes), int(threads))  # the fastest last
+    return below, [tune.describe(r) for r in rows], best
 
 
 def render(report: dict[str, Any]) -> str:
