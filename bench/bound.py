@@ -55,7 +55,8 @@ def measure_runner(images: list[Path], config: Config, devices: list[str]) -> di
 
 def variants(devices: list[str], calibration: tuple[Path, ...] = ()) -> list[tuple[Runtime, Precision]]:
     """Every runtime and precision the bench's devices can run here (the table's, installed)."""
-    from daemon.runtimes import SPECS, tune
+    from daemon.runtimes import SPECS
+    from daemon.tuning import tune
 
     if any(d.startswith("cuda") for d in devices):
         return [(s.runtime, p) for s in SPECS.values() if s.installed() for p in sorted(

@@ -269,7 +269,7 @@ def _tuned(config: Config) -> tuple[set[str], list[str], dict[str, tuple[int, in
     the accuracy gate ("openvino int8"), and each candidate's fastest layout (processes,
     threads). `config`: before export.resolve."""
     from daemon.model import resolve_weights
-    from daemon.runtimes import tune
+    from daemon.tuning import tune
 
     asyncio.run(export.resolve(config))
     choice = tune.cached(export.tune_request(config) | {"weights": resolve_weights(config.model.weights)})

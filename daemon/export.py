@@ -1,7 +1,7 @@
 """The parent's side of the model cache: export what the devices will run before they start.
 
 The export runs once per device type, before any device process is spawned, in a child process
-of its own (`python -m daemon.runtimes`): the main process never imports torch, the export gets
+of its own (`python -m daemon.tuning`): the main process never imports torch, the export gets
 no `worker_start_timeout_s` (that deadline is for loading a ready artefact), and a stop request
 during a long export kills that child at once (the lock it held dies with it; its temp dir is
 removed by the next builder). While it runs, systemd hears WATCHDOG=1 and EXTEND_TIMEOUT_USEC,
@@ -27,18 +27,17 @@ import structlog
 
 from daemon import runtimes
 from daemon.config import Backend, Config, Precision, Runtime
-from daemon.model import ModelError, resolve_weights
+from daemon.devices import DeviceName
+from daemon.errors import ExportStopped as ExportStopped  # re-exported: its old home
+from daemon.errors import ModelError
 from daemon.notify import Notifier
-from daemon.runtimes import tune
+from daemon.tuning import tune
+from daemon.weights import resolve_weights
 from daemon.workers import WorkerStartError, calibration_images
 
 log = structlog.get_logger("daemon.export")
 KEEPALIVE_S = 5.0  # systemd is told this often that a long export is progress
 STDERR_TAIL = 4000
-
-
-class ExportStopped(Exception):
-    """A stop request arrived during the export; nothing was cached."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +75,7 @@ async def prepare(
     device type. WorkerStartError when the config cannot run or the export fails; ExportStopped
     when `stop` is set meanwhile."""
     # Ray actors (ray:...) run the PyTorch weights they are sent: nothing to export here.
-    kinds = sorted({"cpu" if d.startswith("cpu") else d for d in devices if not d.startswith("ray:")})
+    kinds = sorted({n.torch for n in map(DeviceName.parse, devices) if not n.remote})
     return [await _prepare_one(config, device, stop, notifier) for device in kinds]
 
 
@@ -98,7 +97,7 @@ def tune_request(config: Config) -> dict[str, Any]:
 
 async def resolve(config: Config, *, stop: asyncio.Event | None = None, notifier: Notifier | None = None) -> Config:
     """`config` with `model.runtime` and `model.precision` = "auto" made concrete on a CPU by the
-    measured choice (daemon.runtimes.tune), and the layout it measured as `pipeline.cpu_workers`
+    measured choice (daemon.tuning.tune), and the layout it measured as `pipeline.cpu_workers`
     and `torch_threads` where those are 0 (auto). Measured once in a child process, then read
     from the cache. Unchanged when either is given, on CUDA devices and with the Ray backend."""
     m = config.model
@@ -114,7 +113,7 @@ async def resolve(config: Config, *, stop: asyncio.Event | None = None, notifier
     choice = await asyncio.to_thread(tune.cached, req)
     fresh = choice is None
     if choice is None:
-        answer, code, tail = await _child(["daemon.runtimes", "tune", json.dumps(req)], req, stop, notifier)
+        answer, code, tail = await _child(["daemon.tuning", "tune", json.dumps(req)], req, stop, notifier)
         if answer.get("event") != "tuned" or code != 0:
             message = answer.get("message") or f"measuring the runtimes exited with status {code}: {tail[-1500:]}"
             log.error("runtime_tune_failed", error=message)
@@ -137,7 +136,9 @@ async def resolve(config: Config, *, stop: asyncio.Event | None = None, notifier
 def _cached(req: dict[str, Any]) -> Prepared | None:
     """The plan of a CPU device without a child process: torch, an export given as weights, or
     an entry already in the cache. None: the child must look (and maybe export)."""
-    from daemon.config import ConfigError
+    from daemon.config import ConfigError, Precision, Runtime
+    from daemon.errors import ModelError
+    from daemon.weights import resolve_weights
 
     try:
         weights = resolve_weights(req["weights"])
@@ -157,7 +158,7 @@ async def _prepare_one(config: Config, device: str, stop: asyncio.Event | None, 
     req = request(config, device)
     if not device.startswith("cuda") and (found := await asyncio.to_thread(_cached, req)) is not None:
         return found
-    answer, code, tail = await _child(["daemon.runtimes", json.dumps(req)], req, stop, notifier)
+    answer, code, tail = await _child(["daemon.tuning", json.dumps(req)], req, stop, notifier)
     if answer.get("event") == "plan" and code == 0:
         return Prepared(req["device"], answer["runtime"], answer["precision"], answer["artefact"])
     message = answer.get("message") or (

@@ -31,7 +31,17 @@ import structlog
 
 from daemon import model, runtimes
 from daemon.config import Config, Decode, Runtime
-from daemon.devices import Answers, BatchFailed, Device, WorkerCrashed, WorkerRetired, WorkerStartError
+from daemon.devices import JPEG_SLOT_BYTES as JPEG_SLOT_BYTES  # re-exported: its old home
+from daemon.devices import (
+    Answers,
+    BatchFailed,
+    Device,
+    DeviceKind,
+    DeviceName,
+    WorkerCrashed,
+    WorkerRetired,
+    WorkerStartError,
+)
 from daemon.devices import DeviceState as WorkerState
 from daemon.jobs import ModelInfo, Prepared
 
@@ -39,7 +49,6 @@ log = structlog.get_logger("daemon.workers")
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 # A batch of JPEGs for the device to decode fits in this; a larger JPEG is decoded on the host.
 # Five 2048x12000 photos (~6 MB each); the pages are touched only as far as they are used.
-JPEG_SLOT_BYTES = 32 << 20
 
 
 __all__ = ["BatchFailed", "DeviceWorker", "WorkerCrashed", "WorkerRetired", "WorkerStartError", "WorkerState"]
@@ -308,7 +317,7 @@ def cpu_runtime(config: Config) -> Runtime:
 
 
 def cpu_workers(config: Config) -> int:
-    """Device processes for the CPU: as configured or measured (runtimes.tune), else the
+    """Device processes for the CPU: as configured or measured (tuning.tune), else the
     runtime's own default from the table (PyTorch: one single-threaded process per core, up to
     4; OpenVINO: one process with every core's threads)."""
     if config.pipeline.cpu_workers:
@@ -356,7 +365,8 @@ def resolve_decode(config: Config, devices: list[str]) -> Config:
     Ray actors (ray:...) decode too: JPEG bytes cross the network, not ~10x as many pixels."""
     if config.pipeline.decode is not Decode.AUTO:
         return config
-    decode = Decode.DEVICE if all(d.startswith(("cuda", "ray:")) for d in devices) else Decode.HOST
+    names = [DeviceName.parse(d) for d in devices]
+    decode = Decode.DEVICE if all(n.kind is DeviceKind.CUDA or n.remote for n in names) else Decode.HOST
     return dataclasses.replace(config, pipeline=dataclasses.replace(config.pipeline, decode=decode))
 
 
@@ -364,13 +374,13 @@ def torch_threads(config: Config, devices: list[str]) -> int:
     """Intra-op threads per device process: a CUDA worker needs few; CPU workers share the cores."""
     if config.pipeline.torch_threads:
         return config.pipeline.torch_threads
-    cpu = sum(d.startswith("cpu") for d in devices)
+    cpu = sum(n.kind is DeviceKind.CPU and not n.remote for n in map(DeviceName.parse, devices))
     return max(1, cores() // cpu) if cpu == len(devices) else 2
 
 
 def calibration_images(config: Config) -> tuple[str, ...]:
     """model.calibration's images, when INT8 runs (they are part of its cache key)."""
-    from daemon.runtimes.gate import images_in
+    from daemon.runtimes.cache import images_in
 
     folder = config.model.calibration
     return tuple(str(p) for p in images_in(folder)) if folder is not None else ()
@@ -383,7 +393,7 @@ def start_workers(config: Config, devices: list[str], *, slot_imgsz: int = 0) ->
     return [
         DeviceWorker(
             dict(
-                device="cpu" if d.startswith("cpu") else d,
+                device=DeviceName.parse(d).torch,
                 weights=m.weights,
                 imgsz=m.imgsz,
                 precision=m.precision.value,

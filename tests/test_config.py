@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from daemon import config
-from daemon.cli import EXIT_CONFIG
+from daemon.errors import EXIT_CONFIG
 
 
 def parse(text: str, tmp_path: Path) -> config.Config:
@@ -62,7 +62,7 @@ def test_repository_config_is_valid_and_documents_every_key() -> None:
         ("[model]\nprecision = 'int4'", "model.precision", "'bf16'"),
         ("[model]\nprecision = 'int8'", "model.calibration", "a folder of images"),  # INT8 is calibrated on it
         ("[model]\ncalibration = 'no-such-folder'", "model.calibration", "a folder of images"),
-        ("[model]\ncalibration = 3", "model.calibration", 'calibration = "calib"'),
+        ("[model]\ncalibration = 3", "model.calibration", "quote it"),
     ],
 )
 def test_bad_values_name_key_and_fix(tmp_path: Path, text: str, key: str, fix: str) -> None:

@@ -1,7 +1,7 @@
 """Every task on every exported runtime: segment, pose, obb and classify on OpenVINO, ONNX
 Runtime and OpenVINO INT8 against PyTorch fp32, through the daemon's own Runner, on real photos.
 
-The comparison is the accuracy gate's (daemon.runtimes.gate): >= 95 % of PyTorch's detections
+The comparison is the accuracy gate's (daemon.tuning.gate): >= 95 % of PyTorch's detections
 found again, same class, IoU >= 0.5 (oriented boxes by their extent; classification by its
 top-1 class); for pose the keypoints of matched people within a few pixels too. OpenVINO fp32
 runs in CI; ONNX Runtime and INT8 (longer exports) are `long`.
@@ -18,7 +18,7 @@ from conftest import assets
 
 from daemon import runtimes
 from daemon.config import Precision, Runtime
-from daemon.runtimes import gate
+from daemon.tuning import gate
 
 TASKS = ("segment", "pose", "obb", "classify")
 CASES = [

@@ -26,7 +26,7 @@ from PIL import Image
 
 from daemon import export, runtimes
 from daemon.config import Precision, Runtime, load
-from daemon.runtimes import gate
+from daemon.tuning import gate
 
 RunDaemon = Callable[..., Daemon]
 pytestmark = pytest.mark.skipif(not runtimes.importable("nncf"), reason="nncf not installed (inferd[int8])")
@@ -164,7 +164,7 @@ def test_gate_counts_fp32_detections_found() -> None:
 def test_layouts_and_candidates() -> None:
     """Processes x threads over the cores (a configured one is the only one), and every CPU
     runtime x precision of the table, with why one cannot run here instead of a guess."""
-    from daemon.runtimes import tune
+    from daemon.tuning import tune
 
     assert tune.layouts(2, 0, 0) == [(1, 2), (2, 1)]
     assert tune.layouts(8, 0, 0) == [(1, 8), (2, 4), (4, 2)]

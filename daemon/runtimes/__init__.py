@@ -2,14 +2,11 @@
 
 - `specs`: the room: one `RuntimeSpec` per runtime in one table, and `choose`, which makes
   `model.runtime`/`model.precision` concrete from it;
-- `tune`: the measured choice for "auto" on CPUs (timed on this machine, gated on accuracy);
 - `cache`: the export cache (`ensure`), one sealed entry per key;
-- `openvino`: its compile step and INT8 by NNCF, calibrated on the user's images;
-- `gate`: the accuracy gate against fp32.
+- `openvino`: its compile step and what its CPU plugin offers.
 
-`python -m daemon.runtimes '<json>'` runs `ensure` (or, with `tune` first, the measured choice)
-in a child process for the daemon (the main process never imports torch) and reports on stdout
-as JSON lines.
+The measured choice, INT8 and the exporter's child process are `daemon.tuning` (they need the
+daemon's Runner, which imports this package).
 """
 
 from daemon.runtimes.cache import (
@@ -25,7 +22,6 @@ from daemon.runtimes.cache import (
     lookup,
     valid,
 )
-from daemon.runtimes.gate import GateFailed
 from daemon.runtimes.specs import (
     SPECS,
     RuntimeSpec,
@@ -42,7 +38,6 @@ __all__ = [
     "MANIFEST",
     "SPECS",
     "ExportError",
-    "GateFailed",
     "Plan",
     "RuntimeSpec",
     "cache_key",

@@ -28,15 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import Precision, Runtime
+from daemon.errors import ExportError as ExportError  # re-exported: raised here
 from daemon.runtimes.specs import SPECS, device_type, exported_as
 
+Quantize = Callable[[Path, Path, tuple[Path, ...], int, int], str]  # (fp32 entry, tmp, images, imgsz, batch)
+SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MANIFEST = "manifest.json"
 SCHEMA = 2  # bump when the way an entry is built changes
 FIX = 'set model.runtime = "torch" (PyTorch, slower) or fix the cause above'
-
-
-class ExportError(Exception):
-    """The exporter failed; nothing was left in the cache. The message names runtime and fix."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +50,11 @@ class Plan:
 
     def describe(self) -> dict[str, Any]:
         return {**asdict(self), "runtime": self.runtime.value, "precision": self.precision.value}
+
+
+def images_in(folder: Path) -> tuple[Path, ...]:
+    """The image files directly in `folder` (model.calibration), sorted by name."""
+    return tuple(sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES))
 
 
 def file_digest(path: Path) -> str:
@@ -162,10 +166,12 @@ def ensure(
     cache_dir: Path,
     on_build: Callable[[], None] | None = None,
     calibration: tuple[Path, ...] = (),
+    quantize: Quantize | None = None,
 ) -> Plan:
     """The artefact for a concrete (runtime, precision) on `device`, exported into the cache if
     it is not there yet. `on_build()` is called when an export starts. ExportError on failure;
-    for INT8, GateFailed when the quantized model does not match fp32 on held-out images."""
+    An INT8 entry is made by `quantize` (daemon.tuning.int8.quantize: the exporter's child passes
+    it), which raises GateFailed when the quantized model does not match fp32 on held-out images."""
     if runtime is Runtime.TORCH or exported_as(weights) is not None:
         return Plan(runtime, precision, weights)
     source = Path(weights)
@@ -177,6 +183,8 @@ def ensure(
         return Plan(runtime, precision, str(artefact))
     base = None
     if precision is Precision.INT8:  # quantized from the fp32 export, which is cached on its own
+        if quantize is None:
+            raise ExportError(f"the INT8 entry of {source.name} is not cached: the daemon's exporter makes it first")
         base = ensure(weights, imgsz=imgsz, max_batch=max_batch, runtime=runtime, precision=Precision.FP32,
                       device=device, cache_dir=cache_dir, on_build=on_build)  # fmt: skip
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -190,12 +198,10 @@ def ensure(
         started = time.monotonic()
         tmp = cache_dir / f".{name}.tmp-{os.getpid()}"
         try:
-            if base is None:
+            if base is None or quantize is None:
                 rel = _export(source, tmp, key, runtime=runtime, precision=precision, device=device)
             else:
-                from daemon.runtimes import openvino
-
-                rel = openvino.quantize(Path(base.artefact), tmp, calibration, imgsz=imgsz, max_batch=max_batch)
+                rel = quantize(Path(base.artefact), tmp, calibration, imgsz, max_batch)
             _seal(tmp, key, rel)
             os.rename(tmp, entry)
             _fsync_dir(cache_dir)

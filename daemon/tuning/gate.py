@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 
 from daemon.config import ConfigError, LogConfig, LogFormat
+from daemon.runtimes.cache import images_in as images_in  # re-exported: the gate's images come from there
 
 GATE = 0.95
 MATCH_IOU = 0.5
-SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 class GateFailed(ConfigError):
@@ -38,11 +38,6 @@ class Score:
     @property
     def passed(self) -> bool:
         return self.ratio >= GATE
-
-
-def images_in(folder: Path) -> tuple[Path, ...]:
-    """The image files directly in `folder`, sorted by name."""
-    return tuple(sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES))
 
 
 def split(images: tuple[Path, ...]) -> tuple[tuple[Path, ...], tuple[Path, ...]]:

@@ -9,7 +9,7 @@ fp32 on those images; each layout is then timed for `TIME_S`, all its processes 
 fastest that passed wins. A candidate whose package is missing, whose precision the CPU plugin
 does not offer, or that has no calibration images is listed with the reason, not timed.
 
-It runs in the exporter's child process (python -m daemon.runtimes tune) and exports what it
+It runs in the exporter's child process (python -m daemon.tuning tune) and exports what it
 times into the model cache; the choice is cached beside them as `tuned-<digest>.json`, keyed by
 the weights, imgsz, batch, the CPU's model name, flags and cores, every runtime's version and
 the calibration set: a later start reads it and measures nothing.
@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import ConfigError, Precision, Runtime
-from daemon.runtimes import cache, gate
+from daemon.runtimes import cache
 from daemon.runtimes.specs import SPECS, cpu_field, importable
+from daemon.tuning import gate
+from daemon.tuning.int8 import quantize
 
 SCHEMA = 1
 TIME_S = 1.0  # per timed layout; a first batch warms up, not counted
@@ -201,7 +203,8 @@ def _gate_all(request: dict[str, Any], cores: int) -> tuple[list[Row], list[tupl
             continue
         try:
             plan = cache.ensure(weights, imgsz=imgsz, max_batch=batch, runtime=runtime, precision=precision,
-                                device="cpu", cache_dir=cache_dir, calibration=calibration)  # fmt: skip
+                                device="cpu", cache_dir=cache_dir, calibration=calibration,
+                                quantize=quantize)  # fmt: skip
             r = gate.runner(plan.artefact, runtime.value, precision.value, imgsz=imgsz, max_batch=batch,
                             cache_dir=cache_dir, threads=cores)  # fmt: skip
             result = gate.score(gate.detections(r, items), reference)
@@ -304,7 +307,7 @@ def _load(arg: dict[str, Any]) -> tuple[Any, Any, int]:
     calibration = tuple(Path(p) for p in arg["calibration"])
     plan = cache.ensure(arg["weights"], imgsz=arg["imgsz"], max_batch=arg["max_batch"], runtime=runtime,
                         precision=precision, device="cpu", cache_dir=Path(arg["cache_dir"]),
-                        calibration=calibration)  # fmt: skip
+                        calibration=calibration, quantize=quantize)  # fmt: skip
     r = gate.runner(plan.artefact, runtime.value, precision.value, imgsz=arg["imgsz"], max_batch=arg["max_batch"],
                     cache_dir=Path(arg["cache_dir"]), threads=arg["threads"])  # fmt: skip
     image, n = arg["image"], arg["max_batch"]

@@ -1,4 +1,4 @@
-"""The exporter's child process: `python -m daemon.runtimes [tune] '<json>'`, JSON lines out.
+"""The exporter's child process: `python -m daemon.tuning [tune] '<json>'`, JSON lines out.
 
 Without `tune`: `export_started` when it builds, then `plan` (or `error`). With `tune`:
 `tune_started` when it measures, then `tuned` with the choice and its table (or `error`).
@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import ConfigError, Precision, Runtime
+from daemon.errors import ModelError
 from daemon.runtimes.cache import ExportError, ensure
 from daemon.runtimes.specs import choose
+from daemon.tuning.int8 import quantize
+from daemon.weights import resolve_weights
 
 
 def say(**record: Any) -> None:
@@ -23,14 +26,12 @@ def say(**record: Any) -> None:
 
 def main(argv: list[str]) -> int:
     """The child-process entry: one JSON request in argv (see the module doc)."""
-    from daemon.model import ModelError, resolve_weights
-
     mode = argv[0] if len(argv) > 1 else "export"
     request = json.loads(argv[-1])
     try:
         weights = resolve_weights(request["weights"])
         if mode == "tune":
-            from daemon.runtimes import tune
+            from daemon.tuning import tune
 
             choice = tune.tune({**request, "weights": weights}, say)
             say(event="tuned", **choice.describe())
@@ -48,6 +49,7 @@ def main(argv: list[str]) -> int:
             cache_dir=Path(request["cache_dir"]),
             calibration=tuple(Path(p) for p in request.get("calibration", ())),
             on_build=lambda: say(event="export_started", runtime=runtime.value, precision=precision.value),
+            quantize=quantize,
         )
     except (ConfigError, ModelError, ExportError) as exc:
         say(event="error", kind=type(exc).__name__, message=str(exc))
