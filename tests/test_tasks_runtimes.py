@@ -19,6 +19,7 @@ from conftest import assets
 from daemon import runtimes
 from daemon.config import Precision, Runtime
 from daemon.tuning import gate
+from daemon.tuning.int8 import quantize
 
 TASKS = ("segment", "pose", "obb", "classify")
 CASES = [
@@ -60,7 +61,7 @@ def test_task_on_runtime_matches_torch(
         pytest.skip(f"{runtime} {precision} is not installed")
     imgsz, weights = task_models.IMGSZ[task], str(task_weights[task])
     plan = runtimes.ensure(weights, imgsz=imgsz, max_batch=2, runtime=Runtime(runtime), precision=Precision(precision),
-                           device="cpu", cache_dir=cache, calibration=calibration)  # fmt: skip
+                           device="cpu", cache_dir=cache, calibration=calibration, quantize=quantize)  # fmt: skip
     ours = gate.runner(plan.artefact, runtime, precision, imgsz=imgsz, max_batch=2, cache_dir=cache, threads=2)
     torch = gate.runner(weights, "torch", "fp32", imgsz=imgsz, max_batch=2, cache_dir=cache, threads=2)
     assert ours.head.task.value == task == torch.head.task.value

@@ -27,6 +27,7 @@ from PIL import Image
 from daemon import export, runtimes
 from daemon.config import Precision, Runtime, load
 from daemon.tuning import gate
+from daemon.tuning.int8 import quantize
 
 RunDaemon = Callable[..., Daemon]
 pytestmark = pytest.mark.skipif(not runtimes.importable("nncf"), reason="nncf not installed (inferd[int8])")
@@ -105,7 +106,7 @@ def test_int8_passes_the_gate_on_real_photos(tmp_path: Path, models: Path, daemo
     images = gate.images_in(calibration)
     plan = runtimes.ensure(
         str(runtimes_default()), imgsz=640, max_batch=4, runtime=Runtime.OPENVINO, precision=Precision.INT8,
-        device="cpu", cache_dir=models, calibration=images,
+        device="cpu", cache_dir=models, calibration=images, quantize=quantize,
     )  # fmt: skip
     figures = json.loads((Path(plan.artefact) / "gate.json").read_text())
     print("int8 gate:", figures)
