@@ -279,11 +279,12 @@ class Pool:
 
 def _time_all(pool: Pool, passed: list[tuple[Runtime, Precision, str]], plans: list[tuple[int, int]],
               request: dict[str, Any], item: Any, started: float) -> list[Row]:  # fmt: skip
-    """Every passing candidate in every layout, until the budget is spent."""
+    """Every passing candidate in every layout, until the budget is spent: layout by layout, so
+    that a slow machine still times every candidate once (one process with every core first)."""
     rows: list[Row] = []
     batch = request["max_batch"]
-    for runtime, precision, figures in passed:
-        for processes, threads in plans:
+    for processes, threads in plans:  # every candidate in the first layout before any in the next
+        for runtime, precision, figures in passed:
             row = Row(runtime.value, precision.value, f"{processes}x{threads}", batch, gate=figures)
             if time.monotonic() - started > BUDGET_S - 2 * TIME_S - 3:
                 rows.append(Row(**{**asdict(row), "note": f"not timed: the {BUDGET_S:.0f} s budget is spent"}))
