@@ -53,30 +53,36 @@ def measure_runner(images: list[Path], config: Config, devices: list[str]) -> di
     )
 
 
-def variants(devices: list[str]) -> list[tuple[Runtime, Precision]]:
-    """Every runtime and precision the bench's devices can run here."""
-    from daemon import runtimes
+def variants(devices: list[str], calibration: tuple[Path, ...] = ()) -> list[tuple[Runtime, Precision]]:
+    """Every runtime and precision the bench's devices can run here (the table's, installed)."""
+    from daemon.runtimes import SPECS
+    from daemon.tuning import tune
 
     if any(d.startswith("cuda") for d in devices):
-        out = [(Runtime.TORCH, Precision.FP32), (Runtime.TORCH, Precision.FP16)]
-        return out + [(Runtime.TENSORRT, Precision.FP16)] * runtimes.importable("tensorrt")
-    out = [(Runtime.TORCH, Precision.FP32), (Runtime.OPENVINO, Precision.FP32)]
-    out += [(Runtime.OPENVINO, Precision.BF16)] * runtimes.has_bf16(runtimes.cpu_flags())
-    return out + [(Runtime.ONNXRUNTIME, Precision.FP32)] * runtimes.importable("onnxruntime")
+        return [(s.runtime, p) for s in SPECS.values() if s.installed() for p in sorted(
+            s.precisions.get("cuda", ()), key=lambda p: p.value)]  # fmt: skip
+    return [(r, p) for r, p, why in tune.candidates(calibration) if not why]
 
 
-def measure_bounds(images: list[Path], config: Config, devices: list[str], *, skip: str) -> dict[str, dict[str, Any]]:
-    """The bound of each runtime and precision but `skip` ("openvino bf16"), each with the device
-    processes and threads the daemon would give it."""
+def measure_bounds(
+    images: list[Path], config: Config, devices: list[str], *, skip: str, layouts: dict[str, tuple[int, int]]
+) -> dict[str, dict[str, Any]]:
+    """The bound of each runtime and precision but `skip` ("openvino bf16"), each in its fastest
+    measured layout (`layouts`: "openvino fp32" -> (processes, threads)), else the daemon's."""
     import dataclasses
 
-    from daemon.workers import resolve_devices
+    from daemon.workers import calibration_images, resolve_devices
 
     out = {}
-    for runtime, precision in variants(devices):
+    calibration = tuple(Path(p) for p in calibration_images(config))
+    for runtime, precision in variants(devices, calibration):
         if f"{runtime.value} {precision.value}" == skip:
             continue
         c = dataclasses.replace(config, model=dataclasses.replace(config.model, runtime=runtime, precision=precision))
+        if (layout_of := layouts.get(f"{runtime.value} {precision.value}")) is not None:
+            processes, threads = layout_of
+            c = dataclasses.replace(c, pipeline=dataclasses.replace(c.pipeline, cpu_workers=processes,
+                                                                    torch_threads=threads))  # fmt: skip
         layout = asyncio.run(resolve_devices(c))  # the daemon's processes and threads for this runtime
         asyncio.run(export.prepare(c, layout))
         bound = measure_runner(images, c, layout)
@@ -102,6 +108,7 @@ def _runner_loop(
 
     from daemon import model, preprocess
     from daemon.jobs import Job
+    from daemon.workers import calibration_images
 
     m, p = config.model, config.pipeline
     settings = preprocess.Settings(m.imgsz, p.reduced_decode, p.max_pixels)
@@ -113,6 +120,7 @@ def _runner_loop(
     spec = model.WorkerSpec(
         device, m.weights, m.imgsz, m.precision.value, m.max_det, threads, "", slot_bytes, len(chunks), config.log,
         runtime=m.runtime.value, cache_dir=str(config.paths.work / "models"), max_batch=p.max_batch,
+        calibration=calibration_images(config),
     )  # fmt: skip
     runner = model.Runner(spec, buffer)
     batches = []

@@ -3,17 +3,18 @@
 Every mode runs on the same generated JPEGs with the same model, model load excluded:
 
 - naive:   Ultralytics `predict` one image at a time, each .txt written inline (seed 002 before)
-- naive_export: the same loop on the artefact the daemon runs (its OpenVINO/TensorRT export), as
-           Ultralytics loads it (OpenVINO: compiled with the CPU's default precision and every
-           core); skipped when the daemon's runtime is PyTorch
+- naive_export: the same loop on Ultralytics' own export (OpenVINO fp32 on a CPU, the daemon's
+           artefact on a GPU), as Ultralytics loads it (OpenVINO: compiled with the CPU's default
+           precision and every core); skipped when the daemon's runtime is PyTorch on a GPU
 - seed002: the same loop, writes handed to a `Queue(maxsize=200)` and a writer thread (after)
 - seed000: seed 000's design: each batch decoded by a `ThreadPoolExecutor().map`, then one
            batched `predict` on the decoded arrays, .txt written inline; batches do not overlap
 - bound:   the daemon's `model.Runner` (forward + NMS) on ready letterboxed tensors in batches
            of `max_batch`, one process per device process of the daemon (with its threads), all
            at once: no decode, no I/O, the ceiling. Measured for the daemon's runtime and
-           precision, and (`bounds`) for every runtime and precision this machine has; the
-           headline `inferd/fastest_bound` compares with the fastest of them
+           precision, and (`bounds`) for every candidate of the measured choice this machine
+           has (INT8 with --calibration); the headline `inferd/fastest_bound` compares with the
+           fastest of those that passed the accuracy gate
 - inferd:  `inferd run --once` as a subprocess, timed from `daemon_started` to the last `image_done`
 - pipeline (only when asked for): the same with a model that answers at once, with host and
            with device decode: the main process's CPU per image, by stage (bench/pipeline.py)
@@ -65,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", default="auto", help='"auto", or comma-separated: cpu, cuda:0, ...')
     p.add_argument("--batch", type=int, default=8, help="the daemon's pipeline.max_batch (default 8)")
     p.add_argument("--imgsz", type=int, default=640, help="model input size (default 640)")
+    p.add_argument(
+        "--calibration", type=Path, help="the daemon's model.calibration: real photos for INT8 and the accuracy gate"
+    )
     p.add_argument(
         "--decode",
         choices=("auto", "host", "device"),
@@ -168,6 +172,8 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
         weights = resolve_weights(config.model.weights)
     except ModelError as exc:
         raise BenchError(str(exc)) from None
+    below_gate, tuned, layouts = _tuned(config)
+    config = asyncio.run(export.resolve(config))  # the measured choice (cached: measured once per workdir)
     devices = asyncio.run(resolve_devices(config))
     config = resolve_decode(config, devices)
     setup = {
@@ -180,13 +186,15 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
         "max_batch": config.pipeline.max_batch,
         "database": config.output.database.dialect if config.output.database else "off",
         "decode": config.pipeline.decode.value,
+        "runtime": f"{config.model.runtime.value} {config.model.precision.value}",
+        "layout": f"{config.pipeline.cpu_workers}x{config.pipeline.torch_threads}",
         "cpu_cores": cores(),
         "machine": plot.machine(devices),
         "seed": args.seed,
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "CUDA_VISIBLE_DEVICES")},
         "loadavg_1min_start": os.getloadavg()[0],  # other work on the machine skews every number
     }
-    report: dict[str, Any] = {"setup": setup, "modes": {}}
+    report: dict[str, Any] = {"setup": setup, "modes": {}, "tuned": tuned}
     results = report["modes"]
     asked = args.latency or args.backlog or args.cluster is not None
     modes = args.modes or (() if asked else DEFAULT_MODES)
@@ -195,15 +203,16 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
     exported = {"naive_export", "bound"} & set(modes) or args.latency
     plans = asyncio.run(export.prepare(config, devices)) if exported else []  # once, for every mode
     for mode in ("naive", "naive_export", "seed002"):
-        if mode == "naive_export" and (not plans or plans[0].runtime == "torch"):
+        own = _own_export(config, devices, plans) if mode == "naive_export" and mode in modes else None
+        if mode == "naive_export" and own is None:
             continue
         if mode in modes:
-            artefact = plans[0].artefact if mode == "naive_export" else None
+            artefact = own.artefact if own is not None else None
             results[mode] = baselines.predict_loop(
                 images, workdir / mode, config, setup["baseline_device"], queued=mode == "seed002", weights=artefact
             )
-            if artefact is not None:
-                results[mode]["runtime"] = f"{plans[0].runtime} {plans[0].precision}"
+            if own is not None:
+                results[mode]["runtime"] = f"{own.runtime} {own.precision}"
     if "seed000" in modes:
         results["seed000"] = baselines.predict_batches(images, workdir / "seed000", config, setup["baseline_device"])
     if "bound" in modes or args.latency:
@@ -211,19 +220,22 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
         report["single_image_ms"] = ceiling.pop("single_image_ms")
         if "bound" in modes:
             results["bound"] = ceiling
-            others = bound.measure_bounds(images, config, devices, skip=ceiling["runtime"])
+            others = bound.measure_bounds(images, config, devices, skip=ceiling["runtime"], layouts=layouts)
             report["bounds"] = {ceiling["runtime"]: ceiling, **others}
     if "inferd" in modes:
+        runs.share_models(workdir / "inferd", config.paths.work / "models")
         raw = runs.daemon_config(workdir / "inferd", args)
         results["inferd"] = runs.run_once(raw, images, [p.name for p in images])
     if "inferd" in results:
         rate = results["inferd"]["images_per_s"]
         report["ratios"] = {f"inferd/{m}": rate / r["images_per_s"] for m, r in results.items() if m != "inferd"}
-        if report.get("bounds"):
-            fastest = max(report["bounds"], key=lambda k: report["bounds"][k]["images_per_s"])
+        gated = {k: b for k, b in report.get("bounds", {}).items() if k not in below_gate}
+        if gated:
+            fastest = max(gated, key=lambda k: gated[k]["images_per_s"])
             report["fastest_bound"] = fastest
             report["ratios"]["inferd/fastest_bound"] = rate / report["bounds"][fastest]["images_per_s"]
     if args.latency:
+        runs.share_models(workdir / "latency", config.paths.work / "models")
         report["latency"] = runs.latency(images, runs.daemon_config(workdir / "latency", args), args.rate)
         report["latency"]["p50_over_single_image"] = report["latency"]["p50_ms"] / report["single_image_ms"]
     if "pipeline" in modes:
@@ -236,6 +248,38 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
         report["cluster"] = cluster.measure(images, workdir, args, config.pipeline.torch_threads or cores())
     setup["loadavg_1min_end"] = os.getloadavg()[0]
     return report
+
+
+def _own_export(config: Config, devices: list[str], plans: list[export.Prepared]) -> export.Prepared | None:
+    """What a user exporting by hand would run: OpenVINO fp32 on a CPU (Ultralytics compiles it
+    with the CPU's default precision), the daemon's own export on a GPU; None for PyTorch on a GPU."""
+    import dataclasses
+
+    from daemon.config import Precision, Runtime
+
+    if any(d.startswith("cuda") for d in devices):
+        return plans[0] if plans and plans[0].runtime != "torch" else None
+    model = dataclasses.replace(config.model, runtime=Runtime.OPENVINO, precision=Precision.FP32)
+    (plan,) = asyncio.run(export.prepare(dataclasses.replace(config, model=model), ["cpu"]))
+    return plan
+
+
+def _tuned(config: Config) -> tuple[set[str], list[str], dict[str, tuple[int, int]]]:
+    """The measured choice's table (measured now if not cached), the candidates it found below
+    the accuracy gate ("openvino int8"), and each candidate's fastest layout (processes,
+    threads). `config`: before export.resolve."""
+    from daemon.model import resolve_weights
+    from daemon.tuning import tune
+
+    asyncio.run(export.resolve(config))
+    choice = tune.cached(export.tune_request(config) | {"weights": resolve_weights(config.model.weights)})
+    rows = choice.table if choice is not None else []
+    below = {f"{r.runtime} {r.precision}" for r in rows if r.note.startswith("below the accuracy gate")}
+    best: dict[str, tuple[int, int]] = {}
+    for r in sorted((r for r in rows if r.img_s is not None), key=lambda r: r.img_s or 0.0):
+        processes, threads = r.layout.split("x")
+        best[f"{r.runtime} {r.precision}"] = (int(processes), int(threads))  # the fastest last
+    return below, [tune.describe(r) for r in rows], best
 
 
 def render(report: dict[str, Any]) -> str:
@@ -259,6 +303,9 @@ def render(report: dict[str, Any]) -> str:
     if len(report.get("bounds", {})) > 1:
         out.append("bound per runtime and precision (images/s, device processes x threads):")
         out += [f"  {k:<18} {b['images_per_s']:>8.2f}  {b['threads']}" for k, b in report["bounds"].items()]
+    if report.get("tuned"):
+        out.append("measured choice (runtime precision processes x threads, batch: img/s, accuracy gate):")
+        out += [f"  {line}" for line in report["tuned"]]
     if report.get("ratios"):
         out.append("ratios: " + "  ".join(f"{k} {v:.2f}" for k, v in report["ratios"].items()))
     if "single_image_ms" in report:

@@ -31,11 +31,22 @@ def daemon_config(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     devices = args.devices if args.devices == "auto" else [d.strip() for d in args.devices.split(",")]
     return {
         "paths": {name: str(root / name) for name in DEFAULTS["paths"]},
-        "model": {"weights": weights, "imgsz": args.imgsz, "devices": devices},
+        "model": {"weights": weights, "imgsz": args.imgsz, "devices": devices}
+        | ({"calibration": str(args.calibration.resolve())} if getattr(args, "calibration", None) else {}),
         "pipeline": {"max_batch": args.batch, "decode": args.decode},
         "output": {"database": args.database},  # a relative sqlite:/// URL lands under `root`
         "log": {"format": "json"},
     }
+
+
+def share_models(root: Path, models: Path) -> None:
+    """The daemon under `root` uses the bench's model cache (`models`): it finds the exports and
+    the measured choice there instead of making them again (never timed either way)."""
+    work = root / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    models.mkdir(parents=True, exist_ok=True)
+    if not (work / "models").exists():
+        (work / "models").symlink_to(models.resolve())
 
 
 def start(raw: dict[str, Any], *args: str, env: dict[str, str] | None = None) -> Daemon:

@@ -38,6 +38,16 @@ def path(value: Any, base: Path) -> Path:
     return (base / string(value, base)).resolve()
 
 
+def folder(value: Any, base: Path) -> Path | None:
+    """An existing folder, relative to the config file; "" = none."""
+    if value == "":
+        return None
+    found = path(value, base)
+    if not found.is_dir():
+        raise Invalid(f"{found} is not a folder", 'give a folder of images, or ""')
+    return found
+
+
 def boolean(value: Any, base: Path) -> bool:
     if not isinstance(value, bool):
         raise Invalid(f"must be true or false, got {value!r}", "write true or false, unquoted")

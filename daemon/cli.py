@@ -101,6 +101,7 @@ def bench(argv: list[str]) -> int:
 
 async def check(config: Config) -> int:
     """Load the model on every configured device and report what was found."""
+    from daemon import export
     from daemon.fleet import Fleet
     from daemon.metrics import Metrics
     from daemon.tasks import checkpoint
@@ -108,6 +109,7 @@ async def check(config: Config) -> int:
 
     log = structlog.get_logger("daemon.cli")
     config = checkpoint.resolve_config(config)
+    config = await export.resolve(config)  # the measured choice: logged as runtime_tuned, with its table
     from daemon import sinks
 
     for sink in sinks.make(config.output, lambda name, up, error: None):

@@ -37,7 +37,7 @@ class Decode(enum.Enum):
 class Runtime(enum.Enum):
     """What runs the model (runtimes.choose makes AUTO concrete per device)."""
 
-    AUTO = "auto"  # OpenVINO on CPUs; TensorRT on CUDA when the tensorrt package imports, else PyTorch
+    AUTO = "auto"  # CPUs: measured (tuning.tune); CUDA: TensorRT when it imports, else PyTorch
     TORCH = "torch"
     OPENVINO = "openvino"
     ONNXRUNTIME = "onnxruntime"
@@ -47,10 +47,11 @@ class Runtime(enum.Enum):
 class Precision(enum.Enum):
     """The arithmetic of the forward pass (runtimes.choose makes AUTO concrete per device)."""
 
-    AUTO = "auto"  # fp16 on CUDA; bf16 with OpenVINO on CPUs with AMX; else fp32
+    AUTO = "auto"  # CPUs: measured with the runtime (tuning.tune); CUDA: fp16
     FP32 = "fp32"
     FP16 = "fp16"
     BF16 = "bf16"
+    INT8 = "int8"  # OpenVINO on CPUs, quantized by NNCF on model.calibration's images
 
 
 class Backend(enum.Enum):
@@ -85,6 +86,7 @@ class ModelConfig:
     devices: tuple[str, ...]  # ("auto",) until service resolves it
     runtime: Runtime = Runtime.AUTO
     precision: Precision = Precision.AUTO
+    calibration: Path | None = None  # a folder of images for INT8 (and the measured choice's gate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,9 +216,11 @@ KEYS: tuple[Key, ...] = (
     Key("model.devices", "auto", checks.devices, ROLL,
         '"auto" = every CUDA device, else the CPU; or a list: ["cuda:0", "cuda:1"], ["cpu"]'),
     Key("model.runtime", "auto", checks.Choice(Runtime), ROLL,
-        'what runs the model: "auto" = OpenVINO on CPUs, TensorRT on CUDA when the tensorrt package is'),
+        'what runs the model: "auto" = on CPUs the fastest candidate measured on this machine at the'),
     Key("model.precision", "auto", checks.Choice(Precision), ROLL,
-        '"auto" = fp16 on CUDA, bf16 on CPUs with AMX (OpenVINO), fp32 otherwise'),
+        '"auto" = measured with the runtime on CPUs, fp16 on CUDA; or "fp32", "fp16", "bf16"'),
+    Key("model.calibration", "", checks.folder, ROLL,
+        "a folder of images like the ones you serve (a few dozen; relative to this file): INT8 is"),
     Key("intake.settle_ms", 1000, Integer(low=0), RESTART,
         "a file is read once its mtime is this old (sooner if it ends like a whole JPEG/PNG)"),
     Key("intake.reconcile_interval_s", 30.0, Number(low=0.1), RESTART,
@@ -323,6 +327,7 @@ def parse(raw: dict[str, Any], *, base: Path, source: Path | None = None) -> Con
     metrics["listen"] = _listen(metrics["listen"], allow_remote=metrics["allow_remote"])
     cfg = Config(source, **{section: SECTIONS[section](**fields_) for section, fields_ in values.items()})
     _check_cluster(cfg)
+    _check_int8(cfg)
     return cfg
 
 
@@ -371,15 +376,24 @@ def _check_cluster(cfg: Config) -> None:
     """What the Ray backend cannot run: keys of two sections that must agree."""
     if cfg.cluster.backend is not Backend.RAY:
         return
-    if cfg.model.runtime not in (Runtime.AUTO, Runtime.TORCH):
+    if cfg.model.precision is Precision.INT8:
         raise ConfigError(
-            "model.runtime", f"is {cfg.model.runtime.value!r}, which the Ray backend does not run",
-            'use "auto" or "torch" with cluster.backend = "ray" (actors load the PyTorch weights they are sent)',
+            "model.precision", "is \"int8\", which the Ray backend does not calibrate on its nodes yet",
+            'use "fp32" or "auto" with cluster.backend = "ray"',
         )
     if cfg.model.devices != ("auto",):
         raise ConfigError(
             "model.devices", "lists devices, but with cluster.backend = \"ray\" the cluster's GPUs are used",
             'leave model.devices = "auto" (one actor per GPU of the cluster; see cluster.cpu_actors)',
+        )
+
+
+def _check_int8(cfg: Config) -> None:
+    """INT8 is calibrated on model.calibration's images: it needs the folder."""
+    if cfg.model.precision is Precision.INT8 and cfg.model.calibration is None:
+        raise ConfigError(
+            "model.calibration", 'is not set, and precision = "int8" is calibrated on it',
+            "set it to a folder of images like the ones you serve (a few dozen)",
         )
 
 

@@ -1,7 +1,7 @@
 """The parent's side of the model cache: export what the devices will run before they start.
 
 The export runs once per device type, before any device process is spawned, in a child process
-of its own (`python -m daemon.runtimes`): the main process never imports torch, the export gets
+of its own (`python -m daemon.tuning`): the main process never imports torch, the export gets
 no `worker_start_timeout_s` (that deadline is for loading a ready artefact), and a stop request
 during a long export kills that child at once (the lock it held dies with it; its temp dir is
 removed by the next builder). While it runs, systemd hears WATCHDOG=1 and EXTEND_TIMEOUT_USEC,
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -25,11 +26,14 @@ from typing import Any
 import structlog
 
 from daemon import runtimes
-from daemon.config import Config
+from daemon.config import Backend, Config, Precision, Runtime
 from daemon.devices import DeviceName
 from daemon.errors import ExportStopped as ExportStopped  # re-exported: its old home
+from daemon.errors import ModelError
 from daemon.notify import Notifier
-from daemon.workers import WorkerStartError
+from daemon.tuning import tune
+from daemon.weights import resolve_weights
+from daemon.workers import WorkerStartError, calibration_images
 
 log = structlog.get_logger("daemon.export")
 KEEPALIVE_S = 5.0  # systemd is told this often that a long export is progress
@@ -60,6 +64,7 @@ def request(config: Config, device: str) -> dict[str, Any]:
         "precision": m.precision.value,
         "device": device,
         "cache_dir": str(cache_dir(config)),
+        "calibration": list(calibration_images(config)),
     }
 
 
@@ -72,6 +77,60 @@ async def prepare(
     # Ray actors (ray:...) run the PyTorch weights they are sent: nothing to export here.
     kinds = sorted({n.torch for n in map(DeviceName.parse, devices) if not n.remote})
     return [await _prepare_one(config, device, stop, notifier) for device in kinds]
+
+
+def tune_request(config: Config) -> dict[str, Any]:
+    m, p = config.model, config.pipeline
+    return {
+        "weights": m.weights,
+        "imgsz": m.imgsz,
+        "max_batch": p.max_batch,
+        "cpu_workers": p.cpu_workers,
+        "torch_threads": p.torch_threads,
+        "devices": list(m.devices),
+        "runtime": "auto",
+        "device": "cpu",
+        "cache_dir": str(cache_dir(config)),
+        "calibration": list(calibration_images(config)),
+    }
+
+
+async def resolve(config: Config, *, stop: asyncio.Event | None = None, notifier: Notifier | None = None) -> Config:
+    """`config` with `model.runtime` and `model.precision` = "auto" made concrete on a CPU by the
+    measured choice (daemon.tuning.tune), and the layout it measured as `pipeline.cpu_workers`
+    and `torch_threads` where those are 0 (auto). Measured once in a child process, then read
+    from the cache. Unchanged when either is given, on CUDA devices and with the Ray backend."""
+    m = config.model
+    if m.runtime is not Runtime.AUTO or m.precision is not Precision.AUTO or config.cluster.backend is Backend.RAY:
+        return config
+    if runtimes.exported_as(m.weights) is not None:
+        return config
+    req = tune_request(config)
+    try:
+        req["weights"] = await asyncio.to_thread(resolve_weights, m.weights)
+    except ModelError as exc:
+        raise WorkerStartError(f"model: {exc}", permanent=True) from None
+    choice = await asyncio.to_thread(tune.cached, req)
+    fresh = choice is None
+    if choice is None:
+        answer, code, tail = await _child(["daemon.tuning", "tune", json.dumps(req)], req, stop, notifier)
+        if answer.get("event") != "tuned" or code != 0:
+            message = answer.get("message") or f"measuring the runtimes exited with status {code}: {tail[-1500:]}"
+            log.error("runtime_tune_failed", error=message)
+            raise WorkerStartError(f"model.runtime = auto: {message}", permanent=True)
+        answer.pop("event")
+        choice = tune.Choice.load(answer)
+    if choice.skipped:
+        return config
+    log.info("runtime_tuned", runtime=choice.runtime, precision=choice.precision, layout=f"{choice.processes}x"
+             f"{choice.threads}", batch=choice.batch, measured_now=fresh, tune_s=choice.tune_s,
+             table=[tune.describe(r) for r in choice.table])  # fmt: skip
+    p = config.pipeline
+    model = dataclasses.replace(m, runtime=Runtime(choice.runtime), precision=Precision(choice.precision))
+    pipeline = dataclasses.replace(
+        p, cpu_workers=p.cpu_workers or choice.processes, torch_threads=p.torch_threads or choice.threads
+    )
+    return dataclasses.replace(config, model=model, pipeline=pipeline)
 
 
 def _cached(req: dict[str, Any]) -> Prepared | None:
@@ -88,33 +147,34 @@ def _cached(req: dict[str, Any]) -> Prepared | None:
         )
     except (ConfigError, ModelError) as exc:
         raise WorkerStartError(f"{req['device']}: {exc}", permanent=True) from None
-    if runtime is Runtime.TORCH or runtimes.exported_as(weights) is not None:
-        return Prepared(req["device"], runtime.value, precision.value, weights)
-    if not Path(weights).is_file():
-        return None  # the child says why
-    key = runtimes.cache_key(
-        Path(weights),
-        imgsz=req["imgsz"],
-        max_batch=req["max_batch"],
-        runtime=runtime,
-        precision=precision,
-        kind=runtimes.device_kind(runtime, req["device"]),
-    )
-    artefact = runtimes.valid(Path(req["cache_dir"]) / runtimes.entry_name(Path(weights), key), key)
-    return None if artefact is None else Prepared(req["device"], runtime.value, precision.value, str(artefact))
+    plan = runtimes.lookup(
+        weights, imgsz=req["imgsz"], max_batch=req["max_batch"], runtime=runtime, precision=precision,
+        device=req["device"], cache_dir=Path(req["cache_dir"]), calibration=tuple(Path(p) for p in req["calibration"]),
+    )  # fmt: skip
+    return None if plan is None else Prepared(req["device"], runtime.value, precision.value, plan.artefact)
 
 
 async def _prepare_one(config: Config, device: str, stop: asyncio.Event | None, notifier: Notifier | None) -> Prepared:
     req = request(config, device)
     if not device.startswith("cuda") and (found := await asyncio.to_thread(_cached, req)) is not None:
         return found
+    answer, code, tail = await _child(["daemon.tuning", json.dumps(req)], req, stop, notifier)
+    if answer.get("event") == "plan" and code == 0:
+        return Prepared(req["device"], answer["runtime"], answer["precision"], answer["artefact"])
+    message = answer.get("message") or (
+        f"the {req['runtime']} exporter exited with status {code}: {tail.strip()[-1500:]}. Fix: {runtimes.FIX}"
+    )
+    log.error("model_export_failed", device=req["device"], runtime=req["runtime"], error=message)
+    raise WorkerStartError(f"{req['device']}: {message}", permanent=True)  # the policy: exit 78, no fallback
+
+
+async def _child(
+    args: list[str], req: dict[str, Any], stop: asyncio.Event | None, notifier: Notifier | None
+) -> tuple[dict[str, Any], int, str]:
+    """Run `python -m ARGS` to its end: its last JSON record, exit status and stderr's tail.
+    ExportStopped (the child killed at once) when `stop` is set meanwhile."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "daemon.runtimes",
-        json.dumps(req),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        sys.executable, "-m", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     work = asyncio.ensure_future(_follow(proc, req, notifier))
     stopper = asyncio.ensure_future(stop.wait()) if stop is not None else asyncio.get_running_loop().create_future()
@@ -122,8 +182,8 @@ async def _prepare_one(config: Config, device: str, stop: asyncio.Event | None, 
         await asyncio.wait([work, stopper], return_when=asyncio.FIRST_COMPLETED)
         if work.done():
             return work.result()
-        log.warning("model_export_stopped", device=device, runtime=req["runtime"])
-        raise ExportStopped(device)
+        log.warning("model_export_stopped", device=req["device"], runtime=req["runtime"])
+        raise ExportStopped(req["device"])
     finally:
         stopper.cancel()
         if not work.done():  # stopped or cancelled: the exporter goes now, its temp dir with the next builder
@@ -131,12 +191,14 @@ async def _prepare_one(config: Config, device: str, stop: asyncio.Event | None, 
                 proc.kill()
             await proc.wait()
             work.cancel()
-            with contextlib.suppress(asyncio.CancelledError, WorkerStartError):
+            with contextlib.suppress(asyncio.CancelledError):
                 await work
 
 
-async def _follow(proc: asyncio.subprocess.Process, req: dict[str, Any], notifier: Notifier | None) -> Prepared:
-    """Read the child's JSON lines to its end; keep systemd patient while it exports."""
+async def _follow(
+    proc: asyncio.subprocess.Process, req: dict[str, Any], notifier: Notifier | None
+) -> tuple[dict[str, Any], int, str]:
+    """Read the child's JSON lines to its end; keep systemd patient while it exports or measures."""
     assert proc.stdout is not None and proc.stderr is not None
     stderr = asyncio.ensure_future(proc.stderr.read())
     keepalive: asyncio.Task[None] | None = None
@@ -150,18 +212,17 @@ async def _follow(proc: asyncio.subprocess.Process, req: dict[str, Any], notifie
                 continue  # a library's stray print
             if not isinstance(record, dict):
                 continue
-            if record.get("event") == "export_started":
+            event = record.get("event")
+            if event in ("export_started", "tune_started"):
                 started = time.monotonic()
-                log.info(
-                    "model_export_started",
-                    device=req["device"],
-                    runtime=record["runtime"],
-                    precision=record["precision"],
-                    weights=req["weights"],
-                    cache=req["cache_dir"],
-                )
-                if notifier is not None:
-                    keepalive = asyncio.ensure_future(_keep_alive(notifier, record["runtime"]))
+                if event == "export_started":
+                    log.info("model_export_started", device=req["device"], runtime=record["runtime"],
+                             precision=record["precision"], weights=req["weights"], cache=req["cache_dir"])  # fmt: skip
+                else:
+                    log.info("runtime_tune_started", weights=req["weights"], budget_s=tune_budget_s())
+                if notifier is not None and keepalive is None:
+                    what = record.get("runtime", "the fastest runtime")
+                    keepalive = asyncio.ensure_future(_keep_alive(notifier, what))
             else:
                 answer = record
         code = await proc.wait()
@@ -170,22 +231,14 @@ async def _follow(proc: asyncio.subprocess.Process, req: dict[str, Any], notifie
         if keepalive is not None:
             keepalive.cancel()
         stderr.cancel()
-    if answer.get("event") == "plan" and code == 0:
-        if answer["built"]:
-            log.info(
-                "model_export_done",
-                device=req["device"],
-                runtime=answer["runtime"],
-                precision=answer["precision"],
-                artefact=answer["artefact"],
-                export_s=round(time.monotonic() - started, 2),
-            )
-        return Prepared(req["device"], answer["runtime"], answer["precision"], answer["artefact"])
-    message = answer.get("message") or (
-        f"the {req['runtime']} exporter exited with status {code}: {tail.strip()[-1500:]}. Fix: {runtimes.FIX}"
-    )
-    log.error("model_export_failed", device=req["device"], runtime=req["runtime"], error=message)
-    raise WorkerStartError(f"{req['device']}: {message}", permanent=True)  # the policy: exit 78, no fallback
+    if answer.get("event") == "plan" and code == 0 and answer["built"]:
+        log.info("model_export_done", device=req["device"], runtime=answer["runtime"], precision=answer["precision"],
+                 artefact=answer["artefact"], export_s=round(time.monotonic() - started, 2))  # fmt: skip
+    return answer, code, tail
+
+
+def tune_budget_s() -> float:
+    return tune.BUDGET_S
 
 
 async def _keep_alive(notifier: Notifier, runtime: str) -> None:

@@ -56,6 +56,7 @@ class WorkerSpec:
     runtime: str = "torch"  # config.Runtime's value
     cache_dir: str = ""  # exported artefacts (work/models); needed unless the runtime is torch
     max_batch: int = 8  # the largest batch the exported artefact must take
+    calibration: tuple[str, ...] = ()  # INT8's calibration images (part of its cache key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,12 +123,13 @@ class Runner:
             precision=precision,
             device=spec.device,
             cache_dir=Path(spec.cache_dir),
+            calibration=tuple(Path(p) for p in spec.calibration),
         )
-        fp16 = precision is Precision.FP16 and runtime is not Runtime.OPENVINO
+        fp16 = precision is Precision.FP16
         self.backend = AutoBackend(model=self.plan.artefact, device=self.device, fp16=fp16, fuse=True, verbose=False)
         self.backend.eval()
-        if runtime is Runtime.OPENVINO:
-            runtimes.compile_openvino(self.backend, self.plan.artefact, precision, spec.torch_threads)
+        if (post_load := runtimes.SPECS[runtime].post_load) is not None:
+            post_load(self.backend, self.plan.artefact, precision, spec.torch_threads)
         try:
             self.head = tasks.head_of(self.backend, spec.max_det)  # the task, from the checkpoint
         except tasks.Unsupported as exc:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from daemon import config
+from daemon import config, export
 from daemon.config import Config, Reload
 from daemon.devices import Device
 from daemon.errors import EXIT_RUNTIME, ConfigError, ExportStopped, WorkerStartError
@@ -110,6 +110,12 @@ class Reloader:
         try:
             read = config.load(running.source) if running.source else running
             read = checkpoint.resolve_config(read)  # imgsz "auto": the new checkpoint's
+            read = await export.resolve(read, stop=self.stop, notifier=self.notifier)  # cached unless the model changed
+        except ExportStopped:
+            return
+        except WorkerStartError as exc:
+            log.error("reload_failed", error=str(exc))
+            return
         except ConfigError as exc:
             log.error("reload_failed", error=str(exc))
             return

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from daemon import __version__, intake, logs, metrics, preprocess, progress, results, sinks, state
+from daemon import __version__, export, intake, logs, metrics, preprocess, progress, results, sinks, state
 from daemon.config import Config
 from daemon.errors import ExportStopped
 from daemon.fleet import Fleet
@@ -167,6 +167,11 @@ class Service:
     async def startup(self, stack: contextlib.AsyncExitStack) -> bool:
         """Sinks, devices, the model exported and loaded on each; False if a stop request came first."""
         cfg = checkpoint.resolve_config(self.config)  # imgsz "auto", refusals: before anything starts
+        try:  # runtime/precision "auto" on a CPU: measured on the first start, then cached
+            cfg = await export.resolve(cfg, stop=self.stop, notifier=self.notifier)
+        except ExportStopped:
+            self.stopped_during = "runtime_tune"
+            return False
         self.sinks = sinks.make(cfg.output, self.health.sink_state)  # a missing driver: ConfigError (exit 78)
         for sink in self.sinks:
             stack.push_async_callback(sink.close)

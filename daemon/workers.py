@@ -307,21 +307,22 @@ def cores() -> int:
 
 
 def cpu_runtime(config: Config) -> Runtime:
-    """The runtime of the CPU processes (runtimes.choose decides it in each; this is the same rule)."""
+    """The runtime of the CPU processes: the configured one, else the table's unmeasured rule
+    (the measured choice has already made "auto" concrete: export.resolve)."""
     runtime = config.model.runtime
     if runtime is Runtime.AUTO:
-        return runtimes.exported_as(config.model.weights) or Runtime.OPENVINO
+        exported = runtimes.exported_as(config.model.weights)
+        return exported or next(r for r in runtimes.specs.AUTO_ORDER["cpu"] if runtimes.SPECS[r].installed())
     return runtime
 
 
 def cpu_workers(config: Config) -> int:
-    """Device processes for the CPU, per runtime. PyTorch: several single-threaded processes beat
-    one multi-threaded one: no barrier between threads, so a decode thread that takes a core
-    stalls one process, not all. OpenVINO: one process with every core's threads beats several
-    single-threaded ones (README, "Runtimes and precision": measured processes x threads x batch)."""
+    """Device processes for the CPU: as configured or measured (tuning.tune), else the
+    runtime's own default from the table (PyTorch: one single-threaded process per core, up to
+    4; OpenVINO: one process with every core's threads)."""
     if config.pipeline.cpu_workers:
         return config.pipeline.cpu_workers
-    return 1 if cpu_runtime(config) is Runtime.OPENVINO else min(cores(), 4)
+    return runtimes.SPECS[cpu_runtime(config)].cpu_processes(cores())
 
 
 async def resolve_devices(config: Config) -> list[str]:
@@ -377,6 +378,14 @@ def torch_threads(config: Config, devices: list[str]) -> int:
     return max(1, cores() // cpu) if cpu == len(devices) else 2
 
 
+def calibration_images(config: Config) -> tuple[str, ...]:
+    """model.calibration's images, when INT8 runs (they are part of its cache key)."""
+    from daemon.runtimes.cache import images_in
+
+    folder = config.model.calibration
+    return tuple(str(p) for p in images_in(folder)) if folder is not None else ()
+
+
 def start_workers(config: Config, devices: list[str], *, slot_imgsz: int = 0) -> list[Device]:
     """One (not yet started) worker per device; `slot_imgsz` as in DeviceWorker."""
     threads = torch_threads(config, devices)
@@ -395,6 +404,7 @@ def start_workers(config: Config, devices: list[str], *, slot_imgsz: int = 0) ->
                 runtime=m.runtime.value,
                 cache_dir=str(config.paths.work / "models"),  # export.prepare filled it
                 max_batch=config.pipeline.max_batch,
+                calibration=calibration_images(config),
             ),
             max_batch=config.pipeline.max_batch,
             slot_imgsz=slot_imgsz,

@@ -202,18 +202,23 @@ def test_an_image_that_kills_actors_fails_as_poison(tmp_path: Path, daemon_facto
     assert {r["path"] for r in daemon.events("image_done")} == {f"ok{i}.jpg" for i in range(4)}
 
 
-def test_check_loads_the_model_on_the_cluster(tmp_path: Path, ray_head: Any, tiny_weights: Path) -> None:
+@pytest.mark.parametrize("runtime", ["auto", "openvino"])
+def test_check_loads_the_model_on_the_cluster(tmp_path: Path, ray_head: Any, tiny_weights: Path, runtime: str) -> None:
+    """auto is PyTorch on the actors; an exported runtime is exported by the node, for itself."""
     import subprocess
     import sys
 
-    config = ray_config(tmp_path, ray_head.address, model={"weights": str(tiny_weights)})
+    config = ray_config(tmp_path, ray_head.address, model={"weights": str(tiny_weights), "runtime": runtime})
     result = subprocess.run(
         [sys.executable, "-m", "daemon", "check", "--config", str(config)], capture_output=True, text=True, timeout=180
     )
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
     device = next(r for r in records if r["event"] == "check_device")
-    assert device["device"] == "cpu" and device["runtime"] == "torch" and device["node_ip"]
+    expected = "torch" if runtime == "auto" else runtime
+    assert device["device"] == "cpu" and device["runtime"] == expected and device["node_ip"]
+    if runtime != "auto":
+        assert "inferd-models" in device["artefact"] and device["artefact"].endswith("_openvino_model")
     assert next(r for r in records if r["event"] == "check_passed")["devices"] == ["ray:cpu:0"]
 
 

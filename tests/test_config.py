@@ -59,7 +59,10 @@ def test_repository_config_is_valid_and_documents_every_key() -> None:
         ("[model]\nhalf = true", "model.half", 'precision = "fp16"'),
         ("[model]\nhalf = 'auto'", "model.half", 'precision = "auto"'),
         ("[model]\nruntime = 'tensorflow'", "model.runtime", "'openvino'"),
-        ("[model]\nprecision = 'int8'", "model.precision", "'bf16'"),
+        ("[model]\nprecision = 'int4'", "model.precision", "'bf16'"),
+        ("[model]\nprecision = 'int8'", "model.calibration", "a folder of images"),  # INT8 is calibrated on it
+        ("[model]\ncalibration = 'no-such-folder'", "model.calibration", "a folder of images"),
+        ("[model]\ncalibration = 3", "model.calibration", "quote it"),
     ],
 )
 def test_bad_values_name_key_and_fix(tmp_path: Path, text: str, key: str, fix: str) -> None:
@@ -128,7 +131,7 @@ def test_version_and_help(tmp_path: Path) -> None:
         ("[cluster]\ncpus_per_actor = 'two'", "cluster.cpus_per_actor", "a number"),
         ("[cluster]\nresources = { inferd = 0 }", "cluster.resources", "ray start --resources"),
         ("[cluster]\nresources = { GPU = 1 }", "cluster.resources", "cluster.actors_per_gpu"),
-        ("[cluster]\nbackend = 'ray'\n[model]\nruntime = 'openvino'", "model.runtime", '"torch"'),
+        ("[cluster]\nbackend = 'ray'\n[model]\nprecision = 'int8'\ncalibration = '.'", "model.precision", '"fp32"'),
         ("[cluster]\nbackend = 'ray'\n[model]\ndevices = ['cuda:0']", "model.devices", "one actor per GPU"),
         ("[cluster]\nmax_restarts = 3", "cluster.max_restarts", "remove it or use one of"),
     ],

@@ -90,7 +90,7 @@ def test_readme_is_short_and_its_two_commands_are_the_ones_ci_runs() -> None:
     assert "\nbash .ci/setup\n" in ci_run, ".ci/run no longer starts with the README's setup command"
     assert re.search(r"^\.venv/bin/python -m pytest", ci_run, re.MULTILINE)
     assert re.search(r"mkdocs build --strict", ci_run)
-    assert (ROOT / ".ci" / "setup").read_text().count("-e '.[test,onnxruntime,ray,docs]'") == 1
+    assert (ROOT / ".ci" / "setup").read_text().count("-e '.[test,onnxruntime,ray,docs,int8]'") == 1
 
 
 def test_readme_links_into_docs_resolve() -> None:

@@ -254,7 +254,7 @@ AVX512_BF16 = frozenset({"avx512f", "avx512_bf16"})
 @pytest.mark.parametrize(
     ("runtime", "precision", "device", "flags", "tensorrt", "expected"),
     [
-        (Runtime.AUTO, Precision.AUTO, "cpu", AMX, False, (Runtime.OPENVINO, Precision.BF16)),
+        (Runtime.AUTO, Precision.AUTO, "cpu", AMX, False, (Runtime.OPENVINO, Precision.FP32)),  # unmeasured
         (Runtime.AUTO, Precision.AUTO, "cpu", frozenset({"avx2"}), False, (Runtime.OPENVINO, Precision.FP32)),
         (Runtime.AUTO, Precision.AUTO, "cpu", AVX512_BF16, False, (Runtime.OPENVINO, Precision.FP32)),
         (Runtime.OPENVINO, Precision.BF16, "cpu", AVX512_BF16, False, (Runtime.OPENVINO, Precision.BF16)),

@@ -17,7 +17,7 @@ import structlog
 
 from daemon.cluster.bridge import Bridge, ClusterLost, ClusterState, RemoteError
 from daemon.cluster.device import RayDevice
-from daemon.config import Config, ConfigError, Decode
+from daemon.config import Config, ConfigError, Decode, Runtime
 from daemon.devices import JPEG_SLOT_BYTES, Device, DeviceKind, DeviceName, WorkerStartError
 from daemon.weights import resolve_weights
 
@@ -89,7 +89,9 @@ class Cluster:
                 torch_threads=threads,
                 log=config.log,
                 decode_jpegs=jpegs,
-                runtime="torch",
+                # Each node exports for itself into its own cache (actor.py); "auto" is PyTorch there
+                # (the measured choice runs on the daemon's machine only, so far).
+                runtime="torch" if m.runtime is Runtime.AUTO else m.runtime.value,
                 max_batch=p.max_batch,
             )
             options = {

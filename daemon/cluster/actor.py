@@ -37,7 +37,12 @@ class DeviceActor:
         path = Path(self._dir.name) / weights_name
         path.write_bytes(weights)
         args = {k: v for k, v in spec_args.items() if k != "name"}
-        spec = model.WorkerSpec(**{**args, "weights": str(path)}, buffer_path="", slot_bytes=0, slots=0)
+        # Exports (OpenVINO, ONNX Runtime) are made on this node, for its hardware, into a cache the
+        # node's actors share (the weights' content keys it, whatever temp file holds them).
+        cache = Path(tempfile.gettempdir()) / "inferd-models"
+        spec = model.WorkerSpec(
+            **{**args, "weights": str(path)}, buffer_path="", slot_bytes=0, slots=0, cache_dir=str(cache)
+        )
         try:
             self.runner = model.Runner(spec, None)
         except Exception as exc:  # noqa: BLE001 - any load failure is the ERROR half of the handshake
