@@ -68,6 +68,24 @@ class LogFormat(enum.Enum):
     AUTO = "auto"  # console when stdout is a TTY, else JSON
 
 
+class TilingMode(enum.Enum):
+    """Sliced inference (daemon.tiling): when an image is cut into tiles of the model's size."""
+
+    OFF = "off"  # never: every image letterboxed whole (Ultralytics predict parity)
+    ON = "on"  # always
+    AUTO = "auto"  # when letterboxing would shrink the image more than tiling.auto_above times
+
+
+class MergeRule(enum.Enum):
+    GREEDY_NMM = "greedy_nmm"  # SAHI's GREEDYNMM: overlapping results merge into one (union box, max score)
+    NMS = "nms"  # overlapping results: only the most confident is kept
+
+
+class MatchMetric(enum.Enum):
+    IOS = "ios"  # intersection over the smaller area (a cut-off half matches its whole)
+    IOU = "iou"  # intersection over union
+
+
 OUTPUT_FORMATS = ("txt", "json", "image")
 DATABASE_SCHEMES = ("sqlite", "postgresql", "postgres")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -176,6 +194,21 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TilingConfig:
+    """`[tiling]`: sliced inference for images far larger than the model input (docs/tiling.md)."""
+
+    mode: TilingMode = TilingMode.OFF
+    auto_above: float = 8.0  # mode auto: tile when the long side is more than this many times the model input
+    size: int = 0  # tile edge in source pixels; 0 = "auto", the model's imgsz
+    overlap: float = 0.2  # fraction of a tile shared with its neighbour
+    full_image: bool = True  # also the whole image letterboxed, for objects larger than a tile
+    merge: MergeRule = MergeRule.GREEDY_NMM
+    match: MatchMetric = MatchMetric.IOS
+    match_threshold: float = 0.5
+    class_agnostic: bool = False  # merge across classes too
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: Path | None  # the file it was read from
     paths: PathsConfig
@@ -186,6 +219,7 @@ class Config:
     log: LogConfig
     metrics: MetricsConfig
     cluster: ClusterConfig = ClusterConfig()
+    tiling: TilingConfig = TilingConfig()
 
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -246,6 +280,17 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "resources": {},
         "rescan_interval_s": 10.0,
         "connect_timeout_s": 30.0,
+    },
+    "tiling": {
+        "mode": "off",
+        "auto_above": 8.0,
+        "size": "auto",
+        "overlap": 0.2,
+        "full_image": True,
+        "merge": "greedy_nmm",
+        "match": "ios",
+        "match_threshold": 0.5,
+        "class_agnostic": False,
     },
 }
 
@@ -330,8 +375,9 @@ def parse(raw: dict[str, Any], *, base: Path, source: Path | None = None) -> Con
     )
     metrics = MetricsConfig(listen=t.listen())
     cluster = t.cluster(model)
+    tiling = t.tiling()
     t.reject_unknown()
-    return Config(source, paths, model, intake, pipeline, output, log, metrics, cluster)
+    return Config(source, paths, model, intake, pipeline, output, log, metrics, cluster, tiling)
 
 
 def prepare_dirs(paths: PathsConfig, *, claim_by_copy: bool = False) -> None:
@@ -546,6 +592,21 @@ class _Table:
                 'leave model.devices = "auto" (one actor per GPU of the cluster; see cluster.cpu_actors)',
             )
         return cluster
+
+    def tiling(self) -> TilingConfig:
+        size = 0 if self.get("tiling", "size") == "auto" else self.integer("tiling", "size", low=32)
+        overlap = self.number("tiling", "overlap", low=0.0, high=0.9)
+        return TilingConfig(
+            mode=TilingMode(self.choice("tiling", "mode", [e.value for e in TilingMode])),
+            auto_above=self.number("tiling", "auto_above", low=1.0),
+            size=size,
+            overlap=overlap,
+            full_image=self.boolean("tiling", "full_image"),
+            merge=MergeRule(self.choice("tiling", "merge", [e.value for e in MergeRule])),
+            match=MatchMetric(self.choice("tiling", "match", [e.value for e in MatchMetric])),
+            match_threshold=self.number("tiling", "match_threshold", low=0.0, high=1.0),
+            class_agnostic=self.boolean("tiling", "class_agnostic"),
+        )
 
     def reject_unknown(self) -> None:
         for section, table in self.raw.items():

@@ -7,10 +7,14 @@ import enum
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from daemon.tasks import Payload
+
+if TYPE_CHECKING:
+    from daemon.tiling import Part
 
 
 class FailReason(enum.Enum):
@@ -51,6 +55,7 @@ class Job:
     attempts: int = 0
     recovered: bool = False  # found in processing/ at start: an earlier run may have left temp files
     timings_ms: dict[str, float] = field(default_factory=dict)
+    tile: Part | None = None  # a tile of a tiled image (daemon.tiling): its own attempts, its image's file
 
 
 @dataclass(slots=True)
@@ -100,6 +105,7 @@ class Inferred:
     device: str
     batch_size: int
     model: ModelInfo  # the one that produced them (a reload may have switched since)
+    tiles: int = 0  # the tiles its payload was merged from (daemon.tiling); 0 = the image was not tiled
 
 
 @dataclass(slots=True)

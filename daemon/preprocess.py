@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import BinaryIO
 
 import cv2
@@ -31,12 +31,15 @@ import numpy as np
 import structlog
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from daemon import tiling
+from daemon.config import TilingConfig
 from daemon.jobs import FailReason, Failure, ItemError, Job, Outcome, Prepared
 
 log = structlog.get_logger("daemon.preprocess")
 STRIDE = 32
 PAD_VALUE = 114
 EXIF_ORIENTATION = 0x0112
+DONE_WITH = np.empty((0, 0, 3), np.uint8)  # the pixels of a record that carries none
 
 
 GROUP = 4  # most jobs one thread job preprocesses
@@ -57,6 +60,11 @@ class Settings:
     max_pixels: int
     device_max_bytes: int = 0  # JPEGs up to this size are decoded by the device process; 0 = none
     classify: bool = False  # a classification model: resize the short side and crop (no letterbox)
+    tiling: TilingConfig = field(default_factory=TilingConfig)  # mode off for classification (a ConfigError refuses it)
+
+    def tiled(self, seen: tuple[int, int]) -> bool:
+        """Whether an image of `seen` (w, h) is cut into tiles: then it is decoded at full size here."""
+        return tiling.wanted(seen, self.imgsz, self.tiling)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +161,8 @@ def decode(path: str, settings: Settings) -> tuple[np.ndarray | bytes, tuple[int
                     )
                 orientation = _orientation(im)
                 seen = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+                if settings.tiled(seen):  # every pixel is needed, and the tiles are cut here
+                    settings = replace(settings, reduced_decode=False, device_max_bytes=0)
                 if not _plain_jpeg(im, data):
                     return _decode(im, settings), seen, orientation
                 if len(data) <= settings.device_max_bytes and not im.info.get("progressive"):
@@ -272,9 +282,23 @@ def centre_crop(image: np.ndarray, imgsz: int, *, source_size: tuple[int, int] |
     return np.ascontiguousarray(np.asarray(resized)[top : top + imgsz, left : left + imgsz])
 
 
+def prepare_any(job: Job, settings: Settings) -> Prepared | list[Prepared]:
+    """`prepare`, or for an image to be tiled (`Settings.tiled`) its tiles (`cut`)."""
+    image, seen, orientation = decode(str(job.path), settings)
+    if not isinstance(image, bytes) and settings.tiled(seen):
+        return cut(job, image, orientation, settings)
+    return _prepared(job, image, seen, orientation, settings)
+
+
 def prepare(job: Job, settings: Settings) -> Prepared:
     """Decode and letterbox (or, for classification, crop) one claimed file (runs in a pool thread)."""
     image, seen, orientation = decode(str(job.path), settings)
+    return _prepared(job, image, seen, orientation, settings)
+
+
+def _prepared(
+    job: Job, image: np.ndarray | bytes, seen: tuple[int, int], orientation: int, settings: Settings
+) -> Prepared:
     if settings.classify and not isinstance(image, bytes):
         crop = centre_crop(image, settings.imgsz, source_size=seen)
         return Prepared(job, crop, seen[0], seen[1], orientation, (1.0, 1.0), (0, 0))
@@ -285,6 +309,35 @@ def prepare(job: Job, settings: Settings) -> Prepared:
         return Prepared(job, encoded, seen[0], seen[1], orientation, gain, g.pad[:2], encoded_shape=g.shape)
     boxed, gain, pad = letterbox(image, settings.imgsz, source_size=seen)
     return Prepared(job, boxed, seen[0], seen[1], orientation, gain, pad)
+
+
+def cut(job: Job, image: np.ndarray, orientation: int, settings: Settings) -> list[Prepared]:
+    """One `Prepared` per tile of a decoded image (a view of its pixels when the tile is the model
+    input's size, else letterboxed), and, with `full_image`, the whole image letterboxed first.
+    Each has a `Job` of its own (attempts count per tile) whose `tile` names the image."""
+    height, width = image.shape[:2]
+    rule = settings.tiling
+    size = tiling.tile_size(rule, settings.imgsz)
+    boxes = tiling.slices(width, height, size, rule.overlap)
+    whole = Prepared(job, DONE_WITH, width, height, orientation, (1.0, 1.0), (0, 0))
+    tiled = tiling.Tiled(whole, boxes, len(boxes) + rule.full_image, rule)
+    out: list[Prepared] = []
+    if rule.full_image:
+        boxed, gain, pad = letterbox(image, settings.imgsz)
+        out.append(Prepared(_part(job, tiling.Part(tiled, None)), boxed, width, height, 1, gain, pad))
+    for x1, y1, x2, y2 in boxes:
+        part = _part(job, tiling.Part(tiled, (x1, y1)))
+        view = image[y1:y2, x1:x2]
+        if view.shape[:2] == (settings.imgsz, settings.imgsz):
+            out.append(Prepared(part, view, x2 - x1, y2 - y1, 1, (1.0, 1.0), (0, 0)))
+        else:
+            boxed, gain, pad = letterbox(view, settings.imgsz)
+            out.append(Prepared(part, boxed, x2 - x1, y2 - y1, 1, gain, pad))
+    return out
+
+
+def _part(job: Job, part: tiling.Part) -> Job:
+    return Job(job.rel, job.path, job.claimed_at, recovered=job.recovered, tile=part)
 
 
 async def run(
@@ -314,6 +367,11 @@ async def run(
                     outcome.ready_at = now
                     await ready.put(outcome)
                     continue
+                if isinstance(outcome, list):  # a tiled image: its tiles wait here until the batcher has room
+                    for tile in outcome:
+                        tile.ready_at = time.monotonic()
+                        await ready.put(tile)
+                    continue
                 if not isinstance(outcome, ItemError):
                     log.error("internal_error", stage="preprocess", path=str(job.rel), exc_info=outcome)
                     outcome = ItemError.internal(outcome)
@@ -334,13 +392,16 @@ async def run(
             tasks.create_task(some(group))
 
 
-def prepare_all(jobs: list[Job], settings: Settings) -> list[tuple[Prepared | Exception, float]]:
+Result = Prepared | list[Prepared] | Exception
+
+
+def prepare_all(jobs: list[Job], settings: Settings) -> list[tuple[Result, float]]:
     """`prepare` each job (in a pool thread): per job its result or error, and the ms it took."""
-    out: list[tuple[Prepared | Exception, float]] = []
+    out: list[tuple[Result, float]] = []
     for job in jobs:
         started = time.monotonic()
         try:
-            result: Prepared | Exception = prepare(job, settings)
+            result: Result = prepare_any(job, settings)
         except Exception as exc:  # noqa: BLE001 - each job's own outcome: ItemError, or a bug
             result = exc
         out.append((result, (time.monotonic() - started) * 1000))

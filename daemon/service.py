@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from daemon import __version__, batching, export, intake, logs, metrics, preprocess, progress, results, state
+from daemon import __version__, batching, export, intake, logs, metrics, preprocess, progress, results, state, tiling
 from daemon.config import Config, Decode
 from daemon.devices import Device
 from daemon.fleet import Fleet
@@ -53,7 +53,9 @@ def prep_settings(config: Config, task: str = "detect") -> preprocess.Settings:
     p = config.pipeline
     classify = task == Task.CLASSIFY.value
     device_max_bytes = JPEG_SLOT_BYTES if p.decode is Decode.DEVICE and not classify else 0
-    return preprocess.Settings(config.model.imgsz, p.reduced_decode, p.max_pixels, device_max_bytes, classify)
+    return preprocess.Settings(
+        config.model.imgsz, p.reduced_decode, p.max_pixels, device_max_bytes, classify, config.tiling
+    )
 
 
 def knobs(config: Config) -> batching.Knobs:
@@ -200,7 +202,10 @@ class Service:
         # Decoded images: only as many as the batcher has room for (Batcher.room); more wait undecoded.
         ready: asyncio.Queue[Prepared] = asyncio.Queue(cfg.pipeline.max_batch * (len(self.fleet.devices) + 1))
         outcomes: asyncio.Queue[list[Outcome]] = asyncio.Queue(size)  # a batch's, or one failure
-        self.batcher = batching.Batcher(ready, self.fleet.devices, outcomes, knobs(cfg))
+        pool = ThreadPoolExecutor(threads, "preprocess", initializer=name_os_thread, initargs=("preprocess",))
+        # A tiled image's tiles are merged into its result between the batcher and the results stage.
+        assembler = tiling.Assembler(outcomes, pool)
+        self.batcher = batching.Batcher(ready, self.fleet.devices, assembler, knobs(cfg))
         sinks: list[Sink] = [self.database] if self.database is not None else []
         self.writer = results.Writer(cfg.paths, cfg.output, self._finished, sinks)
         intake_settings = intake.Settings(
@@ -214,7 +219,6 @@ class Service:
             cfg.intake.claim_by_copy,
         )
         self.intake = intake.Intake(intake_settings, self.capacity, jobs, outcomes)
-        pool = ThreadPoolExecutor(threads, "preprocess", initializer=name_os_thread, initargs=("preprocess",))
         self.settings = prep_settings(cfg, self.fleet.task)
         stages = [
             loop.create_task(preprocess.run(jobs, ready, outcomes, pool, lambda: self.settings, threads * 2)),

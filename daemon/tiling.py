@@ -1,0 +1,174 @@
+"""Sliced (tiled) inference: an image far larger than the model input is cut into tiles of the
+model's size, each tile runs as an image of its own, and the image's result is their merge.
+
+- Layout: `slices` is SAHI's `get_slice_bboxes` (stride = size - int(overlap * size); the last
+  tile of a row or column shifted back inside, so every tile is full size; an image smaller than
+  a tile is one tile). `wanted` says whether an image is tiled (`[tiling] mode`, `auto_above`).
+- Preprocessing (`preprocess.prepare`) decodes the image at full resolution and hands on one
+  `Prepared` per tile (a view of the decoded pixels, no copy) plus, with `full_image`, the whole
+  image letterboxed. Tiles are images to the batcher: tiles of several images share batches, go
+  to any device, and are retried, alone, like any image. Each carries its own `Job` (attempts
+  are counted per tile) whose `tile` names its `Tiled` image.
+- `Assembler` sits between the batcher and the results stage. An image's result leaves when
+  its last tile is in: the tiles' payloads are moved to source pixels and merged by the task's
+  rule (`daemon/tasks/<task>.merge`) in the thread pool, on the main process. One tile failing
+  fails the image at once; its other tiles are dropped when they come back. See docs/tiling.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from daemon.config import TilingConfig, TilingMode
+from daemon.jobs import Failure, Inferred, ModelInfo, Outcome, Prepared
+from daemon.tasks import Payload, Task
+
+Box = tuple[int, int, int, int]  # x1, y1, x2, y2 in source pixels
+
+
+def slices(width: int, height: int, size: int, overlap: float) -> list[Box]:
+    """The tiles of a `width` x `height` image, row by row, exactly as SAHI's `get_slice_bboxes`
+    with square slices of `size` and `overlap` as both ratios."""
+    step_back = int(overlap * size)
+    if size - step_back < 1:
+        raise ValueError(f"overlap {overlap} leaves no stride for tiles of {size}")
+    out: list[Box] = []
+    y_min = y_max = 0
+    while y_max < height:
+        y_max = y_min + size
+        if y_max > height:  # the last row, shifted back inside
+            y_max, y_min = height, max(0, height - size)
+        x_min = x_max = 0
+        while x_max < width:
+            x_max = x_min + size
+            if x_max > width:
+                x_max, x_min = width, max(0, width - size)
+            out.append((x_min, y_min, x_max, y_max))
+            x_min = x_max - step_back
+        y_min = y_max - step_back
+    return out
+
+
+def wanted(size: tuple[int, int], imgsz: int, rule: TilingConfig) -> bool:
+    """Whether an image of `size` (w, h) is tiled: always with mode on; with auto when
+    letterboxing to `imgsz` would shrink it more than `auto_above` times."""
+    if rule.mode is TilingMode.AUTO:
+        return max(size) / imgsz > rule.auto_above
+    return rule.mode is TilingMode.ON
+
+
+def tile_size(rule: TilingConfig, imgsz: int) -> int:
+    """The tile edge: `size`, or the model's imgsz for "auto"."""
+    return rule.size or imgsz
+
+
+@dataclass(slots=True)
+class Tiled:
+    """One tiled image on its way: where its tiles are and what came back of them."""
+
+    image: Prepared  # the whole image's record (job, size as seen, orientation); no pixels
+    boxes: list[Box]  # the tiles' places; the full image pass, if any, is counted in `parts`
+    parts: int  # results expected: tiles, plus one for the full image pass
+    rule: TilingConfig  # the merge settings when it was cut (a reload applies to the next image)
+    payloads: list[Payload] = field(default_factory=list)
+    devices: set[str] = field(default_factory=set)
+    infer_ms: float = 0.0  # the model time of its batches, each shared among the batch's images
+    batch_size: int = 0  # the largest batch any of its parts ran in
+    batch_wait_ms: float = 0.0  # the longest any of its parts waited for a batch
+    model: ModelInfo | None = None
+    finished: bool = False  # its result (or failure) has left
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """What a tile's `Job.tile` says: which image, and where the tile sits in it (None for the
+    full-image pass, already in source pixels)."""
+
+    of: Tiled
+    origin: tuple[int, int] | None
+
+
+Merge = Callable[[list[Payload], TilingConfig], Payload]
+
+
+def merger(task: Task) -> Merge:
+    """The task's merge rule (daemon/tasks/<task>.merge)."""
+    from daemon.tasks import detect, obb, pose, segment
+
+    rules: dict[Task, Merge] = {
+        Task.DETECT: detect.merge,
+        Task.SEGMENT: segment.merge,
+        Task.POSE: pose.merge,
+        Task.OBB: obb.merge,
+    }
+    return rules[task]
+
+
+def assemble(tiled: Tiled) -> Payload:
+    """The image's payload: its parts merged by their task's rule (in a pool thread)."""
+    return merger(tiled.payloads[0].task)(tiled.payloads, tiled.rule)
+
+
+class Assembler:
+    """Between the batcher and the results stage: whole images pass straight on; a tiled image's
+    parts are gathered and its merged result passed on when the last one is in."""
+
+    def __init__(self, out: asyncio.Queue[list[Outcome]], pool: Executor) -> None:
+        self.out = out
+        self.pool = pool
+
+    async def put(self, outcomes: list[Outcome]) -> None:
+        passed: list[Outcome] = []
+        done: list[Tiled] = []
+        for outcome in outcomes:
+            job = outcome.job if isinstance(outcome, Failure) else outcome.prepared.job
+            part = job.tile
+            if part is None:
+                passed.append(outcome)
+                continue
+            tiled = part.of
+            if tiled.finished:
+                continue  # its image has already failed
+            if isinstance(outcome, Failure):
+                tiled.finished = True
+                passed.append(Failure(tiled.image.job, outcome.error))
+                continue
+            self._add(tiled, part, outcome)
+            if len(tiled.payloads) == tiled.parts:
+                tiled.finished = True
+                done.append(tiled)
+        if passed:
+            await self.out.put(passed)
+        if done:
+            loop = asyncio.get_running_loop()
+            merged = await asyncio.gather(*(loop.run_in_executor(self.pool, self._finish, t) for t in done))
+            await self.out.put(list(merged))
+
+    @staticmethod
+    def _add(tiled: Tiled, part: Part, result: Inferred) -> None:
+        payload = result.payload
+        if part.origin is not None:
+            payload = payload.shifted(*part.origin)
+        tiled.payloads.append(payload)
+        tiled.devices.add(result.device)
+        timings = result.prepared.job.timings_ms
+        tiled.infer_ms += timings.get("infer", 0.0) / result.batch_size
+        tiled.batch_wait_ms = max(tiled.batch_wait_ms, timings.get("batch_wait", 0.0))
+        tiled.batch_size = max(tiled.batch_size, result.batch_size)
+        tiled.model = result.model
+
+    @staticmethod
+    def _finish(tiled: Tiled) -> Outcome:
+        started = time.monotonic()
+        payload = assemble(tiled)
+        timings = tiled.image.job.timings_ms
+        timings["batch_wait"] = tiled.batch_wait_ms
+        timings["infer"] = tiled.infer_ms
+        timings["merge"] = (time.monotonic() - started) * 1000
+        assert tiled.model is not None
+        device = ",".join(sorted(tiled.devices))
+        return Inferred(tiled.image, payload, device, tiled.batch_size, tiled.model, tiles=len(tiled.boxes))
