@@ -32,14 +32,13 @@ import structlog
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from daemon import tiling
-from daemon.config import TilingConfig
+from daemon.config import TilingConfig, TilingMode
 from daemon.jobs import FailReason, Failure, ItemError, Job, Outcome, Prepared
 
 log = structlog.get_logger("daemon.preprocess")
 STRIDE = 32
 PAD_VALUE = 114
 EXIF_ORIENTATION = 0x0112
-DONE_WITH = np.empty((0, 0, 3), np.uint8)  # the pixels of a record that carries none
 
 
 GROUP = 4  # most jobs one thread job preprocesses
@@ -286,7 +285,7 @@ def prepare_any(job: Job, settings: Settings) -> Prepared | list[Prepared]:
     """`prepare`, or for an image to be tiled (`Settings.tiled`) its tiles (`cut`)."""
     image, seen, orientation = decode(str(job.path), settings)
     if not isinstance(image, bytes) and settings.tiled(seen):
-        return cut(job, image, orientation, settings)
+        return tiling.cut(job, image, orientation, settings.imgsz, settings.tiling, letterbox)
     return _prepared(job, image, seen, orientation, settings)
 
 
@@ -309,35 +308,6 @@ def _prepared(
         return Prepared(job, encoded, seen[0], seen[1], orientation, gain, g.pad[:2], encoded_shape=g.shape)
     boxed, gain, pad = letterbox(image, settings.imgsz, source_size=seen)
     return Prepared(job, boxed, seen[0], seen[1], orientation, gain, pad)
-
-
-def cut(job: Job, image: np.ndarray, orientation: int, settings: Settings) -> list[Prepared]:
-    """One `Prepared` per tile of a decoded image (a view of its pixels when the tile is the model
-    input's size, else letterboxed), and, with `full_image`, the whole image letterboxed first.
-    Each has a `Job` of its own (attempts count per tile) whose `tile` names the image."""
-    height, width = image.shape[:2]
-    rule = settings.tiling
-    size = tiling.tile_size(rule, settings.imgsz)
-    boxes = tiling.slices(width, height, size, rule.overlap)
-    whole = Prepared(job, DONE_WITH, width, height, orientation, (1.0, 1.0), (0, 0))
-    tiled = tiling.Tiled(whole, boxes, len(boxes) + rule.full_image, rule)
-    out: list[Prepared] = []
-    if rule.full_image:
-        boxed, gain, pad = letterbox(image, settings.imgsz)
-        out.append(Prepared(_part(job, tiling.Part(tiled, None)), boxed, width, height, 1, gain, pad))
-    for x1, y1, x2, y2 in boxes:
-        part = _part(job, tiling.Part(tiled, (x1, y1)))
-        view = image[y1:y2, x1:x2]
-        if view.shape[:2] == (settings.imgsz, settings.imgsz):
-            out.append(Prepared(part, view, x2 - x1, y2 - y1, 1, (1.0, 1.0), (0, 0)))
-        else:
-            boxed, gain, pad = letterbox(view, settings.imgsz)
-            out.append(Prepared(part, boxed, x2 - x1, y2 - y1, 1, gain, pad))
-    return out
-
-
-def _part(job: Job, part: tiling.Part) -> Job:
-    return Job(job.rel, job.path, job.claimed_at, recovered=job.recovered, tile=part)
 
 
 async def run(
@@ -384,6 +354,8 @@ async def run(
             group = [await jobs.get()]
             await slots.acquire()
             size = min(GROUP, 1 + jobs.qsize() // concurrency)  # a short queue keeps every thread busy
+            if settings().tiling.mode is not TilingMode.OFF:
+                size = 1  # a strip's decoded pixels wait for the batcher: one per thread job, not four
             while len(group) < size and not jobs.empty():
                 group.append(jobs.get_nowait())
             now = time.monotonic()

@@ -23,11 +23,15 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from daemon.config import TilingConfig, TilingMode
-from daemon.jobs import Failure, Inferred, ModelInfo, Outcome, Prepared
+from daemon.jobs import Failure, Inferred, Job, ModelInfo, Outcome, Prepared
 from daemon.tasks import Payload, Task
 
 Box = tuple[int, int, int, int]  # x1, y1, x2, y2 in source pixels
+DONE_WITH = np.empty((0, 0, 3), np.uint8)  # the pixels of a record that carries none
+Letterbox = Callable[..., tuple[np.ndarray, tuple[float, float], tuple[int, int]]]  # preprocess.letterbox
 
 
 def slices(width: int, height: int, size: int, overlap: float) -> list[Box]:
@@ -90,6 +94,35 @@ class Part:
 
     of: Tiled
     origin: tuple[int, int] | None
+
+
+def cut(
+    job: Job, image: np.ndarray, orientation: int, imgsz: int, rule: TilingConfig, letterbox: Letterbox
+) -> list[Prepared]:
+    """One `Prepared` per tile of a decoded image (a view of its pixels when the tile is the model
+    input's size, else letterboxed by `letterbox`), after, with `full_image`, the whole image
+    letterboxed. Each has a `Job` of its own (attempts count per tile) whose `tile` names the image."""
+    height, width = image.shape[:2]
+    boxes = slices(width, height, tile_size(rule, imgsz), rule.overlap)
+    whole = Prepared(job, DONE_WITH, width, height, orientation, (1.0, 1.0), (0, 0))
+    tiled = Tiled(whole, boxes, len(boxes) + rule.full_image, rule)
+    out: list[Prepared] = []
+    if rule.full_image:
+        boxed, gain, pad = letterbox(image, imgsz)
+        out.append(Prepared(_part(job, Part(tiled, None)), boxed, width, height, 1, gain, pad))
+    for x1, y1, x2, y2 in boxes:
+        part = _part(job, Part(tiled, (x1, y1)))
+        view = image[y1:y2, x1:x2]
+        if view.shape[:2] == (imgsz, imgsz):
+            out.append(Prepared(part, view, x2 - x1, y2 - y1, 1, (1.0, 1.0), (0, 0)))
+        else:
+            boxed, gain, pad = letterbox(view, imgsz)
+            out.append(Prepared(part, boxed, x2 - x1, y2 - y1, 1, gain, pad))
+    return out
+
+
+def _part(job: Job, part: Part) -> Job:
+    return Job(job.rel, job.path, job.claimed_at, recovered=job.recovered, tile=part)
 
 
 Merge = Callable[[list[Payload], TilingConfig], Payload]

@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 from daemon import config, tiling
 from daemon.config import ConfigError, MatchMetric, MergeRule, TilingConfig, TilingMode
 from daemon.jobs import FailReason, Failure, Inferred, ItemError, Job, ModelInfo, Outcome, Prepared
-from daemon.preprocess import DONE_WITH
 from daemon.tasks import Task, checkpoint, detect, obb, pose, segment
 
 
@@ -183,7 +182,7 @@ def tile_outcomes(tiled: tiling.Tiled, job: Job, model: ModelInfo) -> list[Outco
     out: list[Outcome] = []
     for x1, y1, _x2, _y2 in tiled.boxes:
         part = Job(job.rel, job.path, tile=tiling.Part(tiled, (x1, y1)))
-        prepared = Prepared(part, DONE_WITH, 640, 640, 1, (1.0, 1.0), (0, 0))
+        prepared = Prepared(part, tiling.DONE_WITH, 640, 640, 1, (1.0, 1.0), (0, 0))
         box = np.array([[10, 600, 100, 640, 0.9, 0]] if y1 == 0 else [[11, 88, 99, 128, 0.8, 0]], np.float32)
         out.append(Inferred(prepared, detect.Boxes(box), "cpu:0", 2, model))
     return out
@@ -196,7 +195,7 @@ def test_the_assembler_passes_an_image_once_its_last_tile_is_in_or_one_failed() 
     def image(name: str) -> tuple[tiling.Tiled, Job]:
         job = Job(PurePosixPath(name), Path(name))
         boxes = tiling.slices(640, 1152, 640, 0.2)
-        whole = Prepared(job, DONE_WITH, 640, 1152, 1, (1.0, 1.0), (0, 0))
+        whole = Prepared(job, tiling.DONE_WITH, 640, 1152, 1, (1.0, 1.0), (0, 0))
         return tiling.Tiled(whole, boxes, len(boxes), rule), job
 
     async def main() -> list[list[Outcome]]:
