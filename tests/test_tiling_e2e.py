@@ -66,3 +66,45 @@ def test_people_on_a_strip_are_found_with_tiling_and_missed_without(
             assert first[1:5] == pytest.approx(xywhn, abs=1e-4)
     assert found["off"][0] == 0  # letterboxed whole, the people are a few pixels tall
     assert found["auto"][0] >= len(ref) - 1, (found, len(ref))
+
+
+def straddling(seed: int) -> tuple[Image.Image, list[strips.Pasted]]:
+    """A 640x1152 image (two 640 tiles, overlapping over y 512-640) with a photo of people across
+    that border."""
+    image = Image.new("RGB", (640, 1152), (120, 110, 100))
+    name, photo = strips.photos()[seed % 3]
+    photo = photo.copy()
+    photo.thumbnail((600, 600))
+    x, y = 20, 576 - photo.height // 2 + 40 * (seed - 1)
+    image.paste(photo, (x, y))
+    return image, [strips.Pasted(name, (x, y, x + photo.width, y + photo.height), photo)]
+
+
+@pytest.mark.slow
+def test_tiles_of_several_images_share_batches_with_the_results_of_one_at_a_time(
+    tmp_path: Path, daemon_factory: RunDaemon
+) -> None:
+    from daemon.model import resolve_weights
+
+    made = {f"img{i}.jpg": straddling(i) for i in range(3)}
+    images = {name: image for name, (image, _) in made.items()}
+    results: dict[int, dict[str, np.ndarray]] = {}
+    for max_batch in (8, 1):
+        root = tmp_path / f"batch{max_batch}"
+        daemon = run_once(
+            root, daemon_factory, images, tiling={"mode": "on"}, pipeline={"max_batch": max_batch, "max_wait_ms": 2000}
+        )
+        done = daemon.events("image_done")
+        assert len(done) == 3 and all(r["tiles"] == 2 for r in done)
+        if max_batch == 8:  # each image has two 640x640 tiles: a batch of more holds tiles of several images
+            assert max(r["batch"] for r in done) > 2
+        output = root / "var" / "output"
+        results[max_batch] = {name: boxes(json.loads((output / f"{name}.json").read_text())) for name in images}
+    for name in images:
+        batched, alone = results[8][name], results[1][name]
+        assert batched.shape == alone.shape, name
+        np.testing.assert_allclose(batched, alone, atol=0.05)
+    weights = resolve_weights("default")
+    for name, (_, pasted) in made.items():  # the people across the border are found whole
+        ref = strips.reference(weights, pasted)
+        assert strips.score(results[8][name], ref)[0] == len(ref), name
