@@ -13,7 +13,7 @@ fragment of one cut at a tile border):
 - bound: the daemon's Runner (forward + NMS) on ready 640x640 tiles, in batches of max_batch,
   with the daemon's runtime and processes: the tiles/s ceiling for inferd_tiled
 - backlog: the daemon's peak RSS with N strips waiting in incoming/, stopped (SIGTERM) after its
-  second result: decoded tiles wait only as far as the batcher has room, whatever N is
+  first result: decoded tiles wait only as far as the batcher has room, whatever N is
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def tiles_bound(
 
 
 def backlog(workdir: Path, args: argparse.Namespace, source: Path, counts: tuple[int, ...]) -> list[dict[str, Any]]:
-    """Peak RSS of the main process with N strips waiting, stopped after its second result."""
+    """Peak RSS of the main process with N strips waiting, stopped after its first result."""
     out = []
     for n in counts:
         raw = runs.daemon_config(workdir / f"backlog-{n}", args)
@@ -130,7 +130,6 @@ def backlog(workdir: Path, args: argparse.Namespace, source: Path, counts: tuple
             os.link(source, incoming / f"s{i:04d}.jpg")
         with runs.start(raw) as d:
             runs.until(d, "daemon_started")
-            runs.until(d, "image_done")
             runs.until(d, "image_done")
             d.proc.send_signal(signal.SIGTERM)
             runs.until(d, "daemon_stopped")
@@ -191,7 +190,7 @@ def render(report: dict[str, Any]) -> list[str]:
     where = f"{b['runtime']}, {b['threads']}"
     out.append(f"  bound (Runner on ready {TILE} tiles, {where}): {b['images_per_s']:.2f} tiles/s")
     out.append("  ratios: " + "  ".join(f"{k} {v:.2f}" for k, v in report["ratios"].items()))
-    out.append("  backlog (tiling on, stopped after 2 results): " + "  ".join(
+    out.append("  backlog (tiling on, peak RSS of the main process, stopped after its first result): " + "  ".join(
         f"{r['strips']} strips {r['rss_mib']:.0f} MiB" for r in report["backlog"]
     ))  # fmt: skip
     return out
