@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import structlog
 
 from daemon import __version__, batching, export, intake, logs, metrics, preprocess, progress, results, state, tiling
-from daemon.config import Config, Decode
+from daemon.config import Config, Decode, TilingConfig
 from daemon.devices import Device
 from daemon.fleet import Fleet
 from daemon.health import Health
@@ -53,9 +53,10 @@ def prep_settings(config: Config, task: str = "detect") -> preprocess.Settings:
     p = config.pipeline
     classify = task == Task.CLASSIFY.value
     device_max_bytes = JPEG_SLOT_BYTES if p.decode is Decode.DEVICE and not classify else 0
-    return preprocess.Settings(
-        config.model.imgsz, p.reduced_decode, p.max_pixels, device_max_bytes, classify, config.tiling
-    )
+    # A classifier is never tiled: refused at start for a .pt (checkpoint.resolve); an exported
+    # classifier's task is known only from its devices, and its images are then taken whole.
+    tiles = TilingConfig() if classify else config.tiling
+    return preprocess.Settings(config.model.imgsz, p.reduced_decode, p.max_pixels, device_max_bytes, classify, tiles)
 
 
 def knobs(config: Config) -> batching.Knobs:
