@@ -24,11 +24,13 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
+import structlog
 
 from daemon.config import TilingConfig, TilingMode
-from daemon.jobs import Failure, Inferred, Job, ModelInfo, Outcome, Prepared
+from daemon.jobs import Failure, Inferred, ItemError, Job, ModelInfo, Outcome, Prepared
 from daemon.tasks import Payload, Task
 
+log = structlog.get_logger("daemon.tiling")
 Box = tuple[int, int, int, int]  # x1, y1, x2, y2 in source pixels
 DONE_WITH = np.empty((0, 0, 3), np.uint8)  # the pixels of a record that carries none
 Letterbox = Callable[..., tuple[np.ndarray, tuple[float, float], tuple[int, int]]]  # preprocess.letterbox
@@ -178,8 +180,19 @@ class Assembler:
             await self.out.put(passed)
         if done:
             loop = asyncio.get_running_loop()
-            merged = await asyncio.gather(*(loop.run_in_executor(self.pool, self._finish, t) for t in done))
-            await self.out.put(list(merged))
+            jobs = [loop.run_in_executor(self.pool, self._finish, t) for t in done]
+            merged = await asyncio.gather(*jobs, return_exceptions=True)
+            await self.out.put([self._or_failure(t, m) for t, m in zip(done, merged, strict=True)])
+
+    @staticmethod
+    def _or_failure(tiled: Tiled, merged: Outcome | BaseException) -> Outcome:
+        """The merged result, or the image's last-resort failure if merging it met a bug."""
+        if isinstance(merged, Exception):
+            log.error("internal_error", stage="tiling", path=str(tiled.image.job.rel), exc_info=merged)
+            return Failure(tiled.image.job, ItemError.internal(merged))
+        if isinstance(merged, BaseException):
+            raise merged  # a cancellation is not the image's
+        return merged
 
     @staticmethod
     def _add(tiled: Tiled, part: Part, result: Inferred) -> None:

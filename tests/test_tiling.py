@@ -236,3 +236,25 @@ def test_a_tile_is_a_view_of_the_decoded_image(tmp_path: Path) -> None:
     assert all(t.shape == (640, 640) and t.image.base is not None for t in tiles)  # no copy
     origins = {t.job.tile.origin for t in tiles if t.job.tile}
     assert origins == {(0, 0), (60, 0), (0, 512), (60, 512), (0, 860), (60, 860)}
+
+
+def test_a_merge_that_meets_a_bug_fails_only_its_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = ModelInfo("w", {0: "person"}, 640, False)
+    job = Job(PurePosixPath("a.jpg"), Path("a.jpg"))
+    boxes = tiling.slices(640, 1152, 640, 0.2)
+    whole = Prepared(job, tiling.DONE_WITH, 640, 1152, 1, (1.0, 1.0), (0, 0))
+    tiled = tiling.Tiled(whole, boxes, len(boxes), TilingConfig(full_image=False))
+
+    def broken(task: Task) -> tiling.Merge:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(tiling, "merger", broken)
+
+    async def main() -> list[Outcome]:
+        out: asyncio.Queue[list[Outcome]] = asyncio.Queue()
+        with ThreadPoolExecutor(1) as pool:
+            await tiling.Assembler(out, pool).put(tile_outcomes(tiled, job, model))
+        return out.get_nowait()
+
+    (failure,) = asyncio.run(main())
+    assert isinstance(failure, Failure) and failure.job is job and failure.error.reason is FailReason.INTERNAL
