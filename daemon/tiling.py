@@ -21,13 +21,12 @@ import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
 
 import numpy as np
 import structlog
 
 from daemon.config import TilingConfig, TilingMode
-from daemon.jobs import Failure, Inferred, ItemError, Job, ModelInfo, Outcome, Prepared
+from daemon.jobs import Failure, Inferred, ItemError, Job, Outcome, Part, Prepared, Tiled
 from daemon.tasks import Payload, Task
 
 log = structlog.get_logger("daemon.tiling")
@@ -70,32 +69,6 @@ def wanted(size: tuple[int, int], imgsz: int, rule: TilingConfig) -> bool:
 def tile_size(rule: TilingConfig, imgsz: int) -> int:
     """The tile edge: `size`, or the model's imgsz for "auto"."""
     return rule.size or imgsz
-
-
-@dataclass(slots=True)
-class Tiled:
-    """One tiled image on its way: where its tiles are and what came back of them."""
-
-    image: Prepared  # the whole image's record (job, size as seen, orientation); no pixels
-    boxes: list[Box]  # the tiles' places; the full image pass, if any, is counted in `parts`
-    parts: int  # results expected: tiles, plus one for the full image pass
-    rule: TilingConfig  # the merge settings when it was cut (a reload applies to the next image)
-    payloads: list[Payload] = field(default_factory=list)
-    devices: set[str] = field(default_factory=set)
-    infer_ms: float = 0.0  # the model time of its batches, each shared among the batch's images
-    batch_size: int = 0  # the largest batch any of its parts ran in
-    batch_wait_ms: float = 0.0  # the longest any of its parts waited for a batch
-    model: ModelInfo | None = None
-    finished: bool = False  # its result (or failure) has left
-
-
-@dataclass(frozen=True, slots=True)
-class Part:
-    """What a tile's `Job.tile` says: which image, and where the tile sits in it (None for the
-    full-image pass, already in source pixels)."""
-
-    of: Tiled
-    origin: tuple[int, int] | None
 
 
 def cut(

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from daemon import config, tiling
 from daemon.config import ConfigError, MatchMetric, MergeRule, TilingConfig, TilingMode
-from daemon.jobs import FailReason, Failure, Inferred, ItemError, Job, ModelInfo, Outcome, Prepared
+from daemon.jobs import FailReason, Failure, Inferred, ItemError, Job, ModelInfo, Outcome, Part, Prepared, Tiled
 from daemon.tasks import Task, checkpoint, detect, obb, pose, segment
 
 
@@ -178,10 +178,10 @@ def test_tiling_keys_apply_on_reload(tmp_path: Path) -> None:
     assert plan.changed == ["tiling.mode", "tiling.overlap"] and not plan.roll  # live: the next image is cut so
 
 
-def tile_outcomes(tiled: tiling.Tiled, job: Job, model: ModelInfo) -> list[Outcome]:
+def tile_outcomes(tiled: Tiled, job: Job, model: ModelInfo) -> list[Outcome]:
     out: list[Outcome] = []
     for x1, y1, _x2, _y2 in tiled.boxes:
-        part = Job(job.rel, job.path, tile=tiling.Part(tiled, (x1, y1)))
+        part = Job(job.rel, job.path, tile=Part(tiled, (x1, y1)))
         prepared = Prepared(part, tiling.DONE_WITH, 640, 640, 1, (1.0, 1.0), (0, 0))
         box = np.array([[10, 600, 100, 640, 0.9, 0]] if y1 == 0 else [[11, 88, 99, 128, 0.8, 0]], np.float32)
         out.append(Inferred(prepared, detect.Boxes(box), "cpu:0", 2, model))
@@ -192,11 +192,11 @@ def test_the_assembler_passes_an_image_once_its_last_tile_is_in_or_one_failed() 
     model = ModelInfo("w", {0: "person"}, 640, False)
     rule = TilingConfig(full_image=False)
 
-    def image(name: str) -> tuple[tiling.Tiled, Job]:
+    def image(name: str) -> tuple[Tiled, Job]:
         job = Job(PurePosixPath(name), Path(name))
         boxes = tiling.slices(640, 1152, 640, 0.2)
         whole = Prepared(job, tiling.DONE_WITH, 640, 1152, 1, (1.0, 1.0), (0, 0))
-        return tiling.Tiled(whole, boxes, len(boxes), rule), job
+        return Tiled(whole, boxes, len(boxes), rule), job
 
     async def main() -> list[list[Outcome]]:
         out: asyncio.Queue[list[Outcome]] = asyncio.Queue()
@@ -243,7 +243,7 @@ def test_a_merge_that_meets_a_bug_fails_only_its_image(monkeypatch: pytest.Monke
     job = Job(PurePosixPath("a.jpg"), Path("a.jpg"))
     boxes = tiling.slices(640, 1152, 640, 0.2)
     whole = Prepared(job, tiling.DONE_WITH, 640, 1152, 1, (1.0, 1.0), (0, 0))
-    tiled = tiling.Tiled(whole, boxes, len(boxes), TilingConfig(full_image=False))
+    tiled = Tiled(whole, boxes, len(boxes), TilingConfig(full_image=False))
 
     def broken(task: Task) -> tiling.Merge:
         raise ZeroDivisionError("a bug")
