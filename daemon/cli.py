@@ -2,8 +2,7 @@
 
 Exit statuses: 0 success; 1 runtime failure, or a start that may succeed later (a model load
 that timed out, a device process that died while loading); 2 usage error; 78 (EX_CONFIG) a bad
-configuration or a model that can never load. systemd's unit lists 78 in
-RestartPreventExitStatus, so only what cannot work is kept from restarting in a loop.
+configuration or a model that can never load. Each error carries its own (`daemon.errors`).
 """
 
 from __future__ import annotations
@@ -19,12 +18,11 @@ import structlog
 import uvloop
 
 from daemon import __version__, logs
-from daemon.config import Config, ConfigError, load, prepare_dirs
+from daemon.config import Config, load, prepare_dirs
+from daemon.errors import EXIT_CONFIG as EXIT_CONFIG  # re-exported for callers of the old name
+from daemon.errors import EXIT_RUNTIME, EXIT_USAGE, ConfigError, WorkerStartError
 from daemon.notify import Notifier
 from daemon.threads import name_os_thread
-
-EXIT_RUNTIME = 1
-EXIT_CONFIG = 78
 
 
 def parser() -> argparse.ArgumentParser:
@@ -68,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
 
         return status.main(args)
     from daemon.service import Service
-    from daemon.workers import WorkerStartError
 
     try:
         config = setup(args.config)
@@ -81,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
             return runner.run(Service(config, once=args.once, notifier=notifier).run())
     except ConfigError as exc:
         sys.stderr.write(f"inferd: {exc}\n")
-        return EXIT_CONFIG
+        return exc.exit_status
     except WorkerStartError as exc:
         structlog.get_logger("daemon.cli").error("start_failed", error=str(exc), permanent=exc.permanent)
         sys.stderr.write(f"inferd: cannot start: {exc}\n")
-        return EXIT_CONFIG if exc.permanent else EXIT_RUNTIME
+        return exc.exit_status
 
 
 def bench(argv: list[str]) -> int:
@@ -94,7 +91,7 @@ def bench(argv: list[str]) -> int:
     checkout = Path(__file__).resolve().parent.parent
     if not (checkout / "bench" / "cli.py").is_file():
         sys.stderr.write(f"inferd bench: runs from a checkout of inferd (bench/ beside daemon/); {checkout} has none\n")
-        return 2
+        return EXIT_USAGE
     if str(checkout) not in sys.path:
         sys.path.insert(0, str(checkout))
     from bench import cli
@@ -104,7 +101,6 @@ def bench(argv: list[str]) -> int:
 
 async def check(config: Config) -> int:
     """Load the model on every configured device and report what was found."""
-    from daemon import export
     from daemon.fleet import Fleet
     from daemon.metrics import Metrics
     from daemon.tasks import checkpoint
@@ -112,23 +108,22 @@ async def check(config: Config) -> int:
 
     log = structlog.get_logger("daemon.cli")
     config = checkpoint.resolve_config(config)
-    if config.output.database is not None:
-        from daemon.sinks.database import open_database
+    from daemon import sinks
 
-        database = open_database(config.output.database, fsync=config.output.fsync, on_state=lambda up, error: None)
+    for sink in sinks.make(config.output, lambda name, up, error: None):
         try:
-            await database.check()
+            await sink.check()
         except Exception as exc:  # noqa: BLE001 - whatever the driver raises, the check reports it
             log.error("check_failed", key="output.database", error=f"{type(exc).__name__}: {exc}")
             return EXIT_RUNTIME
         finally:
-            await database.close()
-        log.info("check_database", database=config.output.database.redacted)
+            await sink.close()
+        log.info("check_database", database=config.output.database.redacted if config.output.database else None)
     fleet = Fleet(Metrics(), lambda: config, lambda: None, lambda up, error: None)  # local devices, or the cluster's
     try:
         devices = await fleet.resolve(config)
         config = resolve_decode(config, devices)
-        for plan in await export.prepare(config, devices):  # builds the cache: a later start finds it
+        for plan in await fleet.prepare(config, devices):  # builds the cache: a later start finds it
             log.info(
                 "check_model",
                 device=plan.device,

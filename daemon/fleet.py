@@ -1,12 +1,12 @@
 """The fleet: the devices that serve the model, their supervision, and a reload's switch.
 
-Which devices: spawned local processes (`daemon.workers`), or actors on a Ray cluster
-(`[cluster] backend = "ray"`, `daemon.cluster`, imported only then), which also adds a device
-for each node the cluster gains. `devices` is the list the batcher picks from; only the fleet
-changes it. Each device has a
-supervisor: when the device dies (its batches were already handed back to the batcher), it is
-started again with backoff. A reload starts new devices beside the old ones (`daemon.reload`),
-then `switch` retires the old ones and hands the batcher the new ones.
+Which devices: the backend's (`daemon.backends`, by `[cluster] backend`): spawned local
+processes (`daemon.workers`), or actors on a Ray cluster (`daemon.cluster`, imported only
+then), which also adds a device for each node the cluster gains. `devices` is the list the
+batcher picks from; only the fleet changes it. Each device has a supervisor: when the device
+dies (its batches were already handed back to the batcher), it is started again with backoff.
+A reload starts new devices beside the old ones (`daemon.reload`), then `switch` retires the
+old ones and hands the batcher the new ones.
 """
 
 from __future__ import annotations
@@ -14,14 +14,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
 
 import structlog
 
-from daemon.config import Backend, Config
+from daemon import backends
+from daemon.backends import Backend
+from daemon.config import Config
 from daemon.devices import Device, WorkerStartError, start_all
+from daemon.export import Prepared
 from daemon.metrics import Metrics
-from daemon.workers import resolve_devices, start_workers
+from daemon.notify import Notifier
 
 log = structlog.get_logger("daemon.fleet")
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -43,7 +45,7 @@ class Fleet:
         self.running = running
         self.on_change = on_change
         self.on_cluster = on_cluster
-        self.cluster: Any = None  # daemon.cluster.Cluster with [cluster] backend = "ray"
+        self.backend: Backend | None = None  # made by the first `resolve`, from its config
         self.devices: list[Device] = []  # the batcher's list: a switch swaps its contents
         self._supervisors = asyncio.TaskGroup()
         self._supervised: dict[Device, asyncio.Task[None]] = {}
@@ -67,30 +69,33 @@ class Fleet:
 
     async def resolve(self, cfg: Config) -> list[str]:
         """The names of the devices `cfg` runs on: this machine's, or the Ray cluster's."""
-        if cfg.cluster.backend is Backend.RAY:
-            from daemon.cluster import Cluster
+        if self.backend is None:
+            self.backend = backends.make(cfg, self.on_cluster)
+        return await self.backend.resolve(cfg)
 
-            if self.cluster is None:
-                self.cluster = Cluster(cfg, on_state=self.on_cluster)
-            names: list[str] = await self.cluster.resolve_devices()
-            return names
-        return await resolve_devices(cfg)
+    async def prepare(
+        self, cfg: Config, names: list[str], *, stop: asyncio.Event | None = None, notifier: Notifier | None = None
+    ) -> list[Prepared]:
+        """Make what the devices `names` load ready (the export cache); ExportStopped on `stop`."""
+        return await self._backend.prepare(cfg, names, stop=stop, notifier=notifier)
 
     def make(self, cfg: Config, names: list[str], *, slot_imgsz: int = 0) -> list[Device]:
         """Devices (not started) for `names`; `slot_imgsz` as in DeviceWorker."""
-        if self.cluster is not None:
-            made: list[Device] = self.cluster.devices(cfg, names, slot_imgsz=slot_imgsz)
-            return made
-        return start_workers(cfg, names, slot_imgsz=slot_imgsz)
+        return self._backend.make(cfg, names, slot_imgsz=slot_imgsz)
 
     async def grow(self) -> None:
-        """A stage with the Ray backend (only): a device for each GPU (or CPU node) the cluster
-        gains, made with the running config, taken by the batcher, kept by a supervisor."""
-        await self.cluster.grow(self.running, self._add)
+        """A stage: a device for each one the backend gains (a Ray cluster's new GPU or CPU
+        node), made with the running config, taken by the batcher, kept by a supervisor."""
+        await self._backend.grow(self.running, self._add)
 
     async def close(self) -> None:
-        if self.cluster is not None:
-            await self.cluster.close()
+        if self.backend is not None:
+            await self.backend.close()
+
+    @property
+    def _backend(self) -> Backend:
+        assert self.backend is not None, "resolve() makes the backend"
+        return self.backend
 
     async def _add(self, device: Device) -> None:
         self.devices.append(device)

@@ -1,24 +1,31 @@
 """What the service tells the outside while it serves: systemd's watchdog and STATUS line, the
-periodic `stats` record, the gauges sampled before a metrics scrape, and the sinks' state."""
+periodic `stats` record, the gauges sampled before a metrics scrape, and the sinks' state.
+
+It is given what it reports on, never the service: the metrics, the notifier, and a callable
+that returns a `Snapshot` of the running pipeline.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
-if TYPE_CHECKING:
-    from daemon.service import Service
+from daemon.metrics import Metrics
+from daemon.notify import Notifier
+from daemon.snapshot import Snapshot, Snapshotter
 
 log = structlog.get_logger("daemon.service")
 
 
 class Health:
-    def __init__(self, service: Service) -> None:
-        self.service = service
-        self.sink_error: str | None = None  # why the database sink fails now; None while it works
+    def __init__(self, metrics: Metrics, notifier: Notifier, snapshot: Snapshotter) -> None:
+        self.metrics = metrics
+        self.notifier = notifier
+        self.snapshot = snapshot
+        self.sink_errors: dict[str, str | None] = {}  # sink name -> why it fails now (absent while it works)
         self._stats: asyncio.Task[None] | None = None
         self._interval_s = 0.0
 
@@ -41,69 +48,65 @@ class Health:
         if self._stats is not None:
             self._stats.cancel()
 
-    def summary(self) -> dict[str, Any]:
-        s = self.service
+    def summary(self, snap: Snapshot | None = None) -> dict[str, Any]:
+        s = snap or self.snapshot()
         return {
             "done": s.done,
             "failed": s.failed,
-            "in_flight": s.capacity.in_flight,
-            **{f"{name}_queue": q.qsize() for name, q in s.queues.items()},
-            "batching": s.batcher.waiting,
-            "batches": s.batcher.batches,
-            "workers_up": s.fleet.up,
-            "workers": len(s.fleet.devices),
-            **({"database_up": self.sink_error is None} if s.database is not None else {}),
-            **({"cluster": s.fleet.cluster.state.value} if s.fleet.cluster is not None else {}),
+            "in_flight": s.in_flight,
+            **{f"{name}_queue": n for name, n in s.queues.items()},
+            "batching": s.batching,
+            "batches": s.batches,
+            "workers_up": s.devices_up,
+            "workers": len(s.devices),
+            **{f"{name}_up": name not in self.sink_errors for name in s.sinks},
+            **({"cluster": s.cluster} if s.cluster is not None else {}),
         }
 
     def sample(self) -> None:
         """Refresh the gauges (called just before a metrics scrape)."""
-        s = self.service
-        for name, q in s.queues.items():
-            s.metrics.set_queue_depth(name, q.qsize())
-        s.metrics.set_queue_depth("batching", s.batcher.waiting)
-        s.metrics.set_in_flight(s.capacity.in_flight)
-        for device in s.fleet.devices:
-            s.metrics.worker_up(device.device, device.up)
+        s = self.snapshot()
+        for name, n in s.queues.items():
+            self.metrics.set_queue_depth(name, n)
+        self.metrics.set_queue_depth("batching", s.batching)
+        self.metrics.set_in_flight(s.in_flight)
+        for device in s.devices:
+            self.metrics.worker_up(device.device, device.up)
 
-    def sink_state(self, up: bool, error: str | None) -> None:
-        """The database sink failed an attempt (it retries), or works again."""
-        s = self.service
+    def sink_state(self, name: str, up: bool, error: str | None) -> None:
+        """The sink `name` failed an attempt (it retries), or works again."""
         if up:
-            s.metrics.sink_state("database", True)
-            if self.sink_error is not None:
-                s.notifier.status(f"database back after: {self.sink_error}")
-            self.sink_error = None
+            self.metrics.sink_state(name, True)
+            if name in self.sink_errors:
+                self.notifier.status(f"{name} back after: {self.sink_errors.pop(name)}")
             return
-        s.metrics.sink_failed("database")
-        if self.sink_error is None:
-            s.metrics.sink_state("database", False)
-            s.notifier.status(f"database unavailable, retrying; intake paused: {error}")
-        self.sink_error = error
+        self.metrics.sink_failed(name)
+        if name not in self.sink_errors:
+            self.metrics.sink_state(name, False)
+            self.notifier.status(f"{name} unavailable, retrying; intake paused: {error}")
+        self.sink_errors[name] = error
 
     def cluster_state(self, up: bool, error: str | None) -> None:
         """The Ray cluster was lost (intake pauses as the claimed inputs wait), or is back."""
-        s = self.service
-        s.metrics.unavailable = None if up else f"Ray cluster lost, reconnecting: {error}"
-        s.notifier.status("Ray cluster back" if up else f"Ray cluster lost, reconnecting; intake paused: {error}")
+        self.metrics.unavailable = None if up else f"Ray cluster lost, reconnecting: {error}"
+        self.notifier.status("Ray cluster back" if up else f"Ray cluster lost, reconnecting; intake paused: {error}")
 
     async def _stats_loop(self, interval_s: float) -> None:
         """A `stats` log line and systemd STATUS every `interval_s` (0: never)."""
-        s = self.service
-        last, last_t = s.done, time.monotonic()
+        last, last_t = self.snapshot().done, time.monotonic()
         while interval_s > 0:
             await asyncio.sleep(interval_s)  # a period, not a wait for something
             now = time.monotonic()
-            summary = self.summary()
-            cluster = s.fleet.cluster
+            snap = self.snapshot()
+            summary = self.summary(snap)
             rate = (summary["done"] - last) / (now - last_t)
             last, last_t = summary["done"], now
             log.info("stats", images_per_s=round(rate, 2), **summary)
-            s.notifier.status(
+            self.notifier.status(
                 f"{summary['done']} done, {summary['failed']} failed, {summary['in_flight']} in flight, "
                 f"{rate:.1f} img/s, {summary['workers_up']}/{summary['workers']} devices up"
-                + ("" if self.sink_error is None else "; database unavailable, retrying")
-                + ("" if cluster is None or cluster.problem is None else "; Ray cluster lost, reconnecting")
+                + "".join(f"; {name} unavailable, retrying" for name in self.sink_errors)
+                + ("; Ray cluster lost, reconnecting" if snap.cluster_problem else "")
             )
 
     async def _watchdog(self) -> None:
@@ -112,18 +115,17 @@ class Health:
         A stuck device or stage therefore lets systemd's watchdog fire. A device being restarted
         counts as alive: its supervisor is making progress of its own.
         """
-        s = self.service
-        interval = s.notifier.watchdog_interval_s
+        interval = self.notifier.watchdog_interval_s
         if interval is None:
             return
         last = -1
         while True:
             await asyncio.sleep(interval)  # a period, not a wait for something
             # Results retrying a write (disk full) are alive too: a restart would not help them.
-            # So is a sink retrying a database that is down or locked.
-            progress = s.done + s.failed + s.writer.write_errors + sum(sink.failures for sink in s.writer.sinks)
-            if progress != last or s.capacity.in_flight == 0 or not s.fleet.all_up:
-                s.notifier.watchdog()
+            # So is a sink retrying a database that is down or locked (both are in `progress`).
+            s = self.snapshot()
+            if s.progress != last or s.in_flight == 0 or not s.all_up:
+                self.notifier.watchdog()
             else:
-                log.warning("watchdog_withheld", in_flight=s.capacity.in_flight, done=s.done)
-            last = progress
+                log.warning("watchdog_withheld", in_flight=s.in_flight, done=s.done)
+            last = s.progress

@@ -30,6 +30,7 @@ import structlog
 import watchfiles
 from watchfiles._rust_notify import WatchfilesRustInternalError  # not re-exported by watchfiles
 
+from daemon.errors import OutsideIncoming as OutsideIncoming  # re-exported: its old home
 from daemon.jobs import Capacity, FailReason, Failure, ItemError, Job, Outcome
 
 log = structlog.get_logger("daemon.intake")
@@ -452,10 +453,6 @@ async def _first(*events: asyncio.Event, timeout_s: float | None = None) -> None
     finally:
         for waiter in waiters:
             waiter.cancel()
-
-
-class OutsideIncoming(Exception):
-    """The path reaches its file through a symlinked directory: the file is not in incoming/."""
 
 
 def _rename_into(

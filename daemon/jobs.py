@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import enum
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -11,35 +10,9 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from daemon.config import TilingConfig
+from daemon.errors import FailReason as FailReason  # re-exported: its old home
+from daemon.errors import ItemError as ItemError
 from daemon.tasks import Payload
-
-
-class FailReason(enum.Enum):
-    """Why an input ended up in failed/ (the `reason` field of its .error.json)."""
-
-    NOT_REGULAR = "not_regular_file"  # FIFO, socket, device
-    SYMLINK = "symlink_refused"
-    UNREADABLE = "unreadable"  # I/O error reading the bytes
-    NOT_IMAGE = "not_an_image"  # empty, truncated or not a format PIL decodes
-    TOO_LARGE = "too_many_pixels"  # above pipeline.max_pixels (decompression bomb guard)
-    INFERENCE = "inference_error"
-    POISON = "worker_crashed_repeatedly"
-    WRITE = "write_error"  # results could not be written (disk full, read-only) after output.write_attempts
-    INTERNAL = "internal_error"  # a bug met on this item: the traceback is logged once, the stream goes on
-
-
-class ItemError(Exception):
-    """A per-item failure: the item goes to failed/ with `reason` and this message."""
-
-    def __init__(self, reason: FailReason, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-    @classmethod
-    def internal(cls, exc: BaseException) -> ItemError:
-        """The last-resort failure of one item: an exception no stage expected (a bug). The
-        caller logs the traceback once; the item goes to failed/ and the stream goes on."""
-        return cls(FailReason.INTERNAL, f"{type(exc).__name__}: {exc}")
 
 
 @dataclass(slots=True)

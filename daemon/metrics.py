@@ -25,6 +25,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from daemon.errors import ListenError as ListenError  # re-exported: its old home
+
 NAMESPACE = "inferd"
 STAGES = ("queue", "decode", "batch_wait", "infer", "write", "total")
 # 1 ms .. 30 s: decode and infer sit in milliseconds, queue and total reach seconds under a backlog.
@@ -205,15 +207,6 @@ def _respond(metrics: Metrics, request: list[str]) -> tuple[HTTPStatus, str, byt
             return HTTPStatus.OK, text, b"ok\n", []
         return HTTPStatus.SERVICE_UNAVAILABLE, text, b"starting or draining\n", []
     return HTTPStatus.NOT_FOUND, text, b"not found; try /metrics or /healthz\n", []
-
-
-class ListenError(ValueError):
-    """A bad listen address: `problem` and `fix` feed config.ConfigError('metrics.listen', ...)."""
-
-    def __init__(self, problem: str, fix: str) -> None:
-        super().__init__(f"{problem}. Fix: {fix}")
-        self.problem = problem
-        self.fix = fix
 
 
 LISTEN_FORMS = '"127.0.0.1:9108", "[::1]:9108" or "localhost:9108"'

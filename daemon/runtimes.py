@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import ConfigError, Precision, Runtime
+from daemon.errors import ExportError as ExportError  # re-exported: its old home
 
 MANIFEST = "manifest.json"
 SCHEMA = 1  # bump when the way an entry is built changes
@@ -55,10 +56,6 @@ DISTRIBUTIONS = {
 # (README, "Runtimes and precision"), so auto keeps fp32 there; "bf16" can still be asked for.
 AUTO_BF16 = True
 FIX = 'set model.runtime = "torch" (PyTorch, slower) or fix the cause above'
-
-
-class ExportError(Exception):
-    """The exporter failed; nothing was left in the cache. The message names runtime and fix."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,7 +377,8 @@ def main(argv: list[str]) -> int:
         sys.stdout.write(json.dumps(record) + "\n")
         sys.stdout.flush()
 
-    from daemon.model import ModelError, resolve_weights
+    from daemon.errors import ModelError
+    from daemon.weights import resolve_weights
 
     try:
         weights = resolve_weights(request["weights"])

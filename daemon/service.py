@@ -9,6 +9,12 @@ SIGTERM or SIGINT: intake stops, in-flight work drains within `drain_timeout_s`,
 exit 0. A second signal skips the drain; claimed files stay in processing/ for the next start.
 SIGHUP re-reads the config (`daemon.reload`). The devices and their supervision are the
 fleet's (`daemon.fleet`); the watchdog, STATUS line and stats are `daemon.health`'s.
+
+`run` is three phases, as uvicorn's Server: `startup` (sinks, devices resolved, the model
+exported and loaded), `serve` (the stages, until a stop request) and `drain`. Every resource is
+entered into one AsyncExitStack as it is acquired, so an early exit from any phase releases
+exactly what was acquired, in reverse order. The modules below are handed what they need (a
+`Snapshot` callable, the reloader's narrow interface), never the Service.
 """
 
 from __future__ import annotations
@@ -19,25 +25,24 @@ import os
 import signal
 import time
 from collections.abc import Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import structlog
 
-from daemon import __version__, batching, export, intake, logs, metrics, preprocess, progress, results, state, tiling
-from daemon.config import Config, Decode, TilingConfig
-from daemon.devices import Device
+from daemon import __version__, intake, logs, metrics, preprocess, progress, results, sinks, state
+from daemon.config import Config
+from daemon.errors import ExportStopped
 from daemon.fleet import Fleet
 from daemon.health import Health
-from daemon.jobs import Capacity, FailReason, Failure, Inferred, Job, Outcome, Prepared
+from daemon.jobs import Capacity, FailReason, Failure, Inferred, Outcome
 from daemon.notify import Notifier
+from daemon.pipeline import QUEUES, Pipeline, knobs
+from daemon.pipeline import prep_settings as prep_settings  # re-exported: its old home
 from daemon.reload import Reloader
 from daemon.sinks import Sink
-from daemon.sinks.database import Database, open_database
-from daemon.tasks import Task, checkpoint
-from daemon.threads import name_os_thread
+from daemon.snapshot import DeviceStatus, Snapshot
+from daemon.tasks import checkpoint
 from daemon.workers import (
-    JPEG_SLOT_BYTES,
     cores,
     resolve_decode,
     torch_threads,
@@ -45,23 +50,6 @@ from daemon.workers import (
 
 log = structlog.get_logger("daemon.service")
 T = TypeVar("T")
-QUEUES = ("jobs", "ready", "outcomes", "batching")
-
-
-def prep_settings(config: Config, task: str = "detect") -> preprocess.Settings:
-    """`task`: the model's, from its device processes (classification crops on the host)."""
-    p = config.pipeline
-    classify = task == Task.CLASSIFY.value
-    device_max_bytes = JPEG_SLOT_BYTES if p.decode is Decode.DEVICE and not classify else 0
-    # A classifier is never tiled: refused at start for a .pt (checkpoint.resolve); an exported
-    # classifier's task is known only from its devices, and its images are then taken whole.
-    tiles = TilingConfig() if classify else config.tiling
-    return preprocess.Settings(config.model.imgsz, p.reduced_decode, p.max_pixels, device_max_bytes, classify, tiles)
-
-
-def knobs(config: Config) -> batching.Knobs:
-    p = config.pipeline
-    return batching.Knobs(p.max_batch, p.max_wait_ms, config.model.conf, config.model.iou, p.max_attempts)
 
 
 class Service:
@@ -76,23 +64,56 @@ class Service:
         self.serving = asyncio.Event()  # the pipeline runs: a reload can be applied
         self.done = 0
         self.failed = 0
-        self.capacity = Capacity(config.pipeline.max_pending)
-        self.health = Health(self)
-        self.fleet = Fleet(self.metrics, lambda: self.config, self._devices_changed, self.health.cluster_state)
-        self.reloader = Reloader(self)
         self.exit_status = 0
-        self.database: Database | None = None
-        self.queues: dict[str, asyncio.Queue[Any]] = {}
+        self.started = time.monotonic()
+        self.capacity = Capacity(config.pipeline.max_pending)
+        self.health = Health(self.metrics, self.notifier, self.snapshot)
+        self.fleet = Fleet(self.metrics, lambda: self.config, self._devices_changed, self.health.cluster_state)
+        self.reloader = Reloader(
+            self.fleet,
+            self.notifier,
+            running=lambda: self.config,
+            apply=self.apply,
+            stop=self.stop,
+            serving=self.serving,
+            fail=self.fail,
+        )
+        self.sinks: list[Sink] = []
+        self.reporter: state.Reporter | None = None
+        self.pipeline: Pipeline | None = None
+        self.settings: preprocess.Settings | None = None
+        self.stopped_during: str | None = None  # the start-up phase a stop request ended the run in
 
-    @property
-    def workers(self) -> list[Device]:
-        return self.fleet.devices
+    def snapshot(self) -> Snapshot:
+        """The counters of the running pipeline (safe from another thread: ints and copies)."""
+        p = self.pipeline
+        backend = self.fleet.backend
+        return Snapshot(
+            done=self.done,
+            failed=self.failed,
+            in_flight=self.capacity.in_flight,
+            found=p.intake.found if p else 0,
+            queues={name: q.qsize() for name, q in p.queues.items()} if p else {},
+            batching=p.batcher.waiting if p else 0,
+            batches=p.batcher.batches if p else 0,
+            devices=tuple(DeviceStatus(d.device, d.state, d.up, d.pid, d.restarts) for d in list(self.fleet.devices)),
+            progress=self.done
+            + self.failed
+            + (p.writer.write_errors if p else 0)
+            + sum(x.failures for x in self.sinks),
+            sinks=tuple(s.name for s in self.sinks),
+            cluster=backend.state if backend is not None else None,
+            cluster_problem=backend is not None and backend.problem is not None,
+        )
 
-    def summary(self) -> dict[str, Any]:
-        return self.health.summary()
+    def fail(self, exit_status: int) -> None:
+        """Stop the daemon, to exit with `exit_status` (a reload crashed: a bug)."""
+        self.exit_status = exit_status
+        self.stop.set()
 
     def _devices_changed(self) -> None:
-        self.batcher.wake.set()
+        if self.pipeline is not None:
+            self.pipeline.batcher.wake.set()
 
     def _on_signal(self, signum: int) -> None:
         if self.stop.is_set():
@@ -118,66 +139,59 @@ class Service:
 
     def apply(self, new: Config) -> None:
         """Make `new` the running config; the devices already serve its model."""
+        assert self.pipeline is not None  # a reload waits for `serving`
         logs.set_level(new.log.level)
         self.fleet.set_level(new.log.level)
         self.health.stats_every(new.log.stats_interval_s)
-        self.batcher.knobs = knobs(new)
-        self.writer.output = new.output
+        self.pipeline.batcher.knobs = knobs(new)
+        self.pipeline.writer.output = new.output
         # An image prepared meanwhile has the old or the new size: both fit the new slots.
         self.settings = prep_settings(new, self.fleet.task)
         self.config = new
 
     async def run(self) -> int:
         """Serve until stopped (or, with --once, until incoming/ is drained). Returns the exit status."""
-        try:
-            return await self._run()
-        finally:
-            await self.fleet.close()  # the Ray backend's driver, if any
-
-    async def _run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self.reloader.request)
-        started = time.monotonic()
+        self.started = time.monotonic()
         log.info("daemon_starting", version=__version__, config=str(self.config.source), pid=os.getpid())
-        cfg = self.config
-        cfg = checkpoint.resolve_config(cfg)  # imgsz "auto", refusals: before anything starts
-        if cfg.output.database is not None:  # a missing driver stops the start (ConfigError: exit 78)
-            self.database = open_database(cfg.output.database, fsync=cfg.output.fsync, on_state=self.health.sink_state)
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(self.fleet.close)  # the Ray backend's driver, if any
+            stack.push(self._log_stopped)
+            if await self.startup(stack):
+                await self.serve(stack)
+        return self.exit_status
+
+    async def startup(self, stack: contextlib.AsyncExitStack) -> bool:
+        """Sinks, devices, the model exported and loaded on each; False if a stop request came first."""
+        cfg = checkpoint.resolve_config(self.config)  # imgsz "auto", refusals: before anything starts
+        self.sinks = sinks.make(cfg.output, self.health.sink_state)  # a missing driver: ConfigError (exit 78)
+        for sink in self.sinks:
+            stack.push_async_callback(sink.close)
         devices = await self._unless_stopped(self.fleet.resolve(cfg))
         if devices is None:
-            log.info("daemon_stopped", during="start-up", uptime_s=round(time.monotonic() - started, 2))
-            return 0
+            self.stopped_during = "start-up"
+            return False
         cfg = self.config = resolve_decode(cfg, devices)
-        self.reporter = state.Reporter(
+        reporter = self.reporter = state.Reporter(
             state.path(cfg.paths.work), config=cfg.source, once=self.once, metrics=cfg.metrics.listen
         )
-        self.reporter.start(devices)  # `inferd status` reads this file
-        server = await metrics.serve(self.metrics, *cfg.metrics.listen) if cfg.metrics.listen else None
+        reporter.start(devices)  # `inferd status` reads this file
+        stack.callback(lambda: reporter.stop((self.snapshot(), self.metrics) if self.pipeline else None))
+        if cfg.metrics.listen:
+            server = await metrics.serve(self.metrics, *cfg.metrics.listen)
+            stack.push_async_callback(_close_server, server)
         try:
-            plans = await export.prepare(cfg, devices, stop=self.stop, notifier=self.notifier)
-        except export.ExportStopped:
-            await self._close_server(server)
-            self.reporter.stop(None)
-            log.info("daemon_stopped", during="model_export", uptime_s=round(time.monotonic() - started, 2))
-            return 0
-        except BaseException:
-            await self._close_server(server)
-            self.reporter.stop(None)
-            raise
-        try:
-            infos = await self._start_up(cfg, devices)
-        except BaseException:
-            await self._close_server(server)
-            self.reporter.stop(None)
-            raise
+            plans = await self.fleet.prepare(cfg, devices, stop=self.stop, notifier=self.notifier)
+        except ExportStopped:
+            self.stopped_during = "model_export"
+            return False
+        infos = await self._start_up(cfg, devices)
         if infos is None:  # a stop request during start-up: every device process is already gone
-            await self._close_server(server)
-            self.reporter.stop(None)
-            log.info("daemon_stopped", during="start-up", uptime_s=round(time.monotonic() - started, 2))
-            return 0
-        threads = cfg.pipeline.preprocess_threads or cores()
+            self.stopped_during = "start-up"
+            return False
         log.info(
             "daemon_started",
             version=__version__,
@@ -191,54 +205,46 @@ class Service:
             runtimes={p.device: f"{p.runtime} {p.precision}" for p in plans},
             config=str(cfg.source),
             incoming=str(cfg.paths.incoming),
-            preprocess_threads=threads,
+            preprocess_threads=cfg.pipeline.preprocess_threads or cores(),
             torch_threads=torch_threads(cfg, devices),
             decode=cfg.pipeline.decode.value,
             once=self.once,
             pids=self.fleet.pids,
-            startup_s=round(time.monotonic() - started, 2),
+            startup_s=round(time.monotonic() - self.started, 2),
         )
-        size = cfg.pipeline.max_pending
-        jobs: asyncio.Queue[Job] = asyncio.Queue(size)
-        # Decoded images: only as many as the batcher has room for (Batcher.room); more wait undecoded.
-        ready: asyncio.Queue[Prepared] = asyncio.Queue(cfg.pipeline.max_batch * (len(self.fleet.devices) + 1))
-        outcomes: asyncio.Queue[list[Outcome]] = asyncio.Queue(size)  # a batch's, or one failure
-        pool = ThreadPoolExecutor(threads, "preprocess", initializer=name_os_thread, initargs=("preprocess",))
-        # A tiled image's tiles are merged into its result between the batcher and the results stage.
-        assembler = tiling.Assembler(outcomes, pool)
-        self.batcher = batching.Batcher(ready, self.fleet.devices, assembler, knobs(cfg))
-        sinks: list[Sink] = [self.database] if self.database is not None else []
-        self.writer = results.Writer(cfg.paths, cfg.output, self._finished, sinks)
-        intake_settings = intake.Settings(
-            cfg.paths.incoming,
-            cfg.paths.work / "processing",
-            cfg.intake.settle_ms / 1000,
-            cfg.intake.ignore_suffixes,
-            cfg.intake.reconcile_interval_s,
-            cfg.intake.debounce_ms,
-            cfg.intake.force_polling,
-            cfg.intake.claim_by_copy,
-        )
-        self.intake = intake.Intake(intake_settings, self.capacity, jobs, outcomes)
+        return True
+
+    async def serve(self, stack: contextlib.AsyncExitStack) -> None:
+        """Run the stages until a stop request (or a stage that dies), then drain."""
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        p = self.pipeline = Pipeline.build(cfg, self.fleet.devices, self.capacity, self._finished, self.sinks)
+        stack.callback(p.pool.shutdown, wait=False, cancel_futures=True)
+        q = p.queues
         self.settings = prep_settings(cfg, self.fleet.task)
         stages = [
-            loop.create_task(preprocess.run(jobs, ready, outcomes, pool, lambda: self.settings, threads * 2)),
-            loop.create_task(self.batcher.run()),
-            loop.create_task(results.run(outcomes, self.writer, concurrency=8)),
+            loop.create_task(
+                preprocess.run(q["jobs"], q["ready"], q["outcomes"], p.pool, self._settings, 2 * p.threads)
+            ),
+            loop.create_task(p.batcher.run()),
+            loop.create_task(results.run(q["outcomes"], p.writer, concurrency=8)),
             loop.create_task(self.fleet.supervise()),
-            *([loop.create_task(self.fleet.grow())] if self.fleet.cluster is not None else []),
-            *([loop.create_task(self.database.run())] if self.database is not None else []),
+            loop.create_task(self.fleet.grow()),  # a device for each one the backend gains (Ray)
+            *(loop.create_task(sink.run()) for sink in self.sinks),
         ]
-        feeders = [loop.create_task(self._feed())]
-        self.queues = {"jobs": jobs, "ready": ready, "outcomes": outcomes}
+        feeders = [loop.create_task(self._feed(p.intake))]
         self.metrics.on_scrape = self.health.sample
         self.metrics.healthy = True
         self.serving.set()
         self.notifier.ready()
         watchdog = self.health.start(cfg.log.stats_interval_s)
+        stack.callback(self.health.stop)
+        assert self.reporter is not None
         self.reporter.serving()
-        reporting = loop.create_task(self.reporter.run(self))
-        display = progress.show(self, once=self.once, log=cfg.log)  # a terminal only
+        reporting = loop.create_task(self.reporter.run(self.snapshot, self.metrics))
+        for task in [*watchdog, reporting]:
+            stack.callback(task.cancel)
+        display = progress.show(self.snapshot, once=self.once, log=cfg.log)  # a terminal only
         try:
             await self._until_stopped(stages + feeders)
         finally:
@@ -246,25 +252,29 @@ class Service:
             self.notifier.stopping()
             display.close()
             self.reporter.draining()
-            await self._drain(stages, feeders)
-            pool.shutdown(wait=False, cancel_futures=True)
-            for task in watchdog:
-                task.cancel()
-            self.health.stop()
-            reporting.cancel()
-            await self._close_server(server)
-            if self.database is not None:
-                await self.database.close()
-            self.reporter.stop(self)
+            await self.drain(p, stages, feeders)
+
+    def _settings(self) -> preprocess.Settings:
+        assert self.settings is not None
+        return self.settings
+
+    def _log_stopped(self, exc_type: type[BaseException] | None, *_: object) -> bool:
+        """The run's last line (none if it ends in an exception: the caller reports that)."""
+        uptime_s = round(time.monotonic() - self.started, 2)
+        if exc_type is not None:
+            return False
+        if self.pipeline is None:
+            log.info("daemon_stopped", during=self.stopped_during, uptime_s=uptime_s)
+            return False
         log.info(
             "daemon_stopped",
             done=self.done,
             failed=self.failed,
-            claimed=self.intake.claimed,
+            claimed=self.pipeline.intake.claimed,
             left_in_processing=self.capacity.in_flight,
-            uptime_s=round(time.monotonic() - started, 2),
+            uptime_s=uptime_s,
         )
-        return self.exit_status
+        return False
 
     async def _start_up(self, cfg: Config, devices: list[str]) -> list[dict[str, Any]] | None:
         """Start a device process per device and wait for READY; None if a stop came first."""
@@ -290,25 +300,19 @@ class Service:
             await task
         return None
 
-    @staticmethod
-    async def _close_server(server: asyncio.Server | None) -> None:
-        if server is not None:
-            server.close()
-            await server.wait_closed()
-
-    async def _feed(self) -> None:
-        await self.intake.recover()
+    async def _feed(self, intake: intake.Intake) -> None:
+        await intake.recover()
         if self.once:
-            await self.intake.scan()
-            await self.intake.wait_settled()
+            await intake.scan()
+            await intake.wait_settled()
             await self.capacity.wait_idle()
             self.stop.set()
             return
         async with asyncio.TaskGroup() as group:
-            group.create_task(self.intake.watch(self.intake_stop))
-            await self.intake.watching.wait()  # the watcher is in place: nothing falls between it and the scan
-            await self.intake.scan()
-            group.create_task(self.intake.reconcile(self.intake_stop))
+            group.create_task(intake.watch(self.intake_stop))
+            await intake.watching.wait()  # the watcher is in place: nothing falls between it and the scan
+            await intake.scan()
+            group.create_task(intake.reconcile(self.intake_stop))
 
     async def _until_stopped(self, tasks: list[asyncio.Task[Any]]) -> None:
         """Wait for a stop request; a stage that dies is a bug, so it stops the daemon too."""
@@ -319,10 +323,11 @@ class Service:
             if task is not stopper and not task.cancelled() and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
 
-    async def _drain(self, stages: list[asyncio.Task[Any]], feeders: list[asyncio.Task[Any]]) -> None:
+    async def drain(self, p: Pipeline, stages: list[asyncio.Task[Any]], feeders: list[asyncio.Task[Any]]) -> None:
+        """Intake closes, in-flight work finishes within drain_timeout_s, the stages and devices stop."""
         await self.reloader.cancel()  # a reload still starting its devices is dropped; a switch completes
         self.intake_stop.set()
-        self.intake.close()
+        p.intake.close()
         for task in feeders:
             task.cancel()
         await asyncio.gather(*feeders, return_exceptions=True)
@@ -340,3 +345,8 @@ class Service:
             task.cancel()
         await asyncio.gather(*stages, return_exceptions=True)
         await self.fleet.stop(0 if self.force.is_set() else 10)
+
+
+async def _close_server(server: asyncio.Server) -> None:
+    server.close()
+    await server.wait_closed()

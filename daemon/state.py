@@ -31,7 +31,8 @@ import structlog
 from daemon import __version__
 
 if TYPE_CHECKING:
-    from daemon.service import Service
+    from daemon.metrics import Metrics
+    from daemon.snapshot import Snapshot, Snapshotter
 
 log = structlog.get_logger("daemon.state")
 FILE_NAME = "inferd.status.json"
@@ -132,7 +133,7 @@ def summarize(fields: dict[str, Any], record: logging.LogRecord) -> dict[str, An
 
 
 class Reporter:
-    """Keeps `path` up to date for one daemon run: start() -> run(service) as a task -> stop()."""
+    """Keeps `path` up to date for one daemon run: start() -> run(snapshot, metrics) as a task -> stop()."""
 
     def __init__(self, file: Path, *, config: Path | None, once: bool, metrics: tuple[str, int] | None) -> None:
         self.file = file
@@ -183,11 +184,11 @@ class Reporter:
     def draining(self) -> None:
         self.phase = Phase.DRAINING
 
-    async def run(self, service: Service) -> None:
-        """Every TICK_S: rebuild the state from `service`, write it if it changed (or for the heartbeat)."""
+    async def run(self, snapshot: Snapshotter, metrics: Metrics) -> None:
+        """Every TICK_S: rebuild the state from a `snapshot()`, write it if it changed (or for the heartbeat)."""
         warned = False
         while True:
-            self.update(service)
+            self.update(snapshot(), metrics)
             if self._due():
                 try:
                     await asyncio.to_thread(self._write, *self._render())
@@ -199,39 +200,37 @@ class Reporter:
                     warned = True
             await asyncio.sleep(TICK_S)  # a period: the file's resolution
 
-    def update(self, service: Service) -> None:
+    def update(self, s: Snapshot, metrics: Metrics) -> None:
         """Rebuild the body from the service's counters (cheap: no I/O)."""
-        s = service.summary()
         now = time.monotonic()
-        self._rates.append((now, s["done"]))
+        self._rates.append((now, s.done))
         while now - self._rates[0][0] > RATE_WINDOW_S:
             self._rates.popleft()
         t0, d0 = self._rates[0]
         by_reason = {
             sample.labels["reason"]: int(sample.value)
-            for family in service.metrics.images_failed_total.collect()
+            for family in metrics.images_failed_total.collect()
             for sample in family.samples
             if sample.name.endswith("_total") and sample.value
         }
         self.body = {
             "devices": [
-                {"device": w.device, "state": w.state.value, "pid": w.pid, "restarts": w.restarts}
-                for w in list(service.workers)
+                {"device": d.device, "state": d.state.value, "pid": d.pid, "restarts": d.restarts} for d in s.devices
             ],
-            "done": s["done"],
-            "failed": s["failed"],
+            "done": s.done,
+            "failed": s.failed,
             "failed_by_reason": by_reason,
-            "in_flight": s["in_flight"],
-            "queues": {**{q: s[f"{q}_queue"] for q in ("jobs", "ready", "outcomes")}, "batching": s["batching"]},
-            "batches": s["batches"],
-            "images_per_s_1min": round((s["done"] - d0) / (now - t0), 3) if now > t0 else 0.0,
+            "in_flight": s.in_flight,
+            "queues": {**{q: s.queues.get(q, 0) for q in ("jobs", "ready", "outcomes")}, "batching": s.batching},
+            "batches": s.batches,
+            "images_per_s_1min": round((s.done - d0) / (now - t0), 3) if now > t0 else 0.0,
             "rate_window_s": round(now - t0, 1),
         }
 
-    def stop(self, service: Service | None) -> None:
-        """The run is over (after the drain): the last counts, phase stopped; the log is left alone."""
-        if service is not None:
-            self.update(service)
+    def stop(self, last: tuple[Snapshot, Metrics] | None) -> None:
+        """The run is over (after the drain): the `last` counts, phase stopped; the log is left alone."""
+        if last is not None:
+            self.update(*last)
         self.phase = Phase.STOPPED
         self.head["stopped_at"] = now_iso()
         self._write_now()

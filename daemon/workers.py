@@ -31,7 +31,17 @@ import structlog
 
 from daemon import model, runtimes
 from daemon.config import Config, Decode, Runtime
-from daemon.devices import Answers, BatchFailed, Device, WorkerCrashed, WorkerRetired, WorkerStartError
+from daemon.devices import JPEG_SLOT_BYTES as JPEG_SLOT_BYTES  # re-exported: its old home
+from daemon.devices import (
+    Answers,
+    BatchFailed,
+    Device,
+    DeviceKind,
+    DeviceName,
+    WorkerCrashed,
+    WorkerRetired,
+    WorkerStartError,
+)
 from daemon.devices import DeviceState as WorkerState
 from daemon.jobs import ModelInfo, Prepared
 
@@ -39,7 +49,6 @@ log = structlog.get_logger("daemon.workers")
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 # A batch of JPEGs for the device to decode fits in this; a larger JPEG is decoded on the host.
 # Five 2048x12000 photos (~6 MB each); the pages are touched only as far as they are used.
-JPEG_SLOT_BYTES = 32 << 20
 
 
 __all__ = ["BatchFailed", "DeviceWorker", "WorkerCrashed", "WorkerRetired", "WorkerStartError", "WorkerState"]
@@ -355,7 +364,8 @@ def resolve_decode(config: Config, devices: list[str]) -> Config:
     Ray actors (ray:...) decode too: JPEG bytes cross the network, not ~10x as many pixels."""
     if config.pipeline.decode is not Decode.AUTO:
         return config
-    decode = Decode.DEVICE if all(d.startswith(("cuda", "ray:")) for d in devices) else Decode.HOST
+    names = [DeviceName.parse(d) for d in devices]
+    decode = Decode.DEVICE if all(n.kind is DeviceKind.CUDA or n.remote for n in names) else Decode.HOST
     return dataclasses.replace(config, pipeline=dataclasses.replace(config.pipeline, decode=decode))
 
 
@@ -363,7 +373,7 @@ def torch_threads(config: Config, devices: list[str]) -> int:
     """Intra-op threads per device process: a CUDA worker needs few; CPU workers share the cores."""
     if config.pipeline.torch_threads:
         return config.pipeline.torch_threads
-    cpu = sum(d.startswith("cpu") for d in devices)
+    cpu = sum(n.kind is DeviceKind.CPU and not n.remote for n in map(DeviceName.parse, devices))
     return max(1, cores() // cpu) if cpu == len(devices) else 2
 
 
@@ -374,7 +384,7 @@ def start_workers(config: Config, devices: list[str], *, slot_imgsz: int = 0) ->
     return [
         DeviceWorker(
             dict(
-                device="cpu" if d.startswith("cpu") else d,
+                device=DeviceName.parse(d).torch,
                 weights=m.weights,
                 imgsz=m.imgsz,
                 precision=m.precision.value,

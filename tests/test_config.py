@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from daemon import config
-from daemon.cli import EXIT_CONFIG
+from daemon.errors import EXIT_CONFIG
 
 
 def parse(text: str, tmp_path: Path) -> config.Config:

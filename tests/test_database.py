@@ -47,9 +47,9 @@ def from_json(output: Path, source: str) -> list[tuple[Any, ...]]:
 
 
 def readme_queries(dialect: str) -> list[str]:
-    """The README's SQL for `dialect` ("sqlite" or "postgresql"), 'person' read as the default
-    model's class 'Normal', in order: at least 3 detections, per hour, failures by reason."""
-    text = (Path(__file__).parent.parent / "README.md").read_text()
+    """The documented SQL (docs/results.md) for `dialect` ("sqlite" or "postgresql"), 'person' read as
+    the default model's class 'Normal', in order: at least 3 detections, per hour, failures by reason."""
+    text = (Path(__file__).parent.parent / "docs" / "results.md").read_text()
     block = text.split("```sql\n", 1)[1].split("```", 1)[0]
     queries = []
     for chunk in block.split(";"):
@@ -278,7 +278,7 @@ def test_rows_the_database_refuses_fail_alone_and_the_rest_of_the_batch_commits(
     import asyncio
     import dataclasses
 
-    from daemon.config import DatabaseUrl
+    from daemon.checks import DatabaseUrl
     from daemon.sinks import SinkError
     from daemon.sinks.database import _Pending, open_database
     from daemon.sinks.rows import image_row

@@ -14,7 +14,7 @@ import pytest
 import uvloop
 
 from daemon.batching import Batcher, Knobs
-from daemon.devices import Answers, Device, DeviceState, WorkerCrashed, WorkerRetired
+from daemon.devices import Answers, Device, DeviceKind, DeviceName, DeviceState, WorkerCrashed, WorkerRetired
 from daemon.jobs import FailReason, Failure, Inferred, Job, ModelInfo, Outcome, Prepared
 from daemon.tasks.detect import Boxes
 
@@ -154,3 +154,19 @@ def test_a_retiring_device_hands_its_batch_back_without_an_attempt() -> None:
     found = outcome_of(serve(devices, names, meanwhile=switch))
     assert all(isinstance(o, Inferred) and o.device == "new" and o.prepared.job.attempts == 0 for o in found.values())
     assert sorted(found) == names and retiring.batches
+
+
+@pytest.mark.parametrize(
+    ("text", "backend", "kind", "torch"),
+    [
+        ("cpu", "local", DeviceKind.CPU, "cpu"),
+        ("cpu:1", "local", DeviceKind.CPU, "cpu"),
+        ("cuda:1", "local", DeviceKind.CUDA, "cuda:1"),
+        ("ray:gpu:3", "ray", DeviceKind.CUDA, "cuda:0"),  # Ray gives the actor its GPU as cuda:0
+        ("ray:cpu:0", "ray", DeviceKind.CPU, "cpu"),
+    ],
+)
+def test_a_device_name_is_parsed_once(text: str, backend: str, kind: DeviceKind, torch: str) -> None:
+    name = DeviceName.parse(text)
+    assert (name.text, name.backend, name.kind, name.torch) == (text, backend, kind, torch)
+    assert name.remote is (backend != "local")

@@ -70,7 +70,7 @@ def test_settings_the_daemon_relies_on(unit: Path) -> None:
     single = {key: values[-1] for key, values in d.items()}
     assert single["Type"] == "notify"
     assert single["NotifyAccess"] == "main"
-    assert single["RestartPreventExitStatus"] == "78"  # cli.EXIT_CONFIG
+    assert single["RestartPreventExitStatus"] == "78"  # errors.EXIT_CONFIG
     assert single["Restart"] == "on-failure"
     assert single["WatchdogSec"] == "30"
     assert single["KillMode"] == "mixed"

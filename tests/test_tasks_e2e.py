@@ -13,7 +13,7 @@ from conftest import Daemon, assets, oriented, write_config
 from PIL import Image
 from test_tasks import predict_txt, same_txt
 
-from daemon.cli import EXIT_CONFIG
+from daemon.errors import EXIT_CONFIG
 
 RunDaemon = Callable[..., Daemon]
 

@@ -15,15 +15,14 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from daemon import model
 from daemon.cluster.bridge import Bridge, ClusterLost, ClusterState, RemoteError
 from daemon.cluster.device import RayDevice
 from daemon.config import Config, ConfigError, Decode
-from daemon.devices import Device, WorkerStartError
+from daemon.devices import JPEG_SLOT_BYTES, Device, DeviceKind, DeviceName, WorkerStartError
+from daemon.weights import resolve_weights
 
 __all__ = ["Cluster", "ClusterState", "RayDevice"]
 log = structlog.get_logger("daemon.cluster")
-JPEG_SLOT_BYTES = 32 << 20  # as workers.JPEG_SLOT_BYTES: the most JPEG bytes one batch carries
 
 
 class Cluster:
@@ -73,13 +72,13 @@ class Cluster:
         """One (not yet started) RayDevice per name."""
         self.names.update(names)
         c, m, p = config.cluster, config.model, config.pipeline
-        weights = model.resolve_weights(m.weights)  # read on this machine; the actors get its bytes
+        weights = resolve_weights(m.weights)  # read on this machine; the actors get its bytes
         room = max(slot_imgsz, m.imgsz)
         jpegs = p.decode is Decode.DEVICE
         slot_bytes = max(p.max_batch * room * room * 3, JPEG_SLOT_BYTES if jpegs else 0)
         made: list[Device] = []
         for name in names:
-            gpu = name.startswith("ray:gpu:")
+            gpu = DeviceName.parse(name).kind is DeviceKind.CUDA
             threads = p.torch_threads or (2 if gpu else max(1, math.ceil(c.cpus_per_actor)))
             spec_args = dict(
                 device="cuda:0" if gpu else "cpu",  # Ray sets CUDA_VISIBLE_DEVICES to the GPU it gives

@@ -24,6 +24,8 @@ import structlog
 
 from daemon.config import ClusterConfig, LogConfig
 from daemon.devices import WorkerStartError
+from daemon.errors import ClusterLost as ClusterLost  # re-exported: its old home
+from daemon.errors import RemoteError as RemoteError
 
 log = structlog.get_logger("daemon.cluster")
 
@@ -33,19 +35,6 @@ class ClusterState(enum.Enum):
     CONNECTING = "connecting"
     CONNECTED = "connected"
     LOST = "lost"  # was connected; the driver is gone: reconnecting
-
-
-class ClusterLost(Exception):
-    """The driver process is gone: whatever was asked of the cluster has no answer."""
-
-
-class RemoteError(Exception):
-    """The driver answered a request with an error: `kind` is "start", "failed" or "lost"."""
-
-    def __init__(self, kind: str, value: Any) -> None:
-        super().__init__(f"{kind}: {value}")
-        self.kind = kind
-        self.value = value
 
 
 class Bridge:

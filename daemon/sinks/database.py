@@ -28,7 +28,8 @@ from typing import Any
 
 import structlog
 
-from daemon.config import ConfigError, DatabaseUrl
+from daemon.checks import DatabaseUrl
+from daemon.config import ConfigError
 from daemon.jobs import Outcome
 from daemon.sinks import SinkError, schema
 from daemon.sinks.rows import ImageRow, image_row

@@ -21,6 +21,8 @@ from typing import Any, ClassVar, Protocol
 
 from PIL import ImageDraw
 
+from daemon.errors import Unsupported as Unsupported  # re-exported: its old home
+
 SCHEMA_VERSION = 2  # of the .json result: 2 added `task` and the per-task fields
 Meta = tuple[float, float, int, int, int, int]  # gain_x, gain_y, pad_x, pad_y, width, height (as seen)
 
@@ -33,10 +35,6 @@ class Task(enum.Enum):
     POSE = "pose"
     OBB = "obb"
     CLASSIFY = "classify"
-
-
-class Unsupported(Exception):
-    """A model inferd refuses to run, because it would write the wrong thing."""
 
 
 # Model classes (as pickled in a checkpoint, or loaded) that need what inferd does not do.

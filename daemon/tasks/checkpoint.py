@@ -156,7 +156,8 @@ def resolve(config: Config, weights: str) -> tuple[Config, Checkpoint]:
 
 def resolve_config(config: Config) -> Config:
     """`resolve` for the weights `config` names (the embedded default found first)."""
-    from daemon.model import ModelError, resolve_weights
+    from daemon.errors import ModelError
+    from daemon.weights import resolve_weights
 
     try:
         weights = resolve_weights(config.model.weights)
