@@ -23,6 +23,7 @@ Every mode runs on the same generated JPEGs with the same model, model load excl
 cluster at ADDRESS, and reports the Ray path's overhead per image (bench/cluster.py).
 `--latency` drops files one at a time into a running daemon and times drop -> `image_done`;
 `--backlog` fills incoming/ with N files and reads the daemon's peak RSS (VmHWM) at its end.
+`--tiling` runs sliced inference on strips with people pasted, inferd against SAHI (bench/tiling.py).
 The report is a plain-text table; `--json PATH` writes the same numbers, `--plot PATH` a chart.
 While it runs, a bar per mode on stderr when that is a terminal.
 """
@@ -40,7 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import BenchError, baselines, bound, cluster, pipeline, runs, torch_device
+from bench import BenchError, baselines, bound, cluster, pipeline, runs, tiling, torch_device
 from bench.images import generate
 from daemon import export
 from daemon.config import DEFAULTS, Config, ConfigError, parse
@@ -90,6 +91,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--latency", action="store_true", help="measure drop -> result latency on a running daemon")
     p.add_argument("--rate", type=_positive(float), default=2.0, help="files/s dropped by --latency (default 2)")
     p.add_argument("--backlog", type=_counts, help="peak RSS with N[,N...] files waiting in incoming/")
+    p.add_argument("--tiling", action="store_true", help="sliced inference on 2048x12000 strips: inferd vs SAHI")
+    p.add_argument("--strips", type=_positive(int), default=3, help="strips for --tiling (default 3; SAHI: ~34 s each)")
+    p.add_argument("--strip-size", type=_size, default=(2048, 12000), help="their size WxH (default 2048x12000)")
     p.add_argument("--workdir", type=Path, help="keep everything here (default: a temporary dir, removed)")
     p.add_argument("--json", type=Path, help="also write the report as JSON to this file")
     p.add_argument("--plot", type=Path, help="also draw the report as a PNG chart to this file")
@@ -196,7 +200,7 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
     }
     report: dict[str, Any] = {"setup": setup, "modes": {}, "tuned": tuned}
     results = report["modes"]
-    asked = args.latency or args.backlog or args.cluster is not None
+    asked = args.latency or args.backlog or args.tiling or args.cluster is not None
     modes = args.modes or (() if asked else DEFAULT_MODES)
     wanted = modes or args.latency or args.cluster is not None
     images = generate(workdir / "images", args.count, args.size, args.seed) if wanted else []
@@ -244,6 +248,8 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
             report["pipeline"]["compared"] = pipeline.compare(report["pipeline"], json.loads(args.compare.read_text()))
     if args.backlog:
         report["backlog"] = runs.backlog(workdir, args)
+    if args.tiling:
+        report["tiling"] = tiling.measure(args, workdir, config, devices)
     if args.cluster is not None:
         report["cluster"] = cluster.measure(images, workdir, args, config.pipeline.torch_threads or cores())
     setup["loadavg_1min_end"] = os.getloadavg()[0]
@@ -285,7 +291,7 @@ def _tuned(config: Config) -> tuple[set[str], list[str], dict[str, tuple[int, in
 def render(report: dict[str, Any]) -> str:
     """The report as plain-text tables."""
     s = report["setup"]
-    shown = {"latency", "pipeline", "cluster"} & set(report)
+    shown = {"latency", "pipeline", "cluster"} & set(report)  # tiling says its own sizes
     images = f"{s['count']} images {s['size']}, " if report["modes"] or shown else ""
     out = [
         f"inferd bench: {images}{s['weights']}, imgsz {s['imgsz']}, batch {s['max_batch']},"
@@ -320,6 +326,8 @@ def render(report: dict[str, Any]) -> str:
         out += pipeline.render(report["pipeline"])
     if "cluster" in report:
         out += cluster.render(report["cluster"])
+    if "tiling" in report:
+        out += tiling.render(report["tiling"])
     if b := report.get("backlog", {}):
         out.append(f"backlog: N {b['image_size']} JPEGs waiting in incoming/, run --once, default max_pending")
         out.append(f"  {'N':>7} {'peak RSS MiB':>13} {'images/s':>9}")

@@ -19,6 +19,7 @@ import collections
 import contextlib
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import structlog
@@ -29,6 +30,12 @@ from daemon.tasks import Payload
 
 log = structlog.get_logger("daemon.batching")
 DONE_WITH = np.empty((0, 0, 3), np.uint8)
+
+
+class Outbox(Protocol):
+    """Where a batch's outcomes go: the results stage's queue, or `tiling.Assembler` before it."""
+
+    async def put(self, item: list[Outcome]) -> None: ...
 
 
 @dataclass(slots=True)
@@ -47,7 +54,7 @@ class Batcher:
         self,
         ready: asyncio.Queue[Prepared],
         workers: list[Device],
-        inferred: asyncio.Queue[list[Outcome]],
+        inferred: Outbox,
         knobs: Knobs,
     ) -> None:
         self.ready = ready

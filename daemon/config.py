@@ -67,6 +67,24 @@ class LogFormat(enum.Enum):
     AUTO = "auto"  # console when stdout is a TTY, else JSON
 
 
+class TilingMode(enum.Enum):
+    """Sliced inference (daemon.tiling): when an image is cut into tiles of the model's size."""
+
+    OFF = "off"  # never: every image letterboxed whole (Ultralytics predict parity)
+    ON = "on"  # always
+    AUTO = "auto"  # when letterboxing would shrink the image more than tiling.auto_above times
+
+
+class MergeRule(enum.Enum):
+    GREEDY_NMM = "greedy_nmm"  # SAHI's GREEDYNMM: overlapping results merge into one (union box, max score)
+    NMS = "nms"  # overlapping results: only the most confident is kept
+
+
+class MatchMetric(enum.Enum):
+    IOS = "ios"  # intersection over the smaller area (a cut-off half matches its whole)
+    IOU = "iou"  # intersection over union
+
+
 @dataclass(frozen=True, slots=True)
 class PathsConfig:
     incoming: Path
@@ -152,6 +170,21 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TilingConfig:
+    """`[tiling]`: sliced inference for images far larger than the model input (docs/tiling.md)."""
+
+    mode: TilingMode = TilingMode.OFF
+    auto_above: float = 8.0  # mode auto: tile when the long side is more than this many times the model input
+    size: int = 0  # tile edge in source pixels; 0 = "auto", the model's imgsz
+    overlap: float = 0.2  # fraction of a tile shared with its neighbour
+    full_image: bool = True  # also the whole image letterboxed, for objects larger than a tile
+    merge: MergeRule = MergeRule.GREEDY_NMM
+    match: MatchMetric = MatchMetric.IOS
+    match_threshold: float = 0.5
+    class_agnostic: bool = False  # merge across classes too
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: Path | None  # the file it was read from
     paths: PathsConfig
@@ -162,6 +195,7 @@ class Config:
     log: LogConfig
     metrics: MetricsConfig
     cluster: ClusterConfig = ClusterConfig()
+    tiling: TilingConfig = TilingConfig()
 
 
 class Reload(enum.Enum):
@@ -291,6 +325,23 @@ KEYS: tuple[Key, ...] = (
         "how often the cluster's GPUs/nodes are counted (a node added gets an actor) and idle actors pinged"),
     Key("cluster.connect_timeout_s", 30.0, Number(low=1.0), RESTART,
         "a cluster that does not answer within this is unreachable (at start: exit 1 naming the address)"),
+    Key("tiling.mode", "off", checks.Choice(TilingMode), LIVE,
+        '"off": every image letterboxed whole (Ultralytics predict parity); "on": every image'),
+    Key("tiling.auto_above", 8.0, Number(low=1.0), LIVE,
+        '"auto" tiles a 2048x12000 strip (18.8x at 640), not a 1080p (3x) or 4K (6x) photo'),
+    Key("tiling.size", "auto", Integer(low=32, auto=0), LIVE,
+        'tile edge in source pixels; "auto" = the model\'s imgsz (no resize per tile)'),
+    Key("tiling.overlap", 0.2, Number(low=0.0, high=0.9), LIVE,
+        "fraction of a tile shared with its neighbour (SAHI's overlap ratio)"),
+    Key("tiling.full_image", True, checks.boolean, LIVE,
+        "also the whole image letterboxed, for objects larger than a tile (as SAHI)"),
+    Key("tiling.merge", "greedy_nmm", checks.Choice(MergeRule), LIVE,
+        '"greedy_nmm": overlapping results merge (union box, max score); "nms": keep the best'),
+    Key("tiling.match", "ios", checks.Choice(MatchMetric), LIVE,
+        '"ios": intersection over the smaller area; "iou": intersection over union'),
+    Key("tiling.match_threshold", 0.5, Number(low=0.0, high=1.0), LIVE,
+        "results overlapping at least this much are one object"),
+    Key("tiling.class_agnostic", False, checks.boolean, LIVE, "true: merge across classes too"),
 )
 BY_NAME = {key.name: key for key in KEYS}
 DEFAULTS: dict[str, dict[str, Any]] = {}  # "section" -> {"key": default}, derived from KEYS
@@ -340,6 +391,7 @@ SECTIONS: dict[str, type[Any]] = {
     "log": LogConfig,
     "metrics": MetricsConfig,
     "cluster": ClusterConfig,
+    "tiling": TilingConfig,
 }
 
 

@@ -9,6 +9,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from daemon.config import TilingConfig
 from daemon.errors import FailReason as FailReason  # re-exported: its old home
 from daemon.errors import ItemError as ItemError
 from daemon.tasks import Payload
@@ -24,6 +25,7 @@ class Job:
     attempts: int = 0
     recovered: bool = False  # found in processing/ at start: an earlier run may have left temp files
     timings_ms: dict[str, float] = field(default_factory=dict)
+    tile: Part | None = None  # a tile of a tiled image (daemon.tiling): its own attempts, its image's file
 
 
 @dataclass(slots=True)
@@ -73,6 +75,7 @@ class Inferred:
     device: str
     batch_size: int
     model: ModelInfo  # the one that produced them (a reload may have switched since)
+    tiles: int = 0  # the tiles its payload was merged from (daemon.tiling); 0 = the image was not tiled
 
 
 @dataclass(slots=True)
@@ -84,6 +87,32 @@ class Failure:
 
 
 Outcome = Inferred | Failure  # what the results stage receives
+
+
+@dataclass(slots=True)
+class Tiled:
+    """One tiled image on its way: where its tiles are and what came back of them."""
+
+    image: Prepared  # the whole image's record (job, size as seen, orientation); no pixels
+    boxes: list[tuple[int, int, int, int]]  # the tiles' places (x1 y1 x2 y2); the full image pass is not one
+    parts: int  # results expected: tiles, plus one for the full image pass
+    rule: TilingConfig  # the merge settings when it was cut (a reload applies to the next image)
+    payloads: list[Payload] = field(default_factory=list)
+    devices: set[str] = field(default_factory=set)
+    infer_ms: float = 0.0  # the model time of its batches, each shared among the batch's images
+    batch_size: int = 0  # the largest batch any of its parts ran in
+    batch_wait_ms: float = 0.0  # the longest any of its parts waited for a batch
+    model: ModelInfo | None = None
+    finished: bool = False  # its result (or failure) has left
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """What a tile's `Job.tile` says: which image, and where the tile sits in it (None for the
+    full-image pass, already in source pixels)."""
+
+    of: Tiled
+    origin: tuple[int, int] | None
 
 
 class Capacity:

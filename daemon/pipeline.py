@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from daemon import batching, intake, preprocess, results
-from daemon.config import Config, Decode
+from daemon import batching, intake, preprocess, results, tiling
+from daemon.config import Config, Decode, TilingConfig
 from daemon.devices import JPEG_SLOT_BYTES, Device
 from daemon.jobs import Capacity, Job, Outcome, Prepared
 from daemon.sinks import Sink
@@ -31,7 +31,10 @@ def prep_settings(config: Config, task: str = "detect") -> preprocess.Settings:
     p = config.pipeline
     classify = task == Task.CLASSIFY.value
     device_max_bytes = JPEG_SLOT_BYTES if p.decode is Decode.DEVICE and not classify else 0
-    return preprocess.Settings(config.model.imgsz, p.reduced_decode, p.max_pixels, device_max_bytes, classify)
+    # A classifier is never tiled: refused at start for a .pt (checkpoint.resolve); an exported
+    # classifier's task is known only from its devices, and its images are then taken whole.
+    tiles = TilingConfig() if classify else config.tiling
+    return preprocess.Settings(config.model.imgsz, p.reduced_decode, p.max_pixels, device_max_bytes, classify, tiles)
 
 
 def knobs(config: Config) -> batching.Knobs:
@@ -77,11 +80,14 @@ class Pipeline:
             cfg.intake.claim_by_copy,
         )
         threads = cfg.pipeline.preprocess_threads or cores()
+        pool = ThreadPoolExecutor(threads, "preprocess", initializer=name_os_thread, initargs=("preprocess",))
+        # A tiled image's tiles are merged into its result between the batcher and the results stage.
+        assembler = tiling.Assembler(outcomes, pool)
         return cls(
             {"jobs": jobs, "ready": ready, "outcomes": outcomes},
-            batching.Batcher(ready, devices, outcomes, knobs(cfg)),
+            batching.Batcher(ready, devices, assembler, knobs(cfg)),
             results.Writer(cfg.paths, cfg.output, finished, sinks),
             intake.Intake(intake_settings, capacity, jobs, outcomes),
-            ThreadPoolExecutor(threads, "preprocess", initializer=name_os_thread, initargs=("preprocess",)),
+            pool,
             threads,
         )

@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import BinaryIO
 
 import cv2
@@ -31,6 +31,8 @@ import numpy as np
 import structlog
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from daemon import tiling
+from daemon.config import TilingConfig, TilingMode
 from daemon.jobs import FailReason, Failure, ItemError, Job, Outcome, Prepared
 
 log = structlog.get_logger("daemon.preprocess")
@@ -57,6 +59,11 @@ class Settings:
     max_pixels: int
     device_max_bytes: int = 0  # JPEGs up to this size are decoded by the device process; 0 = none
     classify: bool = False  # a classification model: resize the short side and crop (no letterbox)
+    tiling: TilingConfig = field(default_factory=TilingConfig)  # mode off for classification (a ConfigError refuses it)
+
+    def tiled(self, seen: tuple[int, int]) -> bool:
+        """Whether an image of `seen` (w, h) is cut into tiles: then it is decoded at full size here."""
+        return tiling.wanted(seen, self.imgsz, self.tiling)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +160,8 @@ def decode(path: str, settings: Settings) -> tuple[np.ndarray | bytes, tuple[int
                     )
                 orientation = _orientation(im)
                 seen = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+                if settings.tiled(seen):  # every pixel is needed, and the tiles are cut here
+                    settings = replace(settings, reduced_decode=False, device_max_bytes=0)
                 if not _plain_jpeg(im, data):
                     return _decode(im, settings), seen, orientation
                 if len(data) <= settings.device_max_bytes and not im.info.get("progressive"):
@@ -272,9 +281,23 @@ def centre_crop(image: np.ndarray, imgsz: int, *, source_size: tuple[int, int] |
     return np.ascontiguousarray(np.asarray(resized)[top : top + imgsz, left : left + imgsz])
 
 
+def prepare_any(job: Job, settings: Settings) -> Prepared | list[Prepared]:
+    """`prepare`, or for an image to be tiled (`Settings.tiled`) its tiles (`cut`)."""
+    image, seen, orientation = decode(str(job.path), settings)
+    if not isinstance(image, bytes) and settings.tiled(seen):
+        return tiling.cut(job, image, orientation, settings.imgsz, settings.tiling, letterbox)
+    return _prepared(job, image, seen, orientation, settings)
+
+
 def prepare(job: Job, settings: Settings) -> Prepared:
     """Decode and letterbox (or, for classification, crop) one claimed file (runs in a pool thread)."""
     image, seen, orientation = decode(str(job.path), settings)
+    return _prepared(job, image, seen, orientation, settings)
+
+
+def _prepared(
+    job: Job, image: np.ndarray | bytes, seen: tuple[int, int], orientation: int, settings: Settings
+) -> Prepared:
     if settings.classify and not isinstance(image, bytes):
         crop = centre_crop(image, settings.imgsz, source_size=seen)
         return Prepared(job, crop, seen[0], seen[1], orientation, (1.0, 1.0), (0, 0))
@@ -314,6 +337,11 @@ async def run(
                     outcome.ready_at = now
                     await ready.put(outcome)
                     continue
+                if isinstance(outcome, list):  # a tiled image: its tiles wait here until the batcher has room
+                    for tile in outcome:
+                        tile.ready_at = time.monotonic()
+                        await ready.put(tile)
+                    continue
                 if not isinstance(outcome, ItemError):
                     log.error("internal_error", stage="preprocess", path=str(job.rel), exc_info=outcome)
                     outcome = ItemError.internal(outcome)
@@ -326,6 +354,8 @@ async def run(
             group = [await jobs.get()]
             await slots.acquire()
             size = min(GROUP, 1 + jobs.qsize() // concurrency)  # a short queue keeps every thread busy
+            if settings().tiling.mode is not TilingMode.OFF:
+                size = 1  # a strip's decoded pixels wait for the batcher: one per thread job, not four
             while len(group) < size and not jobs.empty():
                 group.append(jobs.get_nowait())
             now = time.monotonic()
@@ -334,13 +364,16 @@ async def run(
             tasks.create_task(some(group))
 
 
-def prepare_all(jobs: list[Job], settings: Settings) -> list[tuple[Prepared | Exception, float]]:
+Result = Prepared | list[Prepared] | Exception
+
+
+def prepare_all(jobs: list[Job], settings: Settings) -> list[tuple[Result, float]]:
     """`prepare` each job (in a pool thread): per job its result or error, and the ms it took."""
-    out: list[tuple[Prepared | Exception, float]] = []
+    out: list[tuple[Result, float]] = []
     for job in jobs:
         started = time.monotonic()
         try:
-            result: Prepared | Exception = prepare(job, settings)
+            result: Result = prepare_any(job, settings)
         except Exception as exc:  # noqa: BLE001 - each job's own outcome: ItemError, or a bug
             result = exc
         out.append((result, (time.monotonic() - started) * 1000))

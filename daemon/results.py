@@ -248,6 +248,7 @@ class Writer:
             **result.payload.counts(result.model.names),
             "width": p.width,
             "height": p.height,
+            **({"tiles": result.tiles} if result.tiles else {}),
             **{f"{k}_ms": round(v, 2) for k, v in job.timings_ms.items()},
             "total_ms": round((time.monotonic() - job.claimed_at) * 1000, 2),
         }
@@ -297,6 +298,7 @@ class Writer:
             **result.payload.json(model.names),
             "device": result.device,
             "batch_size": result.batch_size,
+            **({"tiles": result.tiles} if result.tiles else {}),  # merged from this many tiles (daemon.tiling)
             "timings_ms": {k: round(v, 2) for k, v in job.timings_ms.items()},
             "processed_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
             "inferd_version": __version__,

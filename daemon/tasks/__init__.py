@@ -96,6 +96,10 @@ class Payload(Protocol):
         """What the image_done log line reports for it."""
         ...
 
+    def shifted(self, dx: float, dy: float) -> Payload:
+        """This result moved by (dx, dy) pixels: a tile's into its whole image's (daemon.tiling)."""
+        ...
+
 
 Postprocess = Callable[[Head, Any, float, float, tuple[int, int], list[Meta]], list[Payload]]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from daemon.config import Config, ConfigError, Decode
+from daemon.config import Config, ConfigError, Decode, TilingMode
 from daemon.tasks import Task, Unsupported, refusal, task_of
 
 DEFAULT_IMGSZ = 640  # Ultralytics' default, what predict uses when a checkpoint names none
@@ -144,6 +144,13 @@ def resolve(config: Config, weights: str) -> tuple[Config, Checkpoint]:
                 'set it to "host" or "auto" for a classification model',
             )
         pipeline = dataclasses.replace(pipeline, decode=Decode.HOST)
+        if config.tiling.mode is not TilingMode.OFF:
+            raise ConfigError(
+                "tiling.mode",
+                f"is {config.tiling.mode.value!r}, but a classification model gives one label per image, "
+                "which tiles cannot be merged into",
+                'set tiling.mode = "off" for a classification model',
+            )
     return dataclasses.replace(config, model=model, pipeline=pipeline), ckpt
 
 

@@ -41,6 +41,9 @@ class Probs:
         for row, (i, p) in enumerate(zip(self.ids.tolist(), self.confs.tolist(), strict=True)):
             draw.text((4 * line, 4 * line + row * 12 * line), f"{names.get(i, i)} {p:.2f}", fill=(255, 56, 56))
 
+    def shifted(self, dx: float, dy: float) -> Probs:
+        return self  # never tiled (a ConfigError refuses it): there is no geometry to move
+
     def counts(self, names: dict[int, str]) -> dict[str, Any]:
         if not len(self.ids):
             return {"top1": None}

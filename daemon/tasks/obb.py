@@ -3,12 +3,14 @@ pixels as `OBBPredictor` maps them; the four corners as `OBB.xyxyxyxy`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
+import cv2
 import numpy as np
 from PIL import ImageDraw
 
+from daemon.config import MatchMetric, MergeRule, TilingConfig
 from daemon.tasks import Head, Meta, Payload, Task, detect, g
 
 
@@ -61,6 +63,56 @@ class Rotated:
 
     def counts(self, names: dict[int, str]) -> dict[str, Any]:
         return {"detections": len(self.data)}
+
+    def shifted(self, dx: float, dy: float) -> Rotated:
+        data = self.data.copy()
+        data[:, 0] += np.float32(dx)
+        data[:, 1] += np.float32(dy)
+        return replace(self, data=data)
+
+
+def overlap(corners: np.ndarray, others: np.ndarray, match: MatchMetric) -> np.ndarray:
+    """Rotated IoU or IoS of one box's (4, 2) corners with each of `others` (n, 4, 2): the exact
+    area of their convex intersection."""
+    a = np.ascontiguousarray(corners, np.float32)
+    area = abs(cv2.contourArea(a))
+    out = np.zeros(len(others), np.float64)
+    for i, b in enumerate(np.ascontiguousarray(others, np.float32)):
+        inter, _ = cv2.intersectConvexConvex(a, b)
+        other = abs(cv2.contourArea(b))
+        base = min(area, other) if match is MatchMetric.IOS else area + other - inter
+        out[i] = inter / base if base > 0 else 0.0
+    return out
+
+
+def enclosing(rows: np.ndarray) -> np.ndarray:
+    """The least-area rotated box around `rows`' corners (GREEDYNMM's union, for oriented boxes),
+    as cx cy w h angle with Ultralytics' convention (`regularize_rboxes`: angle in [0, pi/2))."""
+    (cx, cy), (w, h), degrees = cv2.minAreaRect(Rotated(rows).corners().reshape(-1, 2))
+    angle = np.deg2rad(degrees) % np.pi
+    if angle >= np.pi / 2:
+        w, h = h, w
+    return np.array([cx, cy, w, h, angle % (np.pi / 2)], np.float32)
+
+
+def merge(parts: list[Payload], rule: TilingConfig) -> Payload:
+    """Oriented boxes grouped by rotated IoU/IoS, per class unless class-agnostic; GREEDYNMM
+    replaces a group by the least-area rotated box around it, with the best score and its class."""
+    data = np.concatenate([p.data for p in parts if isinstance(p, Rotated)] or [np.zeros((0, 7), np.float32)])
+    corners = Rotated(data).corners()
+    out: list[np.ndarray] = []
+    for keep, matched in detect.groups(data, lambda i, js: overlap(corners[i], corners[js], rule.match), rule):
+        row, held = data[keep].copy(), [keep]
+        if rule.merge is MergeRule.GREEDY_NMM:
+            for j in matched:
+                mine = Rotated(row[None]).corners()[0]
+                if overlap(mine, corners[j : j + 1], rule.match)[0] >= rule.match_threshold:
+                    held.append(j)
+                    row[:5] = enclosing(data[held])
+                    row[6] = row[6] if row[5] > data[j, 5] else data[j, 6]
+                    row[5] = max(row[5], data[j, 5])
+        out.append(row)
+    return Rotated(np.stack(out).astype(np.float32) if out else np.zeros((0, 7), np.float32))
 
 
 def postprocess(

@@ -3,12 +3,13 @@ source pixels as `PosePredictor` does (`ops.scale_coords`, clipped to the image)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
 from PIL import ImageDraw
 
+from daemon.config import TilingConfig
 from daemon.tasks import Head, Meta, Payload, Task, detect, g
 
 VISIBLE = 0.5  # a keypoint is drawn, and counted, from this confidence (as Ultralytics' plotter)
@@ -51,6 +52,22 @@ class Keypoints:
         k = self.keypoints
         visible = int((k[..., 2] >= VISIBLE).sum()) if k.shape[-1] == 3 else k.shape[0] * k.shape[1]
         return {"detections": len(self.data), "keypoints": visible}
+
+    def shifted(self, dx: float, dy: float) -> Keypoints:
+        points = self.keypoints.copy()
+        points[..., 0] += np.float32(dx)
+        points[..., 1] += np.float32(dy)
+        return replace(self, data=detect.shift_rows(self.data, dx, dy), keypoints=points)
+
+
+def merge(parts: list[Payload], rule: TilingConfig) -> Payload:
+    """Boxes merged as detect's; each merged box keeps the keypoints of its most confident member
+    (they follow their box: a union of skeletons is not a skeleton)."""
+    kept = [p for p in parts if isinstance(p, Keypoints)]
+    data = np.concatenate([p.data for p in kept])
+    points = np.concatenate([p.keypoints for p in kept])
+    rows, members = detect.merge_boxes(data, rule)
+    return Keypoints(rows, points[[m[0] for m in members]].reshape(len(rows), *points.shape[1:]))
 
 
 def postprocess(

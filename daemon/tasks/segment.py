@@ -9,12 +9,15 @@ the device process, never the masks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
+import cv2
 import numpy as np
 from PIL import ImageDraw
 
+from daemon.config import TilingConfig
 from daemon.tasks import Head, Meta, Payload, Task, detect, g
 
 
@@ -50,6 +53,38 @@ class Masks:
 
     def counts(self, names: dict[int, str]) -> dict[str, Any]:
         return {"detections": len(self.data), "masks": sum(len(p) >= 3 for p in self.polygons)}
+
+    def shifted(self, dx: float, dy: float) -> Masks:
+        move = np.array([dx, dy], np.float32)
+        return replace(self, data=detect.shift_rows(self.data, dx, dy), polygons=[p + move for p in self.polygons])
+
+
+def join(polygons: list[np.ndarray], box: np.ndarray) -> np.ndarray:
+    """The outline of the union of `polygons` (source pixels), drawn in a mask the size of their
+    merged `box` only (never the whole frame: 24 MB per detection at 2048x12000); its largest
+    outer contour, as one polygon. A single polygon is returned as it is."""
+    shapes = [p for p in polygons if len(p) >= 3]
+    if len(shapes) <= 1:
+        return shapes[0] if shapes else (polygons[0] if polygons else np.zeros((0, 2), np.float32))
+    x0, y0 = math.floor(box[0]), math.floor(box[1])
+    w, h = math.ceil(box[2]) - x0 + 1, math.ceil(box[3]) - y0 + 1
+    mask = np.zeros((h, w), np.uint8)
+    origin = np.array([x0, y0], np.float32)
+    cv2.fillPoly(mask, [np.round(p - origin).astype(np.int32) for p in shapes], 1)
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    largest = max(contours, key=cv2.contourArea)
+    out: np.ndarray = largest.reshape(-1, 2).astype(np.float32) + origin
+    return out
+
+
+def merge(parts: list[Payload], rule: TilingConfig) -> Payload:
+    """Boxes merged as detect's; each merged detection's polygon is the union of its members'
+    (each already cut to its box by its tile's mask)."""
+    kept = [p for p in parts if isinstance(p, Masks)]
+    data = np.concatenate([p.data for p in kept] or [np.zeros((0, 6), np.float32)])
+    polygons = [polygon for p in kept for polygon in p.polygons]
+    rows, members = detect.merge_boxes(data, rule)
+    return Masks(rows, [join([polygons[i] for i in held], row) for row, held in zip(rows, members, strict=True)])
 
 
 def postprocess(
