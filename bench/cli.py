@@ -278,7 +278,10 @@ def _tuned(config: Config) -> tuple[set[str], list[str], dict[str, tuple[int, in
     from daemon.tuning import tune
 
     asyncio.run(export.resolve(config))
-    choice = tune.cached(export.tune_request(config) | {"weights": resolve_weights(config.model.weights)})
+    weights = resolve_weights(config.model.weights)
+    if not Path(weights).is_file():
+        return set(), [], {}  # nothing was measured: the daemon's own start says what is wrong
+    choice = tune.cached(export.tune_request(config) | {"weights": weights})
     rows = choice.table if choice is not None else []
     below = {f"{r.runtime} {r.precision}" for r in rows if r.note.startswith("below the accuracy gate")}
     best: dict[str, tuple[int, int]] = {}

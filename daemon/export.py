@@ -110,6 +110,8 @@ async def resolve(config: Config, *, stop: asyncio.Event | None = None, notifier
         req["weights"] = await asyncio.to_thread(resolve_weights, m.weights)
     except ModelError as exc:
         raise WorkerStartError(f"model: {exc}", permanent=True) from None
+    if not await asyncio.to_thread(Path(req["weights"]).is_file):
+        return config  # nothing to measure: loading it fails in the device processes, with its own message
     choice = await asyncio.to_thread(tune.cached, req)
     fresh = choice is None
     if choice is None:

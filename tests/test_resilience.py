@@ -88,14 +88,14 @@ def wait_until(condition: Callable[[], bool], root: Path, timeout_s: float) -> N
 def test_an_unexpected_error_in_preprocessing_fails_that_image_alone(
     runner: asyncio.Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = preprocess.prepare
+    real = preprocess.prepare_any  # what the stage runs per image (a tiled image's tiles, or one Prepared)
 
-    def prepare(job: Job, settings: preprocess.Settings) -> Prepared:
+    def prepare(job: Job, settings: preprocess.Settings) -> Prepared | list[Prepared]:
         if job.rel.name == "odd.jpg":
             raise ZeroDivisionError("a bug met on this image")
         return real(job, settings)
 
-    monkeypatch.setattr(preprocess, "prepare", prepare)
+    monkeypatch.setattr(preprocess, "prepare_any", prepare)
     names = ["a.jpg", "odd.jpg", "b.jpg"]
     for i, name in enumerate(names):
         photo_like(160, 120, i).save(tmp_path / name)
