@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon import durable
 from daemon.config import Precision, Runtime
 from daemon.errors import ExportError as ExportError  # re-exported: raised here
 from daemon.runtimes.specs import SPECS, device_type, exported_as
@@ -204,7 +205,7 @@ def ensure(
                 rel = quantize(Path(base.artefact), tmp, calibration, imgsz, max_batch)
             _seal(tmp, key, rel)
             os.rename(tmp, entry)
-            _fsync_dir(cache_dir)
+            durable.fsync_dir(cache_dir)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if type(exc).__name__ == "GateFailed":
@@ -263,12 +264,4 @@ def _seal(tmp: Path, key: dict[str, Any], artefact: str) -> None:
     with open(manifest, "rb") as handle:
         os.fsync(handle.fileno())
     for d in sorted({p.parent for p in tmp.rglob("*")} | {tmp}):
-        _fsync_dir(d)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        durable.fsync_dir(d)
