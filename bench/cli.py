@@ -95,6 +95,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--strips", type=_positive(int), default=3, help="strips for --tiling (default 3; SAHI: ~34 s each)")
     p.add_argument("--strip-size", type=_size, default=(2048, 12000), help="their size WxH (default 2048x12000)")
     p.add_argument("--workdir", type=Path, help="keep everything here (default: a temporary dir, removed)")
+    p.add_argument("--models", type=Path, help="the model cache, kept across runs (default: in the workdir)")
     p.add_argument("--json", type=Path, help="also write the report as JSON to this file")
     p.add_argument("--plot", type=Path, help="also draw the report as a PNG chart to this file")
     p.add_argument("--seed", type=int, default=0, help="random seed of the generated images")
@@ -145,6 +146,8 @@ def main(argv: list[str]) -> int:
     workdir: Path = args.workdir or Path(tempfile.mkdtemp(prefix="inferd-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("YOLO_CONFIG_DIR", str(workdir / "ultralytics"))  # before Ultralytics is imported
+    if args.models:
+        runs.share_models(workdir, args.models)
     try:
         report = measure(args, workdir, parse(runs.daemon_config(workdir, args), base=workdir))
     except ConfigError as exc:
@@ -227,8 +230,7 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
             others = bound.measure_bounds(images, config, devices, skip=ceiling["runtime"], layouts=layouts)
             report["bounds"] = {ceiling["runtime"]: ceiling, **others}
     if "inferd" in modes:
-        runs.share_models(workdir / "inferd", config.paths.work / "models")
-        raw = runs.daemon_config(workdir / "inferd", args)
+        raw = runs.new_run(workdir, "inferd", args)
         results["inferd"] = runs.run_once(raw, images, [p.name for p in images])
     if "inferd" in results:
         rate = results["inferd"]["images_per_s"]
@@ -239,8 +241,7 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
             report["fastest_bound"] = fastest
             report["ratios"]["inferd/fastest_bound"] = rate / report["bounds"][fastest]["images_per_s"]
     if args.latency:
-        runs.share_models(workdir / "latency", config.paths.work / "models")
-        report["latency"] = runs.latency(images, runs.daemon_config(workdir / "latency", args), args.rate)
+        report["latency"] = runs.latency(images, runs.new_run(workdir, "latency", args), args.rate)
         report["latency"]["p50_over_single_image"] = report["latency"]["p50_ms"] / report["single_image_ms"]
     if "pipeline" in modes:
         report["pipeline"] = pipeline.measure(images, workdir, args)

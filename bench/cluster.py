@@ -25,7 +25,7 @@ def measure(images: list[Path], workdir: Path, args: argparse.Namespace, threads
     report: dict[str, Any] = {"address": args.cluster or "(a local Ray instance)", "torch_threads": threads}
     names = [p.name for p in images]
     for backend in BACKENDS:
-        raw = runs.daemon_config(workdir / f"cluster-{backend}", args)
+        raw = runs.new_run(workdir, f"cluster-{backend}", args)
         raw["model"]["runtime"] = "torch"  # what the actors run
         raw["pipeline"].update(decode="device", torch_threads=threads, cpu_workers=1)
         if backend == "ray":

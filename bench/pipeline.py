@@ -31,7 +31,7 @@ def measure(images: list[Path], workdir: Path, args: argparse.Namespace) -> dict
     path = os.pathsep.join(p for p in (str(CHECKOUT), os.environ.get("PYTHONPATH", "")) if p)
     report: dict[str, Any] = {"weights": str(weights), "boxes_per_image": len(fake_model.BOXES)}
     for decode in DECODES:
-        raw = runs.daemon_config(workdir / f"pipeline-{decode}", args)
+        raw = runs.new_run(workdir, f"pipeline-{decode}", args)
         raw["model"].update(weights=str(weights), runtime="torch", precision="fp32")
         raw["pipeline"]["decode"] = decode
         names = [p.name for p in images]

@@ -39,14 +39,29 @@ def daemon_config(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def share_models(root: Path, models: Path) -> None:
-    """The daemon under `root` uses the bench's model cache (`models`): it finds the exports and
-    the measured choice there instead of making them again (never timed either way)."""
-    work = root / "work"
-    work.mkdir(parents=True, exist_ok=True)
+def new_run(workdir: Path, name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The raw config of a daemon run in `workdir/name`, emptied first (a rerun in the same --workdir
+    starts clean). The run uses the bench's model cache (`workdir/work/models`): it finds the exports
+    and the measured choice there instead of making them again (never timed either way)."""
+    root = workdir / name
+    shutil.rmtree(root, ignore_errors=True)
+    models = workdir / "work" / "models"
     models.mkdir(parents=True, exist_ok=True)
-    if not (work / "models").exists():
-        (work / "models").symlink_to(models.resolve())
+    (root / "work").mkdir(parents=True)
+    (root / "work" / "models").symlink_to(models.resolve())
+    return daemon_config(root, args)
+
+
+def share_models(workdir: Path, models: Path) -> None:
+    """`--models`: the bench's model cache is `models`, kept across runs (exports and the measured
+    choice are made once per machine, not once per --workdir)."""
+    link = workdir / "work" / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() and link.resolve() != models.resolve():
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(models.resolve())
 
 
 def start(raw: dict[str, Any], *args: str, env: dict[str, str] | None = None) -> Daemon:
@@ -173,7 +188,7 @@ def backlog(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     done = []
     for n in args.backlog:
         names = [f"b{i:06d}.jpg" for i in range(n)]
-        done.append(run_once(daemon_config(workdir / f"backlog-{n}", args), [small] * n, names))
+        done.append(run_once(new_run(workdir, f"backlog-{n}", args), [small] * n, names))
         if done[-1]["rss_mib"] is None:
             raise BenchError(f"backlog {n}: the daemon exited before its VmHWM could be read")
     size = "x".join(map(str, BACKLOG_SIZE))

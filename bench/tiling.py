@@ -64,7 +64,7 @@ def daemon(
     workdir: Path, args: argparse.Namespace, paths: list[Path], mode: str
 ) -> tuple[dict[str, Any], list[np.ndarray]]:
     """`inferd run --once` on the strips with `[tiling] mode`; its rate and each strip's boxes."""
-    raw = runs.daemon_config(workdir / f"inferd-{mode}", args)
+    raw = runs.new_run(workdir, f"inferd-{mode}", args)
     raw["tiling"] = {"mode": mode, "size": TILE, "overlap": OVERLAP}
     result = runs.run_once(raw, paths, [p.name for p in paths], label=f"tiling {mode}")
     found = []
@@ -121,7 +121,7 @@ def backlog(workdir: Path, args: argparse.Namespace, source: Path, counts: tuple
     """Peak RSS of the main process with N strips waiting, stopped after its first result."""
     out = []
     for n in counts:
-        raw = runs.daemon_config(workdir / f"backlog-{n}", args)
+        raw = runs.new_run(workdir, f"backlog-{n}", args)
         raw["tiling"] = {"mode": "on", "size": TILE, "overlap": OVERLAP}
         raw["pipeline"]["drain_timeout_s"] = 1.0  # what is left waits in processing/ for the next run
         incoming = Path(raw["paths"]["incoming"])

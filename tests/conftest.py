@@ -45,6 +45,13 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def bench_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One model cache for every bench run of the session (`inferd bench --models`): the exports and
+    the measured choice are made by the first run only, as on a machine that benches twice."""
+    return tmp_path_factory.mktemp("bench-models")
+
+
 def oriented(tmp: Path, orientation: int) -> Path:
     """bus.jpg stored with an EXIF orientation tag (pixels as stored, the tag says how to turn them)."""
     path = tmp / f"bus-o{orientation}.jpg"

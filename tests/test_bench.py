@@ -15,14 +15,16 @@ from typing import Any
 import pytest
 
 import bench
-from bench import cli, cpu, fake_model, images, pipeline
+from bench import cli, cpu, fake_model, images, pipeline, runs
 
 
-def run_bench(tmp_path: Path, weights: Path, *args: str) -> tuple[dict[str, Any], str]:
-    """`python -m daemon bench` on 320x240 images; returns the JSON report and the printed table."""
+def run_bench(tmp_path: Path, weights: Path, models: Path, *args: str) -> tuple[dict[str, Any], str]:
+    """`python -m daemon bench` on 320x240 images, with the session's model cache; returns the JSON
+    report and the printed table."""
     report = tmp_path / "report.json"
     command = [sys.executable, "-m", "daemon", "bench", "--size", "320x240", "--weights", str(weights)]
-    command += ["--devices", "cpu", "--workdir", str(tmp_path / "work"), "--json", str(report), *args]
+    command += ["--devices", "cpu", "--workdir", str(tmp_path / "work"), "--json", str(report)]
+    command += ["--models", str(models), *args]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr
     return json.loads(report.read_text()), proc.stdout
@@ -71,8 +73,8 @@ def test_generated_images_compress_like_photos() -> None:
 
 
 @pytest.mark.slow
-def test_throughput_modes_are_measured_and_compared(tmp_path: Path, tiny_weights: Path) -> None:
-    report, table = run_bench(tmp_path, tiny_weights, "--count", "3")
+def test_throughput_modes_are_measured_and_compared(tmp_path: Path, tiny_weights: Path, bench_models: Path) -> None:
+    report, table = run_bench(tmp_path, tiny_weights, bench_models, "--count", "3")
     modes = report["modes"]
     assert list(modes) == list(cli.DEFAULT_MODES)
     processes = len(report["setup"]["devices"])  # the bound runs one Runner per device process
@@ -103,8 +105,8 @@ def test_throughput_modes_are_measured_and_compared(tmp_path: Path, tiny_weights
 
 
 @pytest.mark.slow
-def test_latency(tmp_path: Path, tiny_weights: Path) -> None:
-    report, table = run_bench(tmp_path, tiny_weights, "--latency", "--count", "3", "--rate", "4")
+def test_latency(tmp_path: Path, tiny_weights: Path, bench_models: Path) -> None:
+    report, table = run_bench(tmp_path, tiny_weights, bench_models, "--latency", "--count", "3", "--rate", "4")
     latency = report["latency"]
     assert report["modes"] == {}  # --latency alone measures latency only
     assert latency["files"] == 3
@@ -114,8 +116,8 @@ def test_latency(tmp_path: Path, tiny_weights: Path) -> None:
 
 
 @pytest.mark.slow
-def test_backlog(tmp_path: Path, tiny_weights: Path) -> None:
-    report, table = run_bench(tmp_path, tiny_weights, "--backlog", "40,20")
+def test_backlog(tmp_path: Path, tiny_weights: Path, bench_models: Path) -> None:
+    report, table = run_bench(tmp_path, tiny_weights, bench_models, "--backlog", "40,20")
     runs = report["backlog"]["runs"]
     assert [r["images"] for r in runs] == [20, 40]
     assert all(r["rss_mib"] > 0 and r["images_per_s"] > 0 for r in runs)
@@ -168,7 +170,9 @@ def test_the_instant_model_answers_five_boxes_in_the_heads_shape() -> None:
 
 
 @pytest.mark.slow
-def test_pipeline_mode_reports_the_main_process_cpu_by_stage(tmp_path: Path, tiny_weights: Path) -> None:
+def test_pipeline_mode_reports_the_main_process_cpu_by_stage(
+    tmp_path: Path, tiny_weights: Path, bench_models: Path
+) -> None:
     count = 24
     earlier = tmp_path / "before.json"  # an earlier run, as --json wrote it: this one is compared with it
     earlier.write_text(
@@ -177,7 +181,7 @@ def test_pipeline_mode_reports_the_main_process_cpu_by_stage(tmp_path: Path, tin
         )
     )
     args = ("--modes", "pipeline", "--count", str(count), "--imgsz", "64", "--compare", str(earlier))
-    report, table = run_bench(tmp_path, tiny_weights, *args)
+    report, table = run_bench(tmp_path, tiny_weights, bench_models, *args)
     assert report["modes"] == {}  # the pipeline has its own section: its model is a stand-in
     pipeline = report["pipeline"]
     for decode in ("host", "device"):
@@ -211,8 +215,12 @@ def test_compare_needs_a_pipeline_report() -> None:
 
 
 @pytest.mark.slow
-def test_cluster_mode_reports_the_ray_path_against_local(tmp_path: Path, tiny_weights: Path, ray_head: Any) -> None:
-    report, table = run_bench(tmp_path, tiny_weights, "--cluster", ray_head.address, "--count", "6", "--imgsz", "64")
+def test_cluster_mode_reports_the_ray_path_against_local(
+    tmp_path: Path, tiny_weights: Path, bench_models: Path, ray_head: Any
+) -> None:
+    report, table = run_bench(
+        tmp_path, tiny_weights, bench_models, "--cluster", ray_head.address, "--count", "6", "--imgsz", "64"
+    )
     section = report["cluster"]
     assert section["address"] == ray_head.address and not report["modes"]
     for backend in ("local", "ray"):
@@ -220,3 +228,20 @@ def test_cluster_mode_reports_the_ray_path_against_local(tmp_path: Path, tiny_we
     ms = 1000 / section["ray"]["images_per_s"] - 1000 / section["local"]["images_per_s"]
     assert section["overhead_ms_per_image"] == pytest.approx(ms)
     assert "overhead of the Ray path" in table
+
+
+def test_a_rerun_in_the_same_workdir_starts_clean_and_shares_the_models(tmp_path: Path) -> None:
+    """`--workdir` kept: the second run's folders are new (no FileExistsError, no stale results),
+    and every run finds the bench's one model cache."""
+    args = cli.parser().parse_args(["--count", "1"])
+    first = runs.new_run(tmp_path, "inferd", args)
+    Path(first["paths"]["incoming"]).mkdir()
+    (Path(first["paths"]["output"]) / "old").mkdir(parents=True)
+    (tmp_path / "work" / "models" / "entry").write_text("exported once")
+    again = runs.new_run(tmp_path, "inferd", args)
+    assert again == first
+    assert not Path(again["paths"]["incoming"]).exists() and not Path(again["paths"]["output"]).exists()
+    assert (Path(again["paths"]["work"]) / "models" / "entry").read_text() == "exported once"
+    shared = tmp_path / "shared"
+    runs.share_models(tmp_path / "other", shared)
+    assert (tmp_path / "other" / "work" / "models").resolve() == shared.resolve()

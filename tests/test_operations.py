@@ -352,12 +352,13 @@ def scrape_and_check_dashboard(port: int) -> None:
 
 
 @pytest.mark.slow
-def test_bench_plot_writes_a_png_headless(tmp_path: Path, tiny_weights: Path) -> None:
+def test_bench_plot_writes_a_png_headless(tmp_path: Path, tiny_weights: Path, bench_models: Path) -> None:
     """A GUI backend asked for and no display: the chart is drawn on Agg all the same."""
     plot = tmp_path / "bench.png"
     command = [sys.executable, "-m", "daemon", "bench", "--size", "160x120", "--count", "3", "--imgsz", "160"]
     command += ["--weights", str(tiny_weights), "--devices", "cpu", "--modes", "naive,inferd"]
     command += ["--workdir", str(tmp_path / "work"), "--json", str(tmp_path / "r.json"), "--plot", str(plot)]
+    command += ["--models", str(bench_models)]
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
     env["MPLBACKEND"] = "TkAgg"
     proc = subprocess.run(command, capture_output=True, text=True, timeout=280, env=env)
