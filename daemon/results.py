@@ -1,45 +1,40 @@
-"""Stage 4: write results atomically with aiofiles, then move the source on.
+"""Stage 4: write results atomically, hand them to every sink, then move the source on.
 
 For `sub/bus.jpg` the results are `output/sub/bus.jpg.txt` (what Ultralytics' `save_txt` writes
 for the model's task), `output/sub/bus.jpg.json` and, if asked, `output/sub/bus.jpg.annotated.jpg`
-(each task's formats are in `daemon.tasks`): the whole
-source name is kept, so `a.jpg` and `a.png` never overwrite each other's results. Each is written
-to a hidden temporary file in the same directory, fsynced, and renamed into place, so a reader
-never sees half a file. Only then does the source leave processing/ (to done/, or deleted).
-A failed input goes to `failed/sub/bus.jpg` beside `failed/sub/bus.jpg.error.json`.
+(each task's formats are in `daemon.tasks`; the files of an image are declared once, in
+`Writer._files`): the whole source name is kept, so `a.jpg` and `a.png` never overwrite each
+other's results. Every file takes one path (`daemon.sinks.files.write_files`): a hidden temporary
+file in the same directory, fsynced, renamed into place, the directory fsynced, so a reader never
+sees half a file. Only then does the source leave processing/ (to done/, or deleted). A failed
+input goes to `failed/sub/bus.jpg` beside `failed/sub/bus.jpg.error.json`, written the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import errno
-import hashlib
 import io
 import itertools
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiofiles.os
 import structlog
 from PIL import Image, ImageDraw, ImageOps
 
-from daemon import __version__, durable, logs
+from daemon import __version__, logs
 from daemon.config import OnSuccess, OutputConfig, PathsConfig
-from daemon.jobs import FailReason, Failure, Inferred, ItemError, Job, ModelInfo, Outcome
+from daemon.jobs import FailReason, Failure, Inferred, ItemError, ModelInfo, Outcome
 from daemon.sinks import Sink
+from daemon.sinks.files import File, move_sources, suffixed, write_files
 from daemon.tasks import SCHEMA_VERSION, Payload
 
 log = structlog.get_logger("daemon.results")
 WRITE_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
-SWEPT_MAX = 10_000  # result directories remembered as swept
-NAME_MAX = 255  # bytes in one file name, on every Linux filesystem inferd supports
 
 
 def annotate(source: Path, payload: Payload, names: dict[int, str]) -> bytes:
@@ -50,24 +45,6 @@ def annotate(source: Path, payload: Payload, names: dict[int, str]) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
-
-
-def suffixed(path: Path, suffix: str) -> Path:
-    """`bus.jpg` -> `bus.jpg.json`: results keep the source's whole name.
-
-    A name that would pass the filesystem's 255-byte limit keeps its first bytes and gets a
-    digest of the whole name instead (`<first bytes>~<16 hex><suffix>`); the .json says which
-    source it belongs to.
-    """
-    name = path.name + suffix
-    if len(os.fsencode(name)) <= NAME_MAX:
-        return path.with_name(name)
-    keep = NAME_MAX - len(os.fsencode(suffix)) - 17
-    return path.with_name(f"{os.fsdecode(os.fsencode(path.name)[:keep])}~{digest(path.name)}{suffix}")
-
-
-def digest(name: str) -> str:
-    return hashlib.blake2b(os.fsencode(name), digest_size=8).hexdigest()
 
 
 class Writer:
@@ -180,7 +157,7 @@ class Writer:
         annotations = await self._annotations(items)
         files = [f for r, a in zip(items, annotations, strict=True) for f in self._files(r, a, started)]
         errors: dict[int, BaseException] = {}
-        for f, error in zip(files, await _write_files(files, self.output.fsync, self.swept), strict=True):
+        for f, error in zip(files, await write_files(files, self.output.fsync, self.swept), strict=True):
             if error is not None:
                 errors.setdefault(id(f.owner), error)
         written = [r for r in items if id(r) not in errors]
@@ -190,7 +167,7 @@ class Writer:
         errors.update((id(r), e) for r, e in zip(written, stored, strict=True) if e is not None)
         kept = [r for r in written if id(r) not in errors]
         delete = self.output.on_success is OnSuccess.DELETE
-        moved = await _move_sources([r.prepared.job for r in kept], self.paths.done, delete)
+        moved = await move_sources([r.prepared.job for r in kept], self.paths.done, delete)
         errors.update((id(r), e) for r, e in zip(kept, moved, strict=True) if e is not None)
         return [errors.get(id(r)) for r in items]
 
@@ -315,11 +292,11 @@ class Writer:
         }
         target = suffixed(self.paths.failed / job.rel, ".error.json")
         data = json.dumps(report, indent=1).encode()
-        (problem,) = await _write_files([File(target, data, job.recovered, failure)], self.output.fsync, self.swept)
+        (problem,) = await write_files([File(target, data, job.recovered, failure)], self.output.fsync, self.swept)
         if problem is not None:
             raise problem
         await self._to_sinks(failure)
-        (problem,) = await _move_sources([job], self.paths.failed, False)
+        (problem,) = await move_sources([job], self.paths.failed, False)
         if problem is not None:
             raise problem
         log.warning("image_failed", path=str(job.rel), reason=error.reason.value, error=str(error))
@@ -328,20 +305,6 @@ class Writer:
 
 def _dumps(value: dict[str, Any]) -> str:
     return json.dumps(value, ensure_ascii=False)
-
-
-def _prepare_dir(directory: Path, swept: set[Path]) -> None:
-    """A result directory, made durably if it is missing, and on its first use in this run
-    cleared of the temp files of dead runs (a power cut can keep a temp file and take back its
-    rename)."""
-    durable.makedirs(directory)
-    if directory in swept:
-        return
-    if len(swept) >= SWEPT_MAX:  # a tree of many directories: forget, and sweep again on a later use
-        swept.clear()
-    if (removed := durable.sweep(directory)) > 0:
-        log.info("temp_files_removed", directory=str(directory), count=removed)
-    swept.add(directory)
 
 
 async def run(inbox: asyncio.Queue[list[Outcome]], writer: Writer, concurrency: int) -> None:
@@ -361,113 +324,3 @@ async def run(inbox: asyncio.Queue[list[Outcome]], writer: Writer, concurrency: 
             group.create_task(one(batch))
 
 
-@dataclass(frozen=True, slots=True)
-class File:
-    """One file to write: `data`, or a function that renders it in the writing thread."""
-
-    target: Path
-    data: bytes | Callable[[], bytes]
-    recovered: bool  # an earlier run may have left temp files for it: remove them first
-    owner: Outcome
-
-
-class _Batch:
-    """The files of one `_write_files` job: per file its temp file, open descriptor and error."""
-
-    def __init__(self, files: list[File], swept: set[Path]) -> None:
-        self.files = files
-        self.swept = swept
-        self.errors: list[Exception | None] = [None] * len(files)
-        self.tmps: list[Path | None] = [None] * len(files)
-        self.fds: list[int | None] = [None] * len(files)
-        self.dirs: set[Path] = set()  # made (and swept) for this job: each fsynced once at the end
-
-    def write(self, i: int) -> None:
-        """File `i`'s bytes into its hidden temp file beside its target (not yet fsynced)."""
-        f = self.files[i]
-        parent, key = f.target.parent, digest(f.target.name)  # temp names have a fixed length
-        if parent not in self.dirs:
-            _prepare_dir(parent, self.swept)
-            self.dirs.add(parent)
-        if f.recovered:
-            for stale in parent.glob(f".{key}.*.tmp"):
-                stale.unlink(missing_ok=True)
-        data = f.data if isinstance(f.data, bytes) else f.data()
-        self.tmps[i] = tmp = f.target.with_name(f".{key}.{os.getpid()}.tmp")
-        self.fds[i] = out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(out, view) :]
-
-    def commit(self, i: int, fsync: bool) -> None:
-        """File `i`'s temp file fsynced and renamed over its target (if it was written)."""
-        handle, tmp = self.fds[i], self.tmps[i]
-        if handle is None or tmp is None:
-            return
-        if fsync:
-            os.fsync(handle)
-        os.close(handle)
-        self.fds[i] = None
-        os.replace(tmp, self.files[i].target)
-
-    def fail(self, i: int, exc: Exception) -> None:
-        self.errors[i] = exc
-        if (fd := self.fds[i]) is not None:
-            os.close(fd)
-            self.fds[i] = None
-        if (tmp := self.tmps[i]) is not None:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-
-    def sync_dirs(self) -> None:
-        """Each directory once: the renames into it reach the disk; a failure fails its files."""
-        for parent in self.dirs:
-            try:
-                durable.fsync_dir(parent)
-            except OSError as exc:
-                for i, f in enumerate(self.files):
-                    if f.target.parent == parent and self.errors[i] is None:
-                        self.errors[i] = exc
-
-
-@aiofiles.os.wrap
-def _write_files(files: list[File], fsync: bool, swept: set[Path]) -> list[Exception | None]:
-    """Write each file atomically, in this one thread: every temp file written, then each
-    fsynced (the first flush carries the others' blocks with it) and renamed into place, then
-    each directory fsynced once. Per file None, or the error that kept it from being durable
-    (an OSError, or a bug met rendering its .json: that outcome then takes the one-at-a-time
-    path)."""
-    batch = _Batch(files, swept)
-    for i in range(len(files)):
-        try:
-            batch.write(i)
-        except Exception as exc:  # noqa: BLE001 - handed back: the outcome is written again on its own
-            batch.fail(i, exc)
-    for i in range(len(files)):
-        try:
-            batch.commit(i, fsync)
-        except OSError as exc:
-            batch.fail(i, exc)
-    if fsync:
-        batch.sync_dirs()
-    return batch.errors
-
-
-@aiofiles.os.wrap
-def _move_sources(jobs: list[Job], into: Path, delete: bool) -> list[OSError | None]:
-    """Move each source to `into` (done/ or failed/), or delete it, in this one thread."""
-    errors: list[OSError | None] = [None] * len(jobs)
-    made: set[Path] = set()
-    for i, job in enumerate(jobs):
-        try:
-            if delete:
-                os.remove(job.path)
-                continue
-            target = into / job.rel
-            if target.parent not in made:
-                durable.makedirs(target.parent)
-                made.add(target.parent)
-            os.replace(job.path, target)
-        except OSError as exc:
-            errors[i] = exc
-    return errors
