@@ -68,14 +68,14 @@ async def each(steps: Iterable[Awaitable[object]]) -> None:
     await asyncio.gather(*steps)
 
 
-def settings(worker: DeviceWorker, *, reduced: bool = False, device: bool = False) -> preprocess.PrepSettings:
+def settings(worker: DeviceWorker, *, reduced: bool = False, device: bool = False) -> preprocess.Settings:
     classify = worker.info["task"] == "classify"
-    return preprocess.PrepSettings(
+    return preprocess.Settings(
         worker.model.imgsz, reduced, 10**9, JPEG_SLOT_BYTES if device and not classify else 0, classify
     )
 
 
-def prepare(path: Path, s: preprocess.PrepSettings) -> Prepared:
+def prepare(path: Path, s: preprocess.Settings) -> Prepared:
     return preprocess.prepare(Job(PurePosixPath(path.name), path), s)
 
 
@@ -297,7 +297,7 @@ def test_classification_decodes_on_the_host(task_weights: dict[str, Path], tmp_p
     auto = checkpoint.resolve_config(parse({"model": {"weights": weights}}, base=tmp_path))
     assert auto.pipeline.decode.value == "host" and auto.model.imgsz == 224
     assert prep_settings(explicit, "classify").device_max_bytes == 0
-    item = prepare(assets() / "zidane.jpg", preprocess.PrepSettings(224, True, 10**9, 0, True))
+    item = prepare(assets() / "zidane.jpg", preprocess.Settings(224, True, 10**9, 0, True))
     assert item.shape == (224, 224) and item.image.shape == (224, 224, 3)
 
 
