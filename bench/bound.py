@@ -111,7 +111,7 @@ def _runner_loop(
     from daemon.workers import calibration_images
 
     m, p = config.model, config.pipeline
-    settings = preprocess.Settings(m.imgsz, p.reduced_decode, p.max_pixels)
+    settings = preprocess.PrepSettings(m.imgsz, p.reduced_decode, p.max_pixels)
     ready = [preprocess.prepare(Job(PurePosixPath(x.name), x), settings) for x in images]
     chunks = [ready[i : i + p.max_batch] for i in range(0, len(ready), p.max_batch)]
     slot_bytes = p.max_batch * m.imgsz * m.imgsz * 3

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 UNSYNCABLE = (errno.EINVAL, errno.EBADF, errno.EACCES, errno.EPERM, errno.EROFS)
-TEMP = re.compile(r"\.[0-9a-f]{16}\.(\d+)\.tmp")  # results.Writer's temp names: .<digest>.<pid>.tmp
+TEMP = re.compile(r"\.[0-9a-f]{16}\.(\d+)\.tmp")  # sinks.files' temp names: .<digest>.<pid>.tmp
 
 
 def fsync_dir(path: Path) -> None:

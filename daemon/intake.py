@@ -43,7 +43,7 @@ CLAIM_GROUP = 32  # files claimed by one thread job
 
 
 @dataclass(frozen=True, slots=True)
-class Settings:
+class IntakeSettings:
     incoming: Path
     processing: Path
     settle_s: float
@@ -76,7 +76,7 @@ def looks_complete(path: Path) -> bool:
     return tail.endswith(JPEG_END) or tail == PNG_END
 
 
-def refusal(mode: int) -> ItemError | None:
+def entry_error(mode: int) -> ItemError | None:
     """Why an entry of this lstat mode is not read, or None for a regular file."""
     if stat.S_ISREG(mode):
         return None
@@ -87,7 +87,11 @@ def refusal(mode: int) -> ItemError | None:
 
 class Intake:
     def __init__(
-        self, settings: Settings, capacity: Capacity, jobs: asyncio.Queue[Job], failed: asyncio.Queue[list[Outcome]]
+        self,
+        settings: IntakeSettings,
+        capacity: Capacity,
+        jobs: asyncio.Queue[Job],
+        failed: asyncio.Queue[list[Outcome]],
     ) -> None:
         self.settings = settings
         self.capacity = capacity
@@ -369,7 +373,7 @@ class Intake:
         )
 
     async def _route(self, job: Job, mode: int) -> None:
-        error = refusal(mode)
+        error = entry_error(mode)
         if error is None:
             await self.jobs.put(job)
         else:

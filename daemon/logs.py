@@ -29,14 +29,14 @@ FOREIGN_LOGGERS = ("ultralytics", "watchfiles")
 BACKLOG_RECORDS = 10_000  # rendered lines that may wait for a slow stdout before logging blocks
 
 
-class Sink(Protocol):
+class LineStream(Protocol):
     """Where rendered lines are written: a text stream, or anything with its write and flush."""
 
     def write(self, text: str, /) -> int: ...
     def flush(self) -> None: ...
 
 
-_output: logging.StreamHandler[Sink] | None = None  # the handler that writes the rendered lines
+_output: logging.StreamHandler[LineStream] | None = None  # the handler that writes the rendered lines
 _lines: queue.Queue[logging.LogRecord] | None = None  # the writer thread's queue (background JSON)
 _process = "main"
 
@@ -137,7 +137,7 @@ def is_console(config: LogConfig) -> bool:
     return config.format is LogFormat.CONSOLE or (config.format is LogFormat.AUTO and sys.stdout.isatty())
 
 
-def set_stream(stream: Sink) -> Sink | None:
+def set_stream(stream: LineStream) -> LineStream | None:
     """Send the rendered lines to `stream` from now on (a progress bar writes them above itself);
     returns the stream they went to, None before configure()."""
     if _output is None:

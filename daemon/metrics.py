@@ -47,6 +47,14 @@ class Metrics:
         self.failing_sinks: set[str] = set()  # /healthz answers 503 while a sink cannot store results
         self.unavailable: str | None = None  # /healthz answers 503 with this (the Ray cluster is lost)
         self.on_scrape: Callable[[], None] | None = None  # e.g. sample queue depths just before rendering
+        self._pipeline_metrics()
+        self._device_metrics()
+        self._output_metrics()
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        self._zeros(devices, failure_reasons, queues)
+
+    def _pipeline_metrics(self) -> None:
+        """Images done and failed, time per stage, batch sizes, queues."""
         ns, reg = NAMESPACE, self.registry
         self.images_done_total = Counter(
             "images_done", "Images whose results are on disk.", ["device"], namespace=ns, registry=reg
@@ -71,6 +79,10 @@ class Metrics:
         )
         self.queue_depth = Gauge("queue_depth", "Items waiting in each queue.", ["queue"], namespace=ns, registry=reg)
         self.in_flight = Gauge("in_flight", "Inputs claimed and not yet finished.", namespace=ns, registry=reg)
+
+    def _device_metrics(self) -> None:
+        """Each device process: up or not, and its restarts."""
+        ns, reg = NAMESPACE, self.registry
         self.workers_up = Gauge(
             "workers_up",
             "1 while the device process runs with its model loaded.",
@@ -81,6 +93,10 @@ class Metrics:
         self.worker_restarts_total = Counter(
             "worker_restarts", "Device processes restarted after they died.", ["device"], namespace=ns, registry=reg
         )
+
+    def _output_metrics(self) -> None:
+        """What was found, and the sinks' state."""
+        ns, reg = NAMESPACE, self.registry
         self.found_total = Counter(
             "found",
             "What the model found in finished images, by task and kind (detections, masks, keypoints; "
@@ -95,7 +111,9 @@ class Metrics:
         self.sink_failures_total = Counter(
             "sink_failures", "Failed attempts to store results (retried).", ["sink"], namespace=ns, registry=reg
         )
-        ProcessCollector(registry=reg)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+
+    def _zeros(self, devices: Iterable[str], failure_reasons: Iterable[str], queues: Iterable[str]) -> None:
+        """Export the label values named up front, at 0 before the first event."""
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)
         for device in devices:

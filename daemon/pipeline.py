@@ -26,7 +26,7 @@ from daemon.workers import cores
 QUEUES = ("jobs", "ready", "outcomes", "batching")
 
 
-def prep_settings(config: Config, task: str = "detect") -> preprocess.Settings:
+def prep_settings(config: Config, task: str = "detect") -> preprocess.PrepSettings:
     """`task`: the model's, from its device processes (classification crops on the host)."""
     p = config.pipeline
     classify = task == Task.CLASSIFY.value
@@ -34,7 +34,8 @@ def prep_settings(config: Config, task: str = "detect") -> preprocess.Settings:
     # A classifier is never tiled: refused at start for a .pt (checkpoint.resolve); an exported
     # classifier's task is known only from its devices, and its images are then taken whole.
     tiles = TilingConfig() if classify else config.tiling
-    return preprocess.Settings(config.model.imgsz, p.reduced_decode, p.max_pixels, device_max_bytes, classify, tiles)
+    imgsz = config.model.imgsz
+    return preprocess.PrepSettings(imgsz, p.reduced_decode, p.max_pixels, device_max_bytes, classify, tiles)
 
 
 def knobs(config: Config) -> batching.Knobs:
@@ -69,7 +70,7 @@ class Pipeline:
         # Decoded images: only as many as the batcher has room for (Batcher.room); more wait undecoded.
         ready: asyncio.Queue[Prepared] = asyncio.Queue(cfg.pipeline.max_batch * (len(devices) + 1))
         outcomes: asyncio.Queue[list[Outcome]] = asyncio.Queue(size)  # a batch's, or one failure
-        intake_settings = intake.Settings(
+        intake_settings = intake.IntakeSettings(
             cfg.paths.incoming,
             cfg.paths.work / "processing",
             cfg.intake.settle_ms / 1000,

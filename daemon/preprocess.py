@@ -53,7 +53,7 @@ REDUCED_COLOR = {
 
 
 @dataclass(frozen=True, slots=True)
-class Settings:
+class PrepSettings:
     imgsz: int
     reduced_decode: bool
     max_pixels: int
@@ -64,6 +64,9 @@ class Settings:
     def tiled(self, seen: tuple[int, int]) -> bool:
         """Whether an image of `seen` (w, h) is cut into tiles: then it is decoded at full size here."""
         return tiling.wanted(seen, self.imgsz, self.tiling)
+
+
+Settings = PrepSettings  # its old name, still used by daemon/tuning/gate.py (another branch's file)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,10 +141,10 @@ def _open(f: BinaryIO) -> Image.Image:
     return image
 
 
-def decode(path: str, settings: Settings) -> tuple[np.ndarray | bytes, tuple[int, int], int]:
+def decode(path: str, settings: PrepSettings) -> tuple[np.ndarray | bytes, tuple[int, int], int]:
     """Decode to RGB uint8 with EXIF orientation applied: (array, (width, height) as seen, orientation).
 
-    A JPEG the device process will decode (`Settings.device_max_bytes`) is returned as its bytes.
+    A JPEG the device process will decode (`PrepSettings.device_max_bytes`) is returned as its bytes.
     Raises ItemError for anything that is not a decodable image within the pixel limit.
     """
     try:
@@ -187,7 +190,7 @@ def _plain_jpeg(im: Image.Image, data: bytes) -> bool:
     return im.format == "JPEG" and im.mode in ("RGB", "L") and data.endswith(JPEG_END)
 
 
-def _draft_size(size: tuple[int, int], settings: Settings) -> tuple[int, int] | None:
+def _draft_size(size: tuple[int, int], settings: PrepSettings) -> tuple[int, int] | None:
     """The least (w, h) a reduced-size JPEG decode must keep (the letterboxed size), or None when
     libjpeg's 1/2, 1/4 or 1/8 scaling cannot help."""
     w, h = size
@@ -197,7 +200,7 @@ def _draft_size(size: tuple[int, int], settings: Settings) -> tuple[int, int] | 
     return math.ceil(w * r), math.ceil(h * r)
 
 
-def _reduction(size: tuple[int, int], settings: Settings) -> int:
+def _reduction(size: tuple[int, int], settings: PrepSettings) -> int:
     """The DCT scale-down (1, 2, 4 or 8) for OpenCV: PIL's `draft` rule for `_draft_size`, so
     both decoders give the same pixels."""
     least = _draft_size(size, settings)
@@ -207,7 +210,7 @@ def _reduction(size: tuple[int, int], settings: Settings) -> int:
     return max(s for s in (1, 2, 4, 8) if s <= most)
 
 
-def _decode_jpeg(data: bytes, size: tuple[int, int], orientation: int, settings: Settings) -> np.ndarray:
+def _decode_jpeg(data: bytes, size: tuple[int, int], orientation: int, settings: PrepSettings) -> np.ndarray:
     """OpenCV's decoder: unlike PIL's, nothing of it holds the GIL (PIL copies an image three
     times under it on the way to an array), so decode threads scale with the cores."""
     flags = REDUCED_COLOR[_reduction(size, settings)] | cv2.IMREAD_IGNORE_ORIENTATION
@@ -231,7 +234,7 @@ def _orient(image: np.ndarray, orientation: int) -> np.ndarray:
     return image
 
 
-def _decode(im: Image.Image, settings: Settings) -> np.ndarray:
+def _decode(im: Image.Image, settings: PrepSettings) -> np.ndarray:
     least = _draft_size(im.size, settings) if im.format == "JPEG" else None
     if least is not None:
         im.draft("RGB", least)
@@ -281,22 +284,22 @@ def centre_crop(image: np.ndarray, imgsz: int, *, source_size: tuple[int, int] |
     return np.ascontiguousarray(np.asarray(resized)[top : top + imgsz, left : left + imgsz])
 
 
-def prepare_any(job: Job, settings: Settings) -> Prepared | list[Prepared]:
-    """`prepare`, or for an image to be tiled (`Settings.tiled`) its tiles (`cut`)."""
+def prepare_any(job: Job, settings: PrepSettings) -> Prepared | list[Prepared]:
+    """`prepare`, or for an image to be tiled (`PrepSettings.tiled`) its tiles (`cut`)."""
     image, seen, orientation = decode(str(job.path), settings)
     if not isinstance(image, bytes) and settings.tiled(seen):
         return tiling.cut(job, image, orientation, settings.imgsz, settings.tiling, letterbox)
     return _prepared(job, image, seen, orientation, settings)
 
 
-def prepare(job: Job, settings: Settings) -> Prepared:
+def prepare(job: Job, settings: PrepSettings) -> Prepared:
     """Decode and letterbox (or, for classification, crop) one claimed file (runs in a pool thread)."""
     image, seen, orientation = decode(str(job.path), settings)
     return _prepared(job, image, seen, orientation, settings)
 
 
 def _prepared(
-    job: Job, image: np.ndarray | bytes, seen: tuple[int, int], orientation: int, settings: Settings
+    job: Job, image: np.ndarray | bytes, seen: tuple[int, int], orientation: int, settings: PrepSettings
 ) -> Prepared:
     if settings.classify and not isinstance(image, bytes):
         crop = centre_crop(image, settings.imgsz, source_size=seen)
@@ -315,7 +318,7 @@ async def run(
     ready: asyncio.Queue[Prepared],
     failed: asyncio.Queue[list[Outcome]],
     pool: ThreadPoolExecutor,
-    settings: Callable[[], Settings],
+    settings: Callable[[], PrepSettings],
     concurrency: int,
 ) -> None:
     """Take claimed jobs, preprocess up to `concurrency` groups at once in `pool`, pass them on.
@@ -367,7 +370,7 @@ async def run(
 Result = Prepared | list[Prepared] | Exception
 
 
-def prepare_all(jobs: list[Job], settings: Settings) -> list[tuple[Result, float]]:
+def prepare_all(jobs: list[Job], settings: PrepSettings) -> list[tuple[Result, float]]:
     """`prepare` each job (in a pool thread): per job its result or error, and the ms it took."""
     out: list[tuple[Result, float]] = []
     for job in jobs:

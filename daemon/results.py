@@ -1,47 +1,40 @@
-"""Stage 4: write results atomically with aiofiles, then move the source on.
+"""Stage 4: write results atomically, hand them to every sink, then move the source on.
 
 For `sub/bus.jpg` the results are `output/sub/bus.jpg.txt` (what Ultralytics' `save_txt` writes
 for the model's task), `output/sub/bus.jpg.json` and, if asked, `output/sub/bus.jpg.annotated.jpg`
-(each task's formats are in `daemon.tasks`): the whole
-source name is kept, so `a.jpg` and `a.png` never overwrite each other's results. Each is written
-to a hidden temporary file in the same directory, fsynced, and renamed into place, so a reader
-never sees half a file. Only then does the source leave processing/ (to done/, or deleted).
-A failed input goes to `failed/sub/bus.jpg` beside `failed/sub/bus.jpg.error.json`.
+(each task's formats are in `daemon.tasks`; the files of an image are declared once, in
+`Writer._files`): the whole source name is kept, so `a.jpg` and `a.png` never overwrite each
+other's results. Every file takes one path (`daemon.sinks.files.write_files`): a hidden temporary
+file in the same directory, fsynced, renamed into place, the directory fsynced, so a reader never
+sees half a file. Only then does the source leave processing/ (to done/, or deleted). A failed
+input goes to `failed/sub/bus.jpg` beside `failed/sub/bus.jpg.error.json`, written the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import errno
-import hashlib
 import io
 import itertools
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiofiles
-import aiofiles.os
 import structlog
 from PIL import Image, ImageDraw, ImageOps
 
-from daemon import __version__, durable, logs
+from daemon import __version__, logs
 from daemon.config import OnSuccess, OutputConfig, PathsConfig
-from daemon.jobs import FailReason, Failure, Inferred, ItemError, Job, ModelInfo, Outcome
+from daemon.jobs import FailReason, Failure, Inferred, ItemError, ModelInfo, Outcome
 from daemon.sinks import Sink
+from daemon.sinks.files import File, move_sources, suffixed, write_files
 from daemon.tasks import SCHEMA_VERSION, Payload
 
 log = structlog.get_logger("daemon.results")
-_fsync = aiofiles.os.wrap(os.fsync)
 WRITE_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
-SWEPT_MAX = 10_000  # result directories remembered as swept
-NAME_MAX = 255  # bytes in one file name, on every Linux filesystem inferd supports
 
 
 def annotate(source: Path, payload: Payload, names: dict[int, str]) -> bytes:
@@ -52,24 +45,6 @@ def annotate(source: Path, payload: Payload, names: dict[int, str]) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
-
-
-def suffixed(path: Path, suffix: str) -> Path:
-    """`bus.jpg` -> `bus.jpg.json`: results keep the source's whole name.
-
-    A name that would pass the filesystem's 255-byte limit keeps its first bytes and gets a
-    digest of the whole name instead (`<first bytes>~<16 hex><suffix>`); the .json says which
-    source it belongs to.
-    """
-    name = path.name + suffix
-    if len(os.fsencode(name)) <= NAME_MAX:
-        return path.with_name(name)
-    keep = NAME_MAX - len(os.fsencode(suffix)) - 17
-    return path.with_name(f"{os.fsdecode(os.fsencode(path.name)[:keep])}~{digest(path.name)}{suffix}")
-
-
-def digest(name: str) -> str:
-    return hashlib.blake2b(os.fsencode(name), digest_size=8).hexdigest()
 
 
 class Writer:
@@ -89,30 +64,6 @@ class Writer:
         self.write_errors = 0  # failed write attempts, retried or not
         self._models: dict[int, tuple[ModelInfo, str]] = {}  # id -> (model, its encoded part of the .json)
         self.swept: set[Path] = set()  # result directories made durable and cleared of dead runs' temp files
-
-    async def write_atomic(self, target: Path, data: bytes, *, recovered: bool = False) -> None:
-        """Write `data` to a hidden temp file beside `target`, fsync, rename over `target`.
-
-        `recovered`: the input was in flight when an earlier run died, so that run may have left
-        its own temp files for this target; they are removed first.
-        """
-        await asyncio.to_thread(_prepare_dir, target.parent, self.swept)
-        key = digest(target.name)  # temp names have a fixed length, whatever the target's
-        if recovered:
-            stale = await asyncio.to_thread(lambda: list(target.parent.glob(f".{key}.*.tmp")))
-            for path in stale:
-                await _remove_quietly(path)
-        tmp = target.with_name(f".{key}.{os.getpid()}.tmp")
-        try:
-            async with aiofiles.open(tmp, "wb") as f:
-                await f.write(data)
-                if self.output.fsync:
-                    await f.flush()
-                    await _fsync(f.fileno())
-            await aiofiles.os.replace(tmp, target)
-        except BaseException:
-            await asyncio.shield(_remove_quietly(tmp))
-            raise
 
     async def write(self, item: Outcome) -> None:
         """Write one outcome. A write that fails (disk full, read-only, permissions) leaves no
@@ -172,34 +123,53 @@ class Writer:
         await asyncio.gather(*steps)
 
     async def _done_all(self, items: list[Inferred]) -> None:
-        """The results of a batch's images by one thread job (written, fsynced, renamed, each
-        directory fsynced once), then every sink, then the sources moved by one more job, then
-        one log render for the batch's image_done records. An image that meets an error on
-        the way takes the one-at-a-time path (`write`: retries with backoff, write_error)."""
+        """The results of a batch's images, stored together (`_store`), then one log render for
+        the batch's image_done records. An image that meets an error on the way takes the
+        one-at-a-time path (`write`: retries with backoff, write_error)."""
         try:
-            started = time.monotonic()
-            annotations = await self._annotations(items)
-            files = [f for r, a in zip(items, annotations, strict=True) for f in self._files(r, a, started)]
-            errors = await _write_files(files, self.output.fsync, self.swept)
-            broken = {id(f.owner) for f, e in zip(files, errors, strict=True) if e is not None}
-            written = [r for r in items if id(r) not in broken]
-            for r in written:
-                r.prepared.job.timings_ms["write"] = (time.monotonic() - started) * 1000
-            stored = await asyncio.gather(*(self._to_sinks(r) for r in written), return_exceptions=True)
-            kept = [r for r, e in zip(written, stored, strict=True) if e is None]
-            moved = await _release_sources([r.prepared.job for r in kept], self.paths.done, self.output.on_success)
-            finished = [r for r, e in zip(kept, moved, strict=True) if e is None]
+            errors = await self._store(items)
         except Exception as exc:  # a bug: each image is tried again on its own, with its last resort
             log.error("internal_error", stage="results", images=len(items), exc_info=exc)
-            finished = []
+            errors = [exc] * len(items)
+        finished = [r for r, e in zip(items, errors, strict=True) if e is None]
         try:
             logs.records(log, "image_done", [self._done_record(r) for r in finished])
         except Exception as exc:  # a bug in rendering a record: the results stand, the slots come back
             log.error("internal_error", stage="results", images=len(finished), exc_info=exc)
         for r in finished:
             self.finished(r, True)
-        done = {id(r) for r in finished}
-        await asyncio.gather(*(self.write(r) for r in items if id(r) not in done))
+        await asyncio.gather(*(self.write(r) for r, e in zip(items, errors, strict=True) if e is not None))
+
+    async def done(self, result: Inferred) -> None:
+        """One image's results alone (`write`'s path): stored as a batch of one; what stopped
+        it is raised (an OSError is retried)."""
+        (error,) = await self._store([result])
+        if error is not None:
+            raise error
+        log.info("image_done", **self._done_record(result))
+        self.finished(result, True)
+
+    async def _store(self, items: list[Inferred]) -> list[BaseException | None]:
+        """The one path of results to disk: the files of every image by one thread job (written,
+        fsynced, renamed, each directory fsynced once), then every sink, then the sources moved
+        by one more job. Per image None, or the error that stopped it."""
+        started = time.monotonic()
+        annotations = await self._annotations(items)
+        files = [f for r, a in zip(items, annotations, strict=True) for f in self._files(r, a, started)]
+        errors: dict[int, BaseException] = {}
+        for f, error in zip(files, await write_files(files, self.output.fsync, self.swept), strict=True):
+            if error is not None:
+                errors.setdefault(id(f.owner), error)
+        written = [r for r in items if id(r) not in errors]
+        for r in written:
+            r.prepared.job.timings_ms["write"] = (time.monotonic() - started) * 1000
+        stored = await asyncio.gather(*(self._to_sinks(r) for r in written), return_exceptions=True)
+        errors.update((id(r), e) for r, e in zip(written, stored, strict=True) if e is not None)
+        kept = [r for r in written if id(r) not in errors]
+        delete = self.output.on_success is OnSuccess.DELETE
+        moved = await move_sources([r.prepared.job for r in kept], self.paths.done, delete)
+        errors.update((id(r), e) for r, e in zip(kept, moved, strict=True) if e is not None)
+        return [errors.get(id(r)) for r in items]
 
     async def _annotations(self, items: list[Inferred]) -> list[bytes | str | None]:
         """Per image its annotated JPEG (`output.formats` has "image"), or why it could not be drawn."""
@@ -217,8 +187,9 @@ class Writer:
         return await asyncio.gather(*(one(r) for r in items))
 
     def _files(self, result: Inferred, annotation: bytes | str | None, started: float) -> list[File]:
-        """The files of one image's results, in the order written: the .json last, rendered in
-        the writing thread so that its timings include the other files' write."""
+        """The files of one image's results (each output format, declared here only), in the
+        order written: the .json last, rendered in the writing thread so that its timings include
+        the other files' write."""
         p, job = result.prepared, result.prepared.job
         base = self.paths.output / job.rel
         files = []
@@ -252,34 +223,6 @@ class Writer:
             **{f"{k}_ms": round(v, 2) for k, v in job.timings_ms.items()},
             "total_ms": round((time.monotonic() - job.claimed_at) * 1000, 2),
         }
-
-    async def done(self, result: Inferred) -> None:
-        p, job = result.prepared, result.prepared.job
-        started = time.monotonic()
-        base = self.paths.output / job.rel
-        if "txt" in self.output.formats:
-            text = result.payload.txt(p.width, p.height, result.model.names)
-            await self.write_atomic(suffixed(base, ".txt"), text.encode(), recovered=job.recovered)
-        annotation_error = None
-        if "image" in self.output.formats:
-            try:
-                data = await asyncio.to_thread(annotate, job.path, result.payload, result.model.names)
-            except Exception as exc:  # noqa: BLE001 - PIL cannot draw this source: its OSErrors are not the disk's
-                annotation_error = f"{type(exc).__name__}: {exc}"
-                log.warning("annotate_failed", path=str(job.rel), error=annotation_error)
-            else:
-                await self.write_atomic(suffixed(base, ".annotated.jpg"), data, recovered=job.recovered)
-        job.timings_ms["write"] = (time.monotonic() - started) * 1000
-        if "json" in self.output.formats:
-            document = self._json(result, annotation_error)
-            await self.write_atomic(suffixed(base, ".json"), document, recovered=job.recovered)
-        if self.output.fsync:
-            await _fsync_dir(base.parent)
-        job.timings_ms["write"] = (time.monotonic() - started) * 1000
-        await self._to_sinks(result)
-        await self._release_source(job)
-        log.info("image_done", **self._done_record(result))
-        self.finished(result, True)
 
     def _json(self, result: Inferred, annotation_error: str | None) -> bytes:
         p, job, model = result.prepared, result.prepared.job, result.model
@@ -336,17 +279,9 @@ class Writer:
         for sink in self.sinks:
             await sink.put(outcome)
 
-    async def _release_source(self, job: Job) -> None:
-        if self.output.on_success is OnSuccess.DELETE:
-            await aiofiles.os.remove(job.path)
-            return
-        target = self.paths.done / job.rel
-        await asyncio.to_thread(durable.makedirs, target.parent)
-        await aiofiles.os.replace(job.path, target)
-
     async def failed(self, failure: Failure) -> None:
+        """File a failed input in failed/ beside its `.error.json`, written as results are."""
         job, error = failure.job, failure.error
-        target = self.paths.failed / job.rel
         report = {
             "source": str(job.rel),
             "reason": error.reason.value,
@@ -355,43 +290,21 @@ class Writer:
             "failed_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
             "inferd_version": __version__,
         }
-        report_path = suffixed(target, ".error.json")
-        await self.write_atomic(report_path, json.dumps(report, indent=1).encode(), recovered=job.recovered)
+        target = suffixed(self.paths.failed / job.rel, ".error.json")
+        data = json.dumps(report, indent=1).encode()
+        (problem,) = await write_files([File(target, data, job.recovered, failure)], self.output.fsync, self.swept)
+        if problem is not None:
+            raise problem
         await self._to_sinks(failure)
-        await aiofiles.os.replace(job.path, target)  # its directory was made with the report's
+        (problem,) = await move_sources([job], self.paths.failed, False)
+        if problem is not None:
+            raise problem
         log.warning("image_failed", path=str(job.rel), reason=error.reason.value, error=str(error))
         self.finished(failure, True)
 
 
 def _dumps(value: dict[str, Any]) -> str:
     return json.dumps(value, ensure_ascii=False)
-
-
-async def _remove_quietly(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        await aiofiles.os.remove(path)
-
-
-def _prepare_dir(directory: Path, swept: set[Path]) -> None:
-    """A result directory, made durably if it is missing, and on its first use in this run
-    cleared of the temp files of dead runs (a power cut can keep a temp file and take back its
-    rename)."""
-    durable.makedirs(directory)
-    if directory in swept:
-        return
-    if len(swept) >= SWEPT_MAX:  # a tree of many directories: forget, and sweep again on a later use
-        swept.clear()
-    if (removed := durable.sweep(directory)) > 0:
-        log.info("temp_files_removed", directory=str(directory), count=removed)
-    swept.add(directory)
-
-
-async def _fsync_dir(path: Path) -> None:
-    fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        await _fsync(fd)
-    finally:
-        os.close(fd)
 
 
 async def run(inbox: asyncio.Queue[list[Outcome]], writer: Writer, concurrency: int) -> None:
@@ -411,95 +324,3 @@ async def run(inbox: asyncio.Queue[list[Outcome]], writer: Writer, concurrency: 
             group.create_task(one(batch))
 
 
-@dataclass(frozen=True, slots=True)
-class File:
-    """One result file to write: `data`, or a function that renders it in the writing thread."""
-
-    target: Path
-    data: bytes | Callable[[], bytes]
-    recovered: bool  # an earlier run may have left temp files for it: remove them first
-    owner: Inferred
-
-
-@aiofiles.os.wrap
-def _write_files(files: list[File], fsync: bool, swept: set[Path]) -> list[Exception | None]:
-    """Write each file as `Writer.write_atomic` does, in this one thread: every temp file
-    written, then each fsynced (the first flush carries the others' blocks with it), renamed
-    into place, and each directory fsynced once. Per file None, or the error that kept it from
-    being durable (an OSError, or a bug met rendering its .json: that image then takes the
-    one-at-a-time path)."""
-    errors: list[Exception | None] = [None] * len(files)
-    made: set[Path] = set()
-    tmps: list[Path | None] = [None] * len(files)
-    fds: list[int | None] = [None] * len(files)
-
-    def fail(i: int, exc: Exception) -> None:
-        errors[i] = exc
-        if (fd := fds[i]) is not None:
-            os.close(fd)
-            fds[i] = None
-        if (tmp := tmps[i]) is not None:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-
-    for i, f in enumerate(files):
-        parent = f.target.parent
-        key = digest(f.target.name)
-        try:
-            if parent not in made:
-                _prepare_dir(parent, swept)
-                made.add(parent)
-            if f.recovered:
-                for stale in parent.glob(f".{key}.*.tmp"):
-                    stale.unlink(missing_ok=True)
-            data = f.data if isinstance(f.data, bytes) else f.data()
-            tmps[i] = tmp = f.target.with_name(f".{key}.{os.getpid()}.tmp")
-            fds[i] = out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(out, view) :]
-        except Exception as exc:  # noqa: BLE001 - handed back: the image is written again on its own
-            fail(i, exc)
-    for i, (handle, written) in enumerate(zip(fds, tmps, strict=True)):
-        if handle is None or written is None:
-            continue
-        try:
-            if fsync:
-                os.fsync(handle)
-            os.close(handle)
-            fds[i] = None
-            os.replace(written, files[i].target)
-        except OSError as exc:
-            fail(i, exc)
-    for parent in made if fsync else ():
-        try:
-            directory = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
-        except OSError as exc:
-            for i, f in enumerate(files):
-                if f.target.parent == parent and errors[i] is None:
-                    errors[i] = exc
-    return errors
-
-
-@aiofiles.os.wrap
-def _release_sources(jobs: list[Job], done: Path, on_success: OnSuccess) -> list[OSError | None]:
-    """Move each source to done/ (or delete it), as `Writer._release_source` does, in this one thread."""
-    errors: list[OSError | None] = [None] * len(jobs)
-    made: set[Path] = set()
-    for i, job in enumerate(jobs):
-        try:
-            if on_success is OnSuccess.DELETE:
-                os.remove(job.path)
-                continue
-            target = done / job.rel
-            if target.parent not in made:
-                durable.makedirs(target.parent)
-                made.add(target.parent)
-            os.replace(job.path, target)
-        except OSError as exc:
-            errors[i] = exc
-    return errors

@@ -81,7 +81,7 @@ class Service:
         self.sinks: list[Sink] = []
         self.reporter: state.Reporter | None = None
         self.pipeline: Pipeline | None = None
-        self.settings: preprocess.Settings | None = None
+        self.settings: preprocess.PrepSettings | None = None
         self.stopped_during: str | None = None  # the start-up phase a stop request ended the run in
 
     def snapshot(self) -> Snapshot:
@@ -259,7 +259,7 @@ class Service:
             self.reporter.draining()
             await self.drain(p, stages, feeders)
 
-    def _settings(self) -> preprocess.Settings:
+    def _settings(self) -> preprocess.PrepSettings:
         assert self.settings is not None
         return self.settings
 

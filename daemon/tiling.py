@@ -25,8 +25,10 @@ from concurrent.futures import Executor
 import numpy as np
 import structlog
 
+from daemon import tasks
 from daemon.config import TilingConfig, TilingMode
 from daemon.jobs import Failure, Inferred, ItemError, Job, Outcome, Part, Prepared, Tiled
+from daemon.tasks import Merge as Merge  # re-exported: its old home
 from daemon.tasks import Payload, Task
 
 log = structlog.get_logger("daemon.tiling")
@@ -100,20 +102,9 @@ def _part(job: Job, part: Part) -> Job:
     return Job(job.rel, job.path, job.claimed_at, recovered=job.recovered, tile=part)
 
 
-Merge = Callable[[list[Payload], TilingConfig], Payload]
-
-
 def merger(task: Task) -> Merge:
     """The task's merge rule (daemon/tasks/<task>.merge)."""
-    from daemon.tasks import detect, obb, pose, segment
-
-    rules: dict[Task, Merge] = {
-        Task.DETECT: detect.merge,
-        Task.SEGMENT: segment.merge,
-        Task.POSE: pose.merge,
-        Task.OBB: obb.merge,
-    }
-    return rules[task]
+    return tasks.module(task).merge
 
 
 def assemble(tiled: Tiled) -> Payload:

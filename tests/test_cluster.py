@@ -318,7 +318,7 @@ def test_the_runner_runs_a_batch_it_is_handed(tmp_path: Path) -> None:
         return [o.data for o in out]  # type: ignore[union-attr]
 
     for path in photos:
-        pixels = [preprocess.prepare(Job(PurePosixPath(path.name), path), preprocess.Settings(640, True, 10**9))]
+        pixels = [preprocess.prepare(Job(PurePosixPath(path.name), path), preprocess.PrepSettings(640, True, 10**9))]
         data, jpegs = pack(pixels)
         assert jpegs is None and data.shape == (1, *pixels[0].shape, 3)
         view = np.frombuffer(slotted.buffer, dtype=np.uint8, count=data.nbytes)  # type: ignore[arg-type]
@@ -327,7 +327,7 @@ def test_the_runner_runs_a_batch_it_is_handed(tmp_path: Path) -> None:
         from_slot = boxes(slotted, pixels, None)[0]
         from_bytes = boxes(handed, pixels, data)[0]
         assert len(from_slot) >= 1 and np.array_equal(from_slot, from_bytes)
-        settings = preprocess.Settings(640, True, 10**9, device_max_bytes=32 << 20)
+        settings = preprocess.PrepSettings(640, True, 10**9, device_max_bytes=32 << 20)
         encoded = [preprocess.prepare(Job(PurePosixPath(path.name), path), settings)]
         assert encoded[0].encoded_shape is not None
         data, jpegs = pack(encoded)

@@ -27,12 +27,12 @@ from daemon.tasks import Payload
 from daemon.tasks.detect import Boxes
 from daemon.workers import JPEG_SLOT_BYTES, DeviceWorker, resolve_decode
 
-HOST = preprocess.Settings(640, True, 10**9)
-DEVICE = preprocess.Settings(640, True, 10**9, JPEG_SLOT_BYTES)
+HOST = preprocess.PrepSettings(640, True, 10**9)
+DEVICE = preprocess.PrepSettings(640, True, 10**9, JPEG_SLOT_BYTES)
 CUDA = torch.cuda.is_available()
 
 
-def prepare(path: Path, settings: preprocess.Settings) -> Prepared:
+def prepare(path: Path, settings: preprocess.PrepSettings) -> Prepared:
     return preprocess.prepare(Job(PurePosixPath(path.name), path), settings)
 
 
@@ -92,7 +92,7 @@ def test_what_goes_to_the_device(tmp_path: Path) -> None:
         prepared = prepare(tmp_path / name, DEVICE)
         assert (prepared.encoded_shape is not None) == (name in device), name
         assert prepared.shape == prepare(tmp_path / name, HOST).shape
-    small = preprocess.Settings(640, True, 10**9, device_max_bytes=len(data) - 1)
+    small = preprocess.PrepSettings(640, True, 10**9, device_max_bytes=len(data) - 1)
     assert prepare(assets() / "bus.jpg", small).encoded_shape is None  # too big for a slot: host
     grey = prepare(tmp_path / "grey.jpg", DEVICE)
     diff = (device_input([grey])[0][0] - host_input(prepare(tmp_path / "grey.jpg", HOST))).abs() * 255

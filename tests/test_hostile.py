@@ -483,7 +483,7 @@ class Rig:
         self.capacity = GatedCapacity(limit)
         self.jobs: asyncio.Queue[Job] = asyncio.Queue()
         self.failed: asyncio.Queue[list[Outcome]] = asyncio.Queue()
-        settings = intake.Settings(self.incoming, self.processing, settle_s, (".tmp",), reconcile_s, 20, False)
+        settings = intake.IntakeSettings(self.incoming, self.processing, settle_s, (".tmp",), reconcile_s, 20, False)
         self.intake = intake.Intake(settings, self.capacity, self.jobs, self.failed)
 
     def drop(self, rel: str, data: bytes | None = None, *, age_s: float = 3600) -> Path:
@@ -680,7 +680,7 @@ def test_the_completeness_check_neither_blocks_on_a_fifo_nor_follows_a_symlink(t
 # Preprocessing corner cases (warnings are errors here)
 
 
-PRE = preprocess.Settings(imgsz=640, reduced_decode=True, max_pixels=100_000_000)
+PRE = preprocess.PrepSettings(imgsz=640, reduced_decode=True, max_pixels=100_000_000)
 
 
 def prepared(path: Path) -> Prepared:

@@ -33,7 +33,7 @@ class Rig:
         self.capacity = Capacity(limit)
         self.jobs: asyncio.Queue[Job] = asyncio.Queue(limit)
         self.failed: asyncio.Queue[list[Outcome]] = asyncio.Queue(limit)
-        settings = intake.Settings(self.incoming, self.processing, settle_s, (".tmp", ".part"), 30.0, 20, False)
+        settings = intake.IntakeSettings(self.incoming, self.processing, settle_s, (".tmp", ".part"), 30.0, 20, False)
         self.intake = intake.Intake(settings, self.capacity, self.jobs, self.failed)
 
     def drop(self, rel: str, source: Path | None = None, *, age_s: float = 3600) -> Path:

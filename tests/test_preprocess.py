@@ -12,7 +12,7 @@ from PIL import Image
 from daemon import preprocess
 from daemon.jobs import FailReason, ItemError, Job
 
-SETTINGS = preprocess.Settings(imgsz=640, reduced_decode=False, max_pixels=100_000_000)
+SETTINGS = preprocess.PrepSettings(imgsz=640, reduced_decode=False, max_pixels=100_000_000)
 
 
 def job_for(path: Path) -> Job:
@@ -48,7 +48,7 @@ def test_reduced_decode_matches_full_decode(tmp_path: Path) -> None:
     path = tmp_path / "tall.jpg"
     photo_like(2048, 12000, seed=3).save(path, quality=90)
     full = preprocess.prepare(job_for(path), SETTINGS)
-    fast = preprocess.prepare(job_for(path), preprocess.Settings(640, True, 100_000_000))
+    fast = preprocess.prepare(job_for(path), preprocess.PrepSettings(640, True, 100_000_000))
     assert fast.shape == full.shape == (640, 128)
     assert (fast.width, fast.height, fast.gain, fast.pad) == (full.width, full.height, full.gain, full.pad)
     # DCT scaling averages where a linear resize samples: close, not identical.
@@ -101,7 +101,7 @@ def test_pixel_limit(tmp_path: Path) -> None:
     path = tmp_path / "big.png"
     Image.new("RGB", (3000, 3000)).save(path)
     with pytest.raises(ItemError) as err:
-        preprocess.prepare(job_for(path), preprocess.Settings(640, True, max_pixels=1_000_000))
+        preprocess.prepare(job_for(path), preprocess.PrepSettings(640, True, max_pixels=1_000_000))
     assert err.value.reason is FailReason.TOO_LARGE
     assert "pipeline.max_pixels" in str(err.value)
 
@@ -114,7 +114,7 @@ def test_opencv_jpeg_decode_gives_pils_pixels(tmp_path: Path, size: tuple[int, i
     exif = Image.Exif()
     exif[0x0112] = orientation
     photo_like(*size, seed=5).save(path, quality=90, exif=exif)
-    settings = preprocess.Settings(imgsz=640, reduced_decode=True, max_pixels=100_000_000)
+    settings = preprocess.PrepSettings(imgsz=640, reduced_decode=True, max_pixels=100_000_000)
     ours, _seen, applied = preprocess.decode(str(path), settings)
     with Image.open(path) as im:
         theirs = preprocess._decode(im, settings)  # the PIL path other formats take

@@ -90,7 +90,7 @@ def test_an_unexpected_error_in_preprocessing_fails_that_image_alone(
 ) -> None:
     real = preprocess.prepare_any  # what the stage runs per image (a tiled image's tiles, or one Prepared)
 
-    def prepare(job: Job, settings: preprocess.Settings) -> Prepared | list[Prepared]:
+    def prepare(job: Job, settings: preprocess.PrepSettings) -> Prepared | list[Prepared]:
         if job.rel.name == "odd.jpg":
             raise ZeroDivisionError("a bug met on this image")
         return real(job, settings)
@@ -107,7 +107,7 @@ def test_an_unexpected_error_in_preprocessing_fails_that_image_alone(
         for name in names:
             jobs.put_nowait(Job(PurePosixPath(name), tmp_path / name))
         pool = ThreadPoolExecutor(2)
-        settings = preprocess.Settings(320, True, 10**9)
+        settings = preprocess.PrepSettings(320, True, 10**9)
         stage = asyncio.create_task(preprocess.run(jobs, ready, failed, pool, lambda: settings, 4))
         try:
             (failure,) = await asyncio.wait_for(failed.get(), 30)
@@ -145,7 +145,7 @@ def writer_rig(
 def inferred(writer: results.Writer, name: str) -> Inferred:
     path = writer.paths.work / "processing" / name
     shutil.copyfile(assets() / "bus.jpg", path)
-    p = preprocess.prepare(Job(PurePosixPath(name), path), preprocess.Settings(320, True, 10**9))
+    p = preprocess.prepare(Job(PurePosixPath(name), path), preprocess.PrepSettings(320, True, 10**9))
     boxes = Boxes(np.array([[10, 20, 300, 400, 0.9, 0]], np.float32))
     return Inferred(p, boxes, "cpu", 1, ModelInfo("w.pt", {0: "person"}, 320, False))
 

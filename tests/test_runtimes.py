@@ -61,7 +61,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared() -> list[Prepared]:
-    settings = preprocess.Settings(640, True, 10**9)
+    settings = preprocess.PrepSettings(640, True, 10**9)
     return [preprocess.prepare(Job(PurePosixPath(p.name), p), settings) for p in photos()]
 
 

@@ -228,7 +228,7 @@ def test_a_tile_is_a_view_of_the_decoded_image(tmp_path: Path) -> None:
     path = tmp_path / "strip.png"
     cv2.imwrite(str(path), np.random.default_rng(1).integers(0, 255, (1500, 700, 3), np.uint8))
     rule = TilingConfig(mode=TilingMode.ON)
-    settings = preprocess.Settings(640, True, 10**8, tiling=rule)
+    settings = preprocess.PrepSettings(640, True, 10**8, tiling=rule)
     parts = preprocess.prepare_any(Job(PurePosixPath("strip.png"), path), settings)
     assert isinstance(parts, list) and len(parts) == 1 + 2 * 3  # the whole image, then 2 x 3 tiles
     whole, *tiles = parts

@@ -212,7 +212,7 @@ def runner() -> Iterator[asyncio.Runner]:
 def prepared(tmp_path: Path, name: str, *, marker: bool = False, seed: int = 0) -> Prepared:
     path = tmp_path / name
     (faulty_model.marker_image(320, 240) if marker else photo_like(320, 240, seed=seed)).save(path, quality=95)
-    return preprocess.prepare(Job(PurePosixPath(name), path), preprocess.Settings(640, True, 10**9))
+    return preprocess.prepare(Job(PurePosixPath(name), path), preprocess.PrepSettings(640, True, 10**9))
 
 
 def worker(weights: Path) -> DeviceWorker:

@@ -63,7 +63,7 @@ def default_worker(runner: asyncio.Runner) -> Iterator[DeviceWorker]:
 
 
 def prepare(path: Path, reduced: bool = True) -> Prepared:
-    return preprocess.prepare(Job(PurePosixPath(path.name), path), preprocess.Settings(640, reduced, 10**9))
+    return preprocess.prepare(Job(PurePosixPath(path.name), path), preprocess.PrepSettings(640, reduced, 10**9))
 
 
 def match(ours: np.ndarray | Boxes, theirs: np.ndarray | Boxes, *, px: float, conf: float) -> None:

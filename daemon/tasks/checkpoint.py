@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from daemon.config import Config, ConfigError, Decode, TilingMode
-from daemon.tasks import Task, Unsupported, refusal, task_of
+from daemon.tasks import TASKS, Task, Unsupported, model_refusal, task_of
 
 DEFAULT_IMGSZ = 640  # Ultralytics' default, what predict uses when a checkpoint names none
-HEADS = {"Detect": "detect", "Segment": "segment", "Pose": "pose", "OBB": "obb", "Classify": "classify"}
+HEADS = {spec.head: task.value for task, spec in TASKS.items()}  # a head's class name -> its task
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +108,7 @@ def read(weights: str) -> Checkpoint:
     model_class = type(model).__name__ if isinstance(model, _Stub) else ""
     if model_class.startswith("SAM") or "sam" in getattr(model, "qualname", "").split("."):
         raise Unsupported("SAM is a promptable segmenter, not a YOLO model")
-    why = refusal(model_class)
+    why = model_refusal(model_class)
     if why is not None:
         raise Unsupported(why)
     state = _state(model)

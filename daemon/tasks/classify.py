@@ -12,7 +12,8 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import ImageDraw
 
-from daemon.tasks import Head, Meta, Payload, Task
+from daemon.config import TilingConfig
+from daemon.tasks import Head, Meta, Payload, Row, Task, Unsupported
 
 TOP = 5
 
@@ -49,6 +50,17 @@ class Probs:
             return {"top1": None}
         top1 = int(self.ids[0])
         return {"top1": names.get(top1, str(top1)), "top1_id": top1, "top1_conf": round(float(self.confs[0]), 4)}
+
+    def rows(self, width: int, height: int, names: dict[int, str]) -> tuple[Row, ...]:
+        """One row per class of the top 5, over the whole image, its rank in `payload`."""
+        whole = (0.0, 0.0, float(width), float(height))
+        top5 = enumerate(self.json(names)["top5"], 1)
+        return tuple(Row(t["class_id"], t["class_name"], t["confidence"], *whole, {"rank": r}) for r, t in top5)
+
+
+def merge(parts: list[Payload], rule: TilingConfig) -> Payload:
+    """Never called: a classification model is never tiled (a ConfigError refuses it)."""
+    raise Unsupported("a classification model gives one label per image: its tiles cannot be merged")
 
 
 def postprocess(

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import ImageDraw
 
 from daemon.config import MatchMetric, MergeRule, TilingConfig
-from daemon.tasks import Head, Meta, Payload, Task
+from daemon.tasks import Head, Meta, Payload, Row, Task, json_rows
 
 COLOR = (255, 56, 56)
 
@@ -37,6 +37,9 @@ class Boxes:
 
     def counts(self, names: dict[int, str]) -> dict[str, Any]:
         return {"detections": len(self.data)}
+
+    def rows(self, width: int, height: int, names: dict[int, str]) -> tuple[Row, ...]:
+        return json_rows(detections(self.data, names))
 
     def shifted(self, dx: float, dy: float) -> Boxes:
         """The same boxes, moved by (dx, dy): a tile's into its image's pixels."""

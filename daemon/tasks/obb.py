@@ -11,7 +11,7 @@ import numpy as np
 from PIL import ImageDraw
 
 from daemon.config import MatchMetric, MergeRule, TilingConfig
-from daemon.tasks import Head, Meta, Payload, Task, detect, g
+from daemon.tasks import Head, Meta, Payload, Row, Task, detect, g, json_rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,11 +64,20 @@ class Rotated:
     def counts(self, names: dict[int, str]) -> dict[str, Any]:
         return {"detections": len(self.data)}
 
+    def rows(self, width: int, height: int, names: dict[int, str]) -> tuple[Row, ...]:
+        """The box columns are the bounds of its (rounded) corners; xywhr and the corners in `payload`."""
+        return json_rows(self.json(names)["detections"], _bounds)
+
     def shifted(self, dx: float, dy: float) -> Rotated:
         data = self.data.copy()
         data[:, 0] += np.float32(dx)
         data[:, 1] += np.float32(dy)
         return replace(self, data=data)
+
+
+def _bounds(found: dict[str, Any]) -> list[float]:
+    xs, ys = [p[0] for p in found["corners"]], [p[1] for p in found["corners"]]
+    return [round(min(xs), 2), round(min(ys), 2), round(max(xs), 2), round(max(ys), 2)]
 
 
 def overlap(corners: np.ndarray, others: np.ndarray, match: MatchMetric) -> np.ndarray:

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import ImageDraw
 
 from daemon.config import TilingConfig
-from daemon.tasks import Head, Meta, Payload, Task, detect, g
+from daemon.tasks import Head, Meta, Payload, Row, Task, detect, g, json_rows
 
 VISIBLE = 0.5  # a keypoint is drawn, and counted, from this confidence (as Ultralytics' plotter)
 
@@ -52,6 +52,9 @@ class Keypoints:
         k = self.keypoints
         visible = int((k[..., 2] >= VISIBLE).sum()) if k.shape[-1] == 3 else k.shape[0] * k.shape[1]
         return {"detections": len(self.data), "keypoints": visible}
+
+    def rows(self, width: int, height: int, names: dict[int, str]) -> tuple[Row, ...]:
+        return json_rows(self.json(names)["detections"])  # the keypoints in `payload`
 
     def shifted(self, dx: float, dy: float) -> Keypoints:
         points = self.keypoints.copy()

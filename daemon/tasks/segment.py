@@ -18,7 +18,7 @@ import numpy as np
 from PIL import ImageDraw
 
 from daemon.config import TilingConfig
-from daemon.tasks import Head, Meta, Payload, Task, detect, g
+from daemon.tasks import Head, Meta, Payload, Row, Task, detect, g, json_rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +53,9 @@ class Masks:
 
     def counts(self, names: dict[int, str]) -> dict[str, Any]:
         return {"detections": len(self.data), "masks": sum(len(p) >= 3 for p in self.polygons)}
+
+    def rows(self, width: int, height: int, names: dict[int, str]) -> tuple[Row, ...]:
+        return json_rows(self.json(names)["detections"])  # the polygon in `payload`
 
     def shifted(self, dx: float, dy: float) -> Masks:
         move = np.array([dx, dy], np.float32)
