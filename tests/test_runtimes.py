@@ -25,7 +25,8 @@ from conftest import assets
 from daemon import preprocess, runtimes
 from daemon.config import ConfigError, LogConfig, LogFormat, Precision, Runtime
 from daemon.jobs import Job, Prepared
-from daemon.model import Batch, Runner, WorkerSpec, resolve_weights
+from daemon.messages import Batch, DeviceSpec
+from daemon.model import Runner, resolve_weights
 from daemon.tasks.detect import Boxes
 
 CONF, IOU = 0.25, 0.7
@@ -67,9 +68,10 @@ def prepared() -> list[Prepared]:
 
 def runner(runtime: str, precision: str, cache: Path, weights: str = "default") -> Runner:
     slot = MAX_BATCH * 640 * 640 * 3
-    spec = WorkerSpec(
-        "cpu", weights, 640, precision, 300, 2, "", slot, 1, LogConfig("warning", LogFormat.JSON),
-        runtime=runtime, cache_dir=str(cache), max_batch=MAX_BATCH,
+    spec = DeviceSpec(
+        device="cpu", weights=weights, imgsz=640, precision=precision, max_det=300, torch_threads=2,
+        log=LogConfig("warning", LogFormat.JSON), slot_bytes=slot, slots=1, runtime=runtime, cache_dir=str(cache),
+        max_batch=MAX_BATCH,
     )  # fmt: skip
     return Runner(spec, mmap.mmap(-1, slot))
 
