@@ -146,7 +146,7 @@ class ProtocolError(InferdError):
 
 
 class RemoteError(InferdError):
-    """The driver answered a request with an error: `kind` is "start", "failed" or "lost"."""
+    """The driver could not do what it was started for: `kind` is "unreachable" (the cluster)."""
 
     def __init__(self, kind: str, value: Any) -> None:
         super().__init__(f"{kind}: {value}")

@@ -20,7 +20,7 @@ import msgspec
 import numpy as np
 import structlog
 
-from daemon.cluster.bridge import Bridge, ClusterLost, RemoteError
+from daemon.cluster.bridge import Bridge, ClusterLost
 from daemon.devices import Answers, BatchFailed, DeviceCrashed, DeviceRetired, DeviceStartError, DeviceState
 from daemon.jobs import ModelInfo, Prepared
 from daemon.messages import (
@@ -213,7 +213,7 @@ class RayDevice:
     async def _kill(self) -> None:
         if self.key:
             # The driver gone (its actors with it), or it finds the actor dead: either way it is gone.
-            with contextlib.suppress(ClusterLost, RemoteError, TimeoutError):
+            with contextlib.suppress(ClusterLost, TimeoutError):
                 await asyncio.wait_for(self.bridge.request(StopActor(self.key)), STOP_ANSWER_S)
         self.state = DeviceState.STOPPED
 
