@@ -143,9 +143,10 @@ def test_the_device_loop_refuses_an_old_tuple() -> None:
         pipelined = False
 
     ours, theirs = multiprocessing.get_context("spawn").Pipe()
-    with ours, theirs:
-        ours.send(m.SetLevel("info"))
-        ours.send(None)  # the stop of before: no longer a message
+    with theirs:
+        with ours:
+            ours.send(m.SetLevel("info"))
+            ours.send(None)  # the stop of before: no longer a message
         with pytest.raises(ProtocolError, match="device process: unexpected message NoneType"):
             model._serve_batches(Idle(), theirs)  # type: ignore[arg-type]
 
