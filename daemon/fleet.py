@@ -145,7 +145,7 @@ class Fleet:
             for device in fresh:
                 self._watch(device)
             for name in {d.device for d in old} - {d.device for d in fresh}:
-                self.metrics.worker_up(name, False)
+                self.metrics.device_up(name, False)
             self.on_change()
 
     def set_level(self, level: str) -> None:
@@ -183,6 +183,6 @@ class Fleet:
                     log.error("worker_restart_failed", device=device.device, error=str(exc), retry_in_s=delay)
             up_since = time.monotonic()
             device.restarts += 1
-            self.metrics.worker_restarted(device.device)
+            self.metrics.device_restarted(device.device)
             log.info("worker_restarted", device=device.device, pid=device.pid, restarts=device.restarts)
             self.on_change()
