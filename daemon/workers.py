@@ -96,7 +96,7 @@ class LocalDevice:
         self._ready: asyncio.Future[DeviceInfo] | None = None
         self._exited = asyncio.Event()
         self._reaped: asyncio.Future[None] | None = None
-        self._fills: set[asyncio.Future[Any]] = set()  # slots being filled: sent before a stop's None
+        self._fills: set[asyncio.Future[Any]] = set()  # slots being filled: sent before a stop's Stop()
         self.state = DeviceState.STOPPED
 
     @property

@@ -37,6 +37,7 @@ from daemon import intake, preprocess, results, workers
 from daemon.config import OnSuccess, OutputConfig, PathsConfig
 from daemon.devices import DeviceState
 from daemon.jobs import FailReason, Failure, Inferred, Job, ModelInfo, Outcome, Prepared
+from daemon.messages import LoadFailed
 from daemon.tasks import Payload
 from daemon.tasks.detect import Boxes
 
@@ -310,8 +311,8 @@ def test_a_reply_for_a_batch_whose_caller_gave_up_is_ignored(
 
 def test_a_worker_that_answered_error_takes_no_batch(runner: asyncio.Runner) -> None:
     class Pipe:
-        def recv(self) -> tuple[str, str, bool]:
-            return ("error", "FileNotFoundError: gone.pt", True)
+        def recv(self) -> LoadFailed:
+            return LoadFailed("FileNotFoundError: gone.pt", True)
 
     async def main() -> None:
         w = worker(Path("gone.pt"))
