@@ -178,3 +178,18 @@ def test_the_exporter_child_speaks_records(tmp_path: Path, precision: str, answe
     out = subprocess.run([sys.executable, "-m", "daemon.tuning", json.dumps(request)], capture_output=True, timeout=120)
     records = [m.decode_record(line) for line in out.stdout.splitlines()]
     assert out.returncode == code and [type(r) for r in records] == [answer], out
+
+
+def test_the_ray_driver_refuses_an_old_tuple() -> None:
+    """The driver process's dispatch (no Ray needed to refuse), handed a request of the old dialect."""
+    from daemon.cluster.driver import Driver
+    from daemon.config import ClusterConfig
+
+    class NoRay:
+        @staticmethod
+        def remote(cls: type) -> type:
+            return cls
+
+    driver = Driver(NoRay(), ClusterConfig(), None)  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError, match=r"the Ray driver: unexpected message tuple: \('resources', 1\)"):
+        driver._dispatch(("resources", 1))
