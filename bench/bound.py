@@ -102,13 +102,13 @@ def _runner_loop(
     singles: bool,
 ) -> None:
     """One process of the bound (spawned): load, prepare, wait for the others, time the loop."""
-    import dataclasses
-
+    import msgspec
     import numpy as np
 
     from daemon import model, preprocess
+    from daemon.devices import calibration_images
     from daemon.jobs import Job
-    from daemon.workers import calibration_images
+    from daemon.messages import Batch, DeviceSpec
 
     m, p = config.model, config.pipeline
     settings = preprocess.PrepSettings(m.imgsz, p.reduced_decode, p.max_pixels)
@@ -117,10 +117,10 @@ def _runner_loop(
     slot_bytes = p.max_batch * m.imgsz * m.imgsz * 3
     # Every batch in its own slot, filled before the clock starts, page-locked on a GPU as the daemon's are.
     buffer = mmap.mmap(-1, slot_bytes * len(chunks))
-    spec = model.WorkerSpec(
-        device, m.weights, m.imgsz, m.precision.value, m.max_det, threads, "", slot_bytes, len(chunks), config.log,
-        runtime=m.runtime.value, cache_dir=str(config.paths.work / "models"), max_batch=p.max_batch,
-        calibration=calibration_images(config),
+    spec = DeviceSpec(
+        device=device, weights=m.weights, imgsz=m.imgsz, precision=m.precision.value, max_det=m.max_det,
+        torch_threads=threads, log=config.log, slot_bytes=slot_bytes, slots=len(chunks), runtime=m.runtime.value,
+        cache_dir=str(config.paths.work / "models"), max_batch=p.max_batch, calibration=calibration_images(config),
     )  # fmt: skip
     runner = model.Runner(spec, buffer)
     batches = []
@@ -129,10 +129,10 @@ def _runner_loop(
         view = np.frombuffer(buffer, dtype=np.uint8, count=len(items) * h * w * 3, offset=slot * slot_bytes)
         np.stack([x.image for x in items], out=view.reshape(len(items), h, w, 3))
         metas = [(x.gain[0], x.gain[1], x.pad[0], x.pad[1], x.width, x.height) for x in items]
-        batches.append(model.Batch(slot, slot, len(items), h, w, metas, m.conf, m.iou))
+        batches.append(Batch(slot, slot, len(items), h, w, metas, m.conf, m.iou))
     del view
 
-    def timed(todo: list[model.Batch]) -> float:
+    def timed(todo: list[Batch]) -> float:
         """Runner's launch/finish as the device process runs them: on a GPU the next batch is
         launched before the last one finishes."""
         started = time.perf_counter()
@@ -158,10 +158,10 @@ def _runner_loop(
         "images": len(ready),
         "seconds": seconds,
         "input_shape": f"{ready[0].shape[1]}x{ready[0].shape[0]}",
-        "runtime": f"{info['runtime']} {info['precision']}",
+        "runtime": f"{info.runtime} {info.precision}",
     }
     if singles:  # the others are done: this one is alone on the device
-        one = [dataclasses.replace(b, n=1, metas=b.metas[:1]) for b in batches]
+        one = [msgspec.structs.replace(b, n=1, metas=b.metas[:1]) for b in batches]
         timed(one[:1])
         runs = sorted(timed([b]) for b in (one * SINGLE_IMAGE_RUNS)[:SINGLE_IMAGE_RUNS])
         answer["single_image_ms"] = runs[len(runs) // 2] * 1000

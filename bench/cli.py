@@ -257,7 +257,7 @@ def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str
     return report
 
 
-def _own_export(config: Config, devices: list[str], plans: list[export.Prepared]) -> export.Prepared | None:
+def _own_export(config: Config, devices: list[str], plans: list[export.Planned]) -> export.Planned | None:
     """What a user exporting by hand would run: OpenVINO fp32 on a CPU (Ultralytics compiles it
     with the CPU's default precision), the daemon's own export on a GPU; None for PyTorch on a GPU."""
     import dataclasses

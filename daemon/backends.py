@@ -18,7 +18,7 @@ from daemon import export
 from daemon.config import Config
 from daemon.devices import Device
 from daemon.notify import Notifier
-from daemon.workers import resolve_devices, start_workers
+from daemon.workers import local_devices, resolve_devices
 
 if TYPE_CHECKING:
     from daemon.cluster import Cluster
@@ -45,7 +45,7 @@ class Backend(Protocol):
 
     async def prepare(
         self, config: Config, names: list[str], *, stop: asyncio.Event | None, notifier: Notifier | None
-    ) -> list[export.Prepared]:
+    ) -> list[export.Planned]:
         """Make what `names` load ready (the export cache); ExportStopped if `stop` is set meanwhile."""
         ...
 
@@ -76,11 +76,11 @@ class LocalBackend:
 
     async def prepare(
         self, config: Config, names: list[str], *, stop: asyncio.Event | None, notifier: Notifier | None
-    ) -> list[export.Prepared]:
+    ) -> list[export.Planned]:
         return await export.prepare(config, names, stop=stop, notifier=notifier)
 
     def make(self, config: Config, names: list[str], *, slot_imgsz: int = 0) -> list[Device]:
-        return start_workers(config, names, slot_imgsz=slot_imgsz)
+        return local_devices(config, names, slot_imgsz=slot_imgsz)
 
     async def grow(self, running: Callable[[], Config], add: Callable[[Device], Awaitable[None]]) -> None:
         await asyncio.Future()  # this machine's devices are fixed: nothing to add until the drain cancels it
@@ -110,7 +110,7 @@ class RayBackend:
 
     async def prepare(
         self, config: Config, names: list[str], *, stop: asyncio.Event | None, notifier: Notifier | None
-    ) -> list[export.Prepared]:
+    ) -> list[export.Planned]:
         return []  # the actors run the PyTorch weights they are sent: nothing to export here
 
     def make(self, config: Config, names: list[str], *, slot_imgsz: int = 0) -> list[Device]:

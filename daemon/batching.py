@@ -1,14 +1,14 @@
-"""Stage 3: dynamic batching across the device workers.
+"""Stage 3: dynamic batching across the devices.
 
 Prepared images are grouped by letterboxed shape (a batch must be one tensor). A group is sent
-to the least busy worker that can take one:
-- at once if that worker is idle (an idle daemon adds no batching delay);
+to the least busy device that can take one:
+- at once if that device is idle (an idle daemon adds no batching delay);
 - when the group is full (`max_batch`), or its oldest image has waited `max_wait_ms`, if the
-  worker is busy: the device then never waits, and batches fill under load.
+  device is busy: the device then never waits, and batches fill under load.
 A batch that fails is retried image by image, so one bad image (or an out-of-memory on a big
-batch) fails only itself. Images in the batch a worker died on are retried alone; an image
-that has taken down `max_attempts` workers is failed as poison. A batch that was still queued
-on the dying worker is put back as it was, without counting an attempt. A suspect (an image
+batch) fails only itself. Images in the batch a device died on are retried alone; an image
+that has taken down `max_attempts` devices is failed as poison. A batch that was still queued
+on the dying device is put back as it was, without counting an attempt. A suspect (an image
 retried after a failure) runs alone on its device, so the next failure is its own.
 """
 
@@ -24,7 +24,7 @@ from typing import Protocol
 import numpy as np
 import structlog
 
-from daemon.devices import BatchFailed, Device, WorkerCrashed, WorkerRetired
+from daemon.devices import BatchFailed, Device, DeviceCrashed, DeviceRetired
 from daemon.jobs import FailReason, Failure, Inferred, ItemError, Outcome, Prepared
 from daemon.tasks import Payload
 
@@ -53,12 +53,12 @@ class Batcher:
     def __init__(
         self,
         ready: asyncio.Queue[Prepared],
-        workers: list[Device],
+        devices: list[Device],
         inferred: Outbox,
         knobs: Knobs,
     ) -> None:
         self.ready = ready
-        self.workers = workers
+        self.devices = devices
         self.out = inferred
         self.knobs = knobs
         self.groups: dict[tuple[int, int, bool], collections.deque[Prepared]] = {}
@@ -66,8 +66,8 @@ class Batcher:
         self.wake = asyncio.Event()
         self.taken = asyncio.Event()  # a batch left the groups: there may be room to collect
         self.batches = 0
-        # Batches given to each worker and not yet answered; counted from dispatch, as the
-        # worker's own count starts only when the task runs.
+        # Batches given to each device and not yet answered; counted from dispatch, as the
+        # device's own count starts only when the task runs.
         self.busy: collections.Counter[Device] = collections.Counter()
         self.alone: set[Device] = set()  # running a suspect: nothing else goes there
 
@@ -79,22 +79,22 @@ class Batcher:
     def room(self) -> int:
         """How many decoded images may wait here: enough for a full batch per device and one more.
         More would only hold pixels in memory (a backlog waits in incoming/, not here)."""
-        return self.knobs.max_batch * (len(self.workers) + 1)
+        return self.knobs.max_batch * (len(self.devices) + 1)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:
             group.create_task(self._collect())
             while True:
-                worker = self._pick_worker()
-                batch = self._take_batch(worker) if worker else None
-                if worker and batch:
-                    self.busy[worker] += 1
+                device = self._pick_device()
+                batch = self._take_batch(device) if device else None
+                if device and batch:
+                    self.busy[device] += 1
                     self.taken.set()
-                    group.create_task(self._infer(worker, batch))
+                    group.create_task(self._infer(device, batch))
                     continue
                 self.wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), self._next_deadline(worker))
+                    await asyncio.wait_for(self.wake.wait(), self._next_deadline(device))
 
     async def _collect(self) -> None:
         while True:
@@ -105,60 +105,60 @@ class Batcher:
             self.groups.setdefault(item.key, collections.deque()).append(item)
             self.wake.set()
 
-    def _pick_worker(self) -> Device | None:
-        candidates = [w for w in self.workers if w.up and self.busy[w] < w.slots and w not in self.alone]
+    def _pick_device(self) -> Device | None:
+        candidates = [w for w in self.devices if w.up and self.busy[w] < w.slots and w not in self.alone]
         return min(candidates, key=lambda w: self.busy[w], default=None)
 
-    def _take_batch(self, worker: Device) -> list[Prepared] | None:
+    def _take_batch(self, device: Device) -> list[Prepared] | None:
         if self.solo:
-            if self.busy[worker]:
+            if self.busy[device]:
                 return None  # a suspect waits for an idle device
-            self.alone.add(worker)
+            self.alone.add(device)
             return [self.solo.popleft()]
         if not self.groups:
             return None
-        size = min(self.knobs.max_batch, worker.max_batch)
+        size = min(self.knobs.max_batch, device.max_batch)
         group = min(self.groups.values(), key=lambda g: g[0].ready_at)
         full = max(self.groups.values(), key=len)
         if len(full) >= size:
             group = full
-        elif self.busy[worker] and (time.monotonic() - group[0].ready_at) * 1000 < self.knobs.max_wait_ms:
+        elif self.busy[device] and (time.monotonic() - group[0].ready_at) * 1000 < self.knobs.max_wait_ms:
             return None  # the device is busy: let the batch fill until it is full or due
         batch = [group.popleft()]
         used = batch[0].image.nbytes
-        while group and len(batch) < size and used + group[0].image.nbytes <= worker.slot_bytes:
+        while group and len(batch) < size and used + group[0].image.nbytes <= device.slot_bytes:
             used += group[0].image.nbytes  # JPEG bytes vary; decoded pixels always fit
             batch.append(group.popleft())
         for key in [k for k, v in self.groups.items() if not v]:
             del self.groups[key]
         return batch
 
-    def _next_deadline(self, worker: Device | None) -> float | None:
-        """Seconds until the oldest group is due, if a worker could take it; else wait for a wake."""
-        if worker is None or not self.groups or self.solo:  # a waiting suspect goes first, on a wake
+    def _next_deadline(self, device: Device | None) -> float | None:
+        """Seconds until the oldest group is due, if a device could take it; else wait for a wake."""
+        if device is None or not self.groups or self.solo:  # a waiting suspect goes first, on a wake
             return None
         oldest = min(g[0].ready_at for g in self.groups.values())
         return max(0.0, oldest + self.knobs.max_wait_ms / 1000 - time.monotonic())
 
-    async def _infer(self, worker: Device, batch: list[Prepared]) -> None:
+    async def _infer(self, device: Device, batch: list[Prepared]) -> None:
         sent = time.monotonic()
         for p in batch:
             p.job.timings_ms["batch_wait"] = (sent - p.ready_at) * 1000
         try:
-            boxes, infer_ms = await self._call(worker, batch)
-        except WorkerRetired:  # a reload retires it: the new workers take the batch
+            boxes, infer_ms = await self._call(device, batch)
+        except DeviceRetired:  # a reload retires it: the new devices take the batch
             self._requeue(batch)
-        except WorkerCrashed as exc:
-            log.error("worker_crashed", device=worker.device, in_flight=len(batch), started=exc.started, error=str(exc))
+        except DeviceCrashed as exc:
+            log.error("worker_crashed", device=device.device, in_flight=len(batch), started=exc.started, error=str(exc))
             if exc.started:
                 await self._retry(batch, crashed=True, why=str(exc))
             else:
                 self._requeue(batch)
         except BatchFailed as exc:
-            log.warning("batch_failed", device=worker.device, size=len(batch), kind=exc.kind, error=str(exc))
+            log.warning("batch_failed", device=device.device, size=len(batch), kind=exc.kind, error=str(exc))
             await self._retry(batch, crashed=False, why=str(exc))
         except Exception as exc:
-            log.error("internal_error", stage="batching", device=worker.device, size=len(batch), exc_info=exc)
+            log.error("internal_error", stage="batching", device=device.device, size=len(batch), exc_info=exc)
             await self.out.put([Failure(p.job, ItemError.internal(exc)) for p in batch])
         else:
             self.batches += 1
@@ -169,19 +169,19 @@ class Batcher:
                 if isinstance(b, str):  # its JPEG failed on the device's decoder
                     outcomes.append(Failure(p.job, ItemError(FailReason.NOT_IMAGE, b)))
                 else:
-                    outcomes.append(Inferred(p, b, worker.device, len(batch), worker.model))
+                    outcomes.append(Inferred(p, b, device.device, len(batch), device.model))
             await self.out.put(outcomes)  # the results stage writes a batch at once
         finally:
             self.wake.set()
 
-    async def _call(self, worker: Device, batch: list[Prepared]) -> tuple[list[Payload | str], float]:
+    async def _call(self, device: Device, batch: list[Prepared]) -> tuple[list[Payload | str], float]:
         try:
-            return await worker.infer(batch, self.knobs.conf, self.knobs.iou)
+            return await device.infer(batch, self.knobs.conf, self.knobs.iou)
         finally:
-            self.busy[worker] -= 1
-            if not self.busy[worker]:
-                del self.busy[worker]  # a worker retired by a reload leaves no entry behind
-                self.alone.discard(worker)
+            self.busy[device] -= 1
+            if not self.busy[device]:
+                del self.busy[device]  # a device retired by a reload leaves no entry behind
+                self.alone.discard(device)
             self.wake.set()
 
     def _requeue(self, batch: list[Prepared]) -> None:

@@ -14,13 +14,14 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import msgspec
 import structlog
 import uvloop
 
 from daemon import __version__, logs
 from daemon.config import Config, load, prepare_dirs
 from daemon.errors import EXIT_CONFIG as EXIT_CONFIG  # re-exported for callers of the old name
-from daemon.errors import EXIT_RUNTIME, EXIT_USAGE, ConfigError, WorkerStartError
+from daemon.errors import EXIT_RUNTIME, EXIT_USAGE, ConfigError, DeviceStartError
 from daemon.notify import Notifier
 from daemon.threads import name_os_thread
 
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         sys.stderr.write(f"inferd: {exc}\n")
         return exc.exit_status
-    except WorkerStartError as exc:
+    except DeviceStartError as exc:
         structlog.get_logger("daemon.cli").error("start_failed", error=str(exc), permanent=exc.permanent)
         sys.stderr.write(f"inferd: cannot start: {exc}\n")
         return exc.exit_status
@@ -133,13 +134,13 @@ async def check(config: Config) -> int:
                 precision=plan.precision,
                 artefact=plan.artefact,
             )
-        workers = fleet.make(config, devices)
+        made = fleet.make(config, devices)
         try:
-            for worker in workers:
-                info = await worker.start(config.pipeline.worker_start_timeout_s)
-                log.info("check_device", **info)
+            for device in made:
+                info = await device.start(config.pipeline.worker_start_timeout_s)
+                log.info("check_device", **msgspec.structs.asdict(info))
         finally:
-            await asyncio.gather(*(w.stop(10) for w in workers))
+            await asyncio.gather(*(d.stop(10) for d in made))
     finally:
         await fleet.close()
     log.info("check_passed", config=str(config.source), devices=devices)

@@ -1,7 +1,7 @@
 """The Device protocol: what the batcher and the service ask of a device, wherever it runs.
 
 A device runs the model on batches of prepared images. Today each is a spawned local process
-with shared-memory slots (`daemon.workers.DeviceWorker`); a Ray actor (`daemon.cluster`) is
+with shared-memory slots (`daemon.workers.LocalDevice`); a Ray actor (`daemon.cluster`) is
 another. The batcher sends a batch to a device that is `up` and has a free slot; the service
 starts, supervises (`wait_exit`, then `start` again) and stops them. The exceptions below are
 the protocol's vocabulary for what went wrong, and decide what the batcher does with a batch.
@@ -13,13 +13,16 @@ import asyncio
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
+from daemon.config import Config, Decode
 from daemon.errors import BatchFailed as BatchFailed  # re-exported: its old home
-from daemon.errors import WorkerCrashed as WorkerCrashed
-from daemon.errors import WorkerRetired as WorkerRetired
-from daemon.errors import WorkerStartError as WorkerStartError
+from daemon.errors import DeviceCrashed as DeviceCrashed
+from daemon.errors import DeviceRetired as DeviceRetired
+from daemon.errors import DeviceStartError as DeviceStartError
 from daemon.jobs import ModelInfo, Prepared
+from daemon.messages import DeviceInfo, DeviceSpec
+from daemon.runtimes.cache import images_in
 from daemon.tasks import Payload
 
 JPEG_SLOT_BYTES = 32 << 20  # the most JPEG bytes one batch carries (pipeline.decode = "device"), any backend
@@ -80,7 +83,7 @@ class Device(Protocol):
     slot_bytes: int  # the most bytes of images one batch may carry
     slot_imgsz: int  # the largest letterboxed side it takes
     model: ModelInfo  # the model it serves, from its READY answer
-    info: dict[str, Any]  # the READY answer: weights, names, task, runtime, precision, ...
+    info: DeviceInfo | None  # the READY answer: weights, names, task, runtime, precision, ...; None before
     restarts: int  # counted by the supervisor
     state: DeviceState
 
@@ -93,12 +96,12 @@ class Device(Protocol):
     @property
     def pid(self) -> int | None: ...
 
-    async def start(self, timeout_s: float) -> dict[str, Any]:
-        """Load the model and return the READY answer; WorkerStartError if it cannot."""
+    async def start(self, timeout_s: float) -> DeviceInfo:
+        """Load the model and return the READY answer; DeviceStartError if it cannot."""
         ...
 
     async def infer(self, batch: list[Prepared], conf: float, iou: float) -> Answers:
-        """Run one batch of one letterboxed shape. Raises WorkerCrashed, WorkerRetired or BatchFailed."""
+        """Run one batch of one letterboxed shape. Raises DeviceCrashed, DeviceRetired or BatchFailed."""
         ...
 
     def set_level(self, level: str) -> None:
@@ -114,7 +117,7 @@ class Device(Protocol):
         ...
 
 
-async def start_all(devices: Sequence[Device], timeout_s: float) -> list[dict[str, Any]]:
+async def start_all(devices: Sequence[Device], timeout_s: float) -> list[DeviceInfo]:
     """Start the devices at once and return their READY answers. If one fails, or this is
     cancelled (a stop request during start-up), all are stopped before it raises."""
     try:
@@ -122,7 +125,34 @@ async def start_all(devices: Sequence[Device], timeout_s: float) -> list[dict[st
             tasks = [group.create_task(w.start(timeout_s)) for w in devices]
     except BaseException as exc:
         await asyncio.gather(*(w.stop(0) for w in devices))
-        if isinstance(exc, BaseExceptionGroup) and (failed := exc.subgroup(WorkerStartError)) is not None:
+        if isinstance(exc, BaseExceptionGroup) and (failed := exc.subgroup(DeviceStartError)) is not None:
             raise failed.exceptions[0] from None
         raise
     return [t.result() for t in tasks]
+
+
+def device_spec(config: Config, name: str, *, torch_threads: int) -> DeviceSpec:
+    """What device `name` loads, from `config`: one spec for every backend (a backend may replace
+    what differs on its machines: daemon.cluster sends the weights' bytes and runs "auto" as torch)."""
+    m, p = config.model, config.pipeline
+    return DeviceSpec(
+        device=DeviceName.parse(name).torch,
+        weights=m.weights,
+        imgsz=m.imgsz,
+        precision=m.precision.value,
+        max_det=m.max_det,
+        torch_threads=torch_threads,
+        log=config.log,
+        name=name,
+        decode_jpegs=p.decode is Decode.DEVICE,
+        runtime=m.runtime.value,
+        cache_dir=str(config.paths.work / "models"),  # export.prepare filled it
+        max_batch=p.max_batch,
+        calibration=calibration_images(config),
+    )
+
+
+def calibration_images(config: Config) -> tuple[str, ...]:
+    """model.calibration's images, when INT8 runs (they are part of its cache key)."""
+    folder = config.model.calibration
+    return tuple(str(p) for p in images_in(folder)) if folder is not None else ()

@@ -44,7 +44,7 @@ class ConfigError(InferdError):
         self.key = key
 
 
-class WorkerStartError(InferdError):
+class DeviceStartError(InferdError):
     """A device could not start (the message says why).
 
     `permanent`: it never will as configured (weights missing or not a model, no room for the
@@ -107,7 +107,7 @@ class ExportStopped(InferdError):
 # --- errors of one device's batch (they decide what the batcher does with it) ----------------
 
 
-class WorkerCrashed(InferdError):
+class DeviceCrashed(InferdError):
     """The device died with batches in flight.
 
     `started` is False for a batch that cannot have caused the death: it was queued behind the
@@ -119,7 +119,7 @@ class WorkerCrashed(InferdError):
         self.started = started
 
 
-class WorkerRetired(WorkerCrashed):
+class DeviceRetired(DeviceCrashed):
     """The device is being retired (a reload): the batch goes back, to be sent to another."""
 
     def __init__(self, device: str) -> None:
@@ -141,8 +141,12 @@ class ClusterLost(InferdError):
     """The driver process is gone: whatever was asked of the cluster has no answer."""
 
 
+class ProtocolError(InferdError):
+    """A process received a message it does not take (`daemon.messages.refuse`): a bug."""
+
+
 class RemoteError(InferdError):
-    """The driver answered a request with an error: `kind` is "start", "failed" or "lost"."""
+    """The driver could not do what it was started for: `kind` is "unreachable" (the cluster)."""
 
     def __init__(self, kind: str, value: Any) -> None:
         super().__init__(f"{kind}: {value}")

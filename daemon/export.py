@@ -23,17 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import structlog
 
 from daemon import runtimes
 from daemon.config import Backend, Config, Precision, Runtime
-from daemon.devices import DeviceName
+from daemon.devices import DeviceName, DeviceStartError, calibration_images
 from daemon.errors import ExportStopped as ExportStopped  # re-exported: its old home
 from daemon.errors import ModelError
+from daemon.messages import ExportFailed, ExportStarted, PlanMade, Record, Tuned, TuneStarted, decode_record
 from daemon.notify import Notifier
 from daemon.tuning import tune
 from daemon.weights import resolve_weights
-from daemon.workers import WorkerStartError, calibration_images
 
 log = structlog.get_logger("daemon.export")
 KEEPALIVE_S = 5.0  # systemd is told this often that a long export is progress
@@ -41,7 +42,7 @@ STDERR_TAIL = 4000
 
 
 @dataclass(frozen=True, slots=True)
-class Prepared:
+class Planned:
     """The plan for one torch device ("cpu", "cuda:0")."""
 
     device: str
@@ -70,9 +71,9 @@ def request(config: Config, device: str) -> dict[str, Any]:
 
 async def prepare(
     config: Config, devices: list[str], *, stop: asyncio.Event | None = None, notifier: Notifier | None = None
-) -> list[Prepared]:
+) -> list[Planned]:
     """Make sure every device's artefact is in the cache (exporting it if not); one plan per
-    device type. WorkerStartError when the config cannot run or the export fails; ExportStopped
+    device type. DeviceStartError when the config cannot run or the export fails; ExportStopped
     when `stop` is set meanwhile."""
     # Ray actors (ray:...) run the PyTorch weights they are sent: nothing to export here.
     kinds = sorted({n.torch for n in map(DeviceName.parse, devices) if not n.remote})
@@ -109,19 +110,18 @@ async def resolve(config: Config, *, stop: asyncio.Event | None = None, notifier
     try:
         req["weights"] = await asyncio.to_thread(resolve_weights, m.weights)
     except ModelError as exc:
-        raise WorkerStartError(f"model: {exc}", permanent=True) from None
+        raise DeviceStartError(f"model: {exc}", permanent=True) from None
     if not await asyncio.to_thread(Path(req["weights"]).is_file):
         return config  # nothing to measure: loading it fails in the device processes, with its own message
     choice = await asyncio.to_thread(tune.cached, req)
     fresh = choice is None
     if choice is None:
         answer, code, tail = await _child(["daemon.tuning", "tune", json.dumps(req)], req, stop, notifier)
-        if answer.get("event") != "tuned" or code != 0:
-            message = answer.get("message") or f"measuring the runtimes exited with status {code}: {tail[-1500:]}"
+        if not isinstance(answer, Tuned) or code != 0:
+            message = _failure(answer) or f"measuring the runtimes exited with status {code}: {tail[-1500:]}"
             log.error("runtime_tune_failed", error=message)
-            raise WorkerStartError(f"model.runtime = auto: {message}", permanent=True)
-        answer.pop("event")
-        choice = tune.Choice.load(answer)
+            raise DeviceStartError(f"model.runtime = auto: {message}", permanent=True)
+        choice = tune.Choice.load(msgspec.structs.asdict(answer))
     if choice.skipped:
         return config
     log.info("runtime_tuned", runtime=choice.runtime, precision=choice.precision, layout=f"{choice.processes}x"
@@ -135,7 +135,7 @@ async def resolve(config: Config, *, stop: asyncio.Event | None = None, notifier
     return dataclasses.replace(config, model=model, pipeline=pipeline)
 
 
-def _cached(req: dict[str, Any]) -> Prepared | None:
+def _cached(req: dict[str, Any]) -> Planned | None:
     """The plan of a CPU device without a child process: torch, an export given as weights, or
     an entry already in the cache. None: the child must look (and maybe export)."""
     from daemon.config import ConfigError, Precision, Runtime
@@ -148,31 +148,36 @@ def _cached(req: dict[str, Any]) -> Prepared | None:
             Runtime(req["runtime"]), Precision(req["precision"]), device=req["device"], weights=weights
         )
     except (ConfigError, ModelError) as exc:
-        raise WorkerStartError(f"{req['device']}: {exc}", permanent=True) from None
+        raise DeviceStartError(f"{req['device']}: {exc}", permanent=True) from None
     plan = runtimes.lookup(
         weights, imgsz=req["imgsz"], max_batch=req["max_batch"], runtime=runtime, precision=precision,
         device=req["device"], cache_dir=Path(req["cache_dir"]), calibration=tuple(Path(p) for p in req["calibration"]),
     )  # fmt: skip
-    return None if plan is None else Prepared(req["device"], runtime.value, precision.value, plan.artefact)
+    return None if plan is None else Planned(req["device"], runtime.value, precision.value, plan.artefact)
 
 
-async def _prepare_one(config: Config, device: str, stop: asyncio.Event | None, notifier: Notifier | None) -> Prepared:
+async def _prepare_one(config: Config, device: str, stop: asyncio.Event | None, notifier: Notifier | None) -> Planned:
     req = request(config, device)
     if not device.startswith("cuda") and (found := await asyncio.to_thread(_cached, req)) is not None:
         return found
     answer, code, tail = await _child(["daemon.tuning", json.dumps(req)], req, stop, notifier)
-    if answer.get("event") == "plan" and code == 0:
-        return Prepared(req["device"], answer["runtime"], answer["precision"], answer["artefact"])
-    message = answer.get("message") or (
+    if isinstance(answer, PlanMade) and code == 0:
+        return Planned(req["device"], answer.runtime, answer.precision, answer.artefact)
+    message = _failure(answer) or (
         f"the {req['runtime']} exporter exited with status {code}: {tail.strip()[-1500:]}. Fix: {runtimes.FIX}"
     )
     log.error("model_export_failed", device=req["device"], runtime=req["runtime"], error=message)
-    raise WorkerStartError(f"{req['device']}: {message}", permanent=True)  # the policy: exit 78, no fallback
+    raise DeviceStartError(f"{req['device']}: {message}", permanent=True)  # the policy: exit 78, no fallback
+
+
+def _failure(answer: Record | None) -> str:
+    """What the child said went wrong, if it said so."""
+    return answer.message if isinstance(answer, ExportFailed) else ""
 
 
 async def _child(
     args: list[str], req: dict[str, Any], stop: asyncio.Event | None, notifier: Notifier | None
-) -> tuple[dict[str, Any], int, str]:
+) -> tuple[Record | None, int, str]:
     """Run `python -m ARGS` to its end: its last JSON record, exit status and stderr's tail.
     ExportStopped (the child killed at once) when `stop` is set meanwhile."""
     proc = await asyncio.create_subprocess_exec(
@@ -199,43 +204,40 @@ async def _child(
 
 async def _follow(
     proc: asyncio.subprocess.Process, req: dict[str, Any], notifier: Notifier | None
-) -> tuple[dict[str, Any], int, str]:
+) -> tuple[Record | None, int, str]:
     """Read the child's JSON lines to its end; keep systemd patient while it exports or measures."""
     assert proc.stdout is not None and proc.stderr is not None
     stderr = asyncio.ensure_future(proc.stderr.read())
     keepalive: asyncio.Task[None] | None = None
-    answer: dict[str, Any] = {}
+    answer: Record | None = None
     started = time.monotonic()
     try:
         async for line in proc.stdout:
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+                record = decode_record(line)
+            except msgspec.DecodeError:
                 continue  # a library's stray print
-            if not isinstance(record, dict):
-                continue
-            event = record.get("event")
-            if event in ("export_started", "tune_started"):
-                started = time.monotonic()
-                if event == "export_started":
-                    log.info("model_export_started", device=req["device"], runtime=record["runtime"],
-                             precision=record["precision"], weights=req["weights"], cache=req["cache_dir"])  # fmt: skip
-                else:
-                    log.info("runtime_tune_started", weights=req["weights"], budget_s=tune_budget_s())
-                if notifier is not None and keepalive is None:
-                    what = record.get("runtime", "the fastest runtime")
-                    keepalive = asyncio.ensure_future(_keep_alive(notifier, what))
-            else:
+            if not isinstance(record, ExportStarted | TuneStarted):
                 answer = record
+                continue
+            started = time.monotonic()
+            if isinstance(record, ExportStarted):
+                log.info("model_export_started", device=req["device"], runtime=record.runtime,
+                         precision=record.precision, weights=req["weights"], cache=req["cache_dir"])  # fmt: skip
+            else:
+                log.info("runtime_tune_started", weights=req["weights"], budget_s=tune_budget_s())
+            if notifier is not None and keepalive is None:
+                what = record.runtime if isinstance(record, ExportStarted) else "the fastest runtime"
+                keepalive = asyncio.ensure_future(_keep_alive(notifier, what))
         code = await proc.wait()
         tail = (await stderr).decode(errors="replace")[-STDERR_TAIL:]
     finally:
         if keepalive is not None:
             keepalive.cancel()
         stderr.cancel()
-    if answer.get("event") == "plan" and code == 0 and answer["built"]:
-        log.info("model_export_done", device=req["device"], runtime=answer["runtime"], precision=answer["precision"],
-                 artefact=answer["artefact"], export_s=round(time.monotonic() - started, 2))  # fmt: skip
+    if isinstance(answer, PlanMade) and code == 0 and answer.built:
+        log.info("model_export_done", device=req["device"], runtime=answer.runtime, precision=answer.precision,
+                 artefact=answer.artefact, export_s=round(time.monotonic() - started, 2))  # fmt: skip
     return answer, code, tail
 
 

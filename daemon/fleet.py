@@ -20,8 +20,9 @@ import structlog
 from daemon import backends
 from daemon.backends import Backend
 from daemon.config import Config
-from daemon.devices import Device, WorkerStartError, start_all
-from daemon.export import Prepared
+from daemon.devices import Device, DeviceStartError, start_all
+from daemon.export import Planned
+from daemon.messages import DeviceInfo
 from daemon.metrics import Metrics
 from daemon.notify import Notifier
 
@@ -65,7 +66,8 @@ class Fleet:
     @property
     def task(self) -> str:
         """The task of the model the devices serve (they all load the same weights)."""
-        return str(self.devices[0].info.get("task", "detect")) if self.devices else "detect"
+        info = self.devices[0].info if self.devices else None
+        return info.task if info is not None else "detect"
 
     async def resolve(self, cfg: Config) -> list[str]:
         """The names of the devices `cfg` runs on: this machine's, or the Ray cluster's."""
@@ -75,12 +77,12 @@ class Fleet:
 
     async def prepare(
         self, cfg: Config, names: list[str], *, stop: asyncio.Event | None = None, notifier: Notifier | None = None
-    ) -> list[Prepared]:
+    ) -> list[Planned]:
         """Make what the devices `names` load ready (the export cache); ExportStopped on `stop`."""
         return await self._backend.prepare(cfg, names, stop=stop, notifier=notifier)
 
     def make(self, cfg: Config, names: list[str], *, slot_imgsz: int = 0) -> list[Device]:
-        """Devices (not started) for `names`; `slot_imgsz` as in DeviceWorker."""
+        """Devices (not started) for `names`; `slot_imgsz` as in workers.LocalDevice."""
         return self._backend.make(cfg, names, slot_imgsz=slot_imgsz)
 
     async def grow(self) -> None:
@@ -103,7 +105,7 @@ class Fleet:
         self.on_change()
         log.info("device_added", device=device.device, pid=device.pid, devices=len(self.devices))
 
-    async def start(self, devices: list[Device], timeout_s: float) -> list[dict[str, object]]:
+    async def start(self, devices: list[Device], timeout_s: float) -> list[DeviceInfo]:
         """Start `devices` at once and make them the fleet; their READY answers. If one fails,
         or this is cancelled (a stop request), all are stopped before it raises."""
         self.devices[:] = devices
@@ -131,7 +133,7 @@ class Fleet:
             self._supervised.pop(device).cancel()
         log.info("reload_switching", retiring=[d.pid for d in old], batches_in_flight=sum(d.in_flight for d in old))
         # stop() first sends the batches being copied into their slots; a batch handed over that
-        # had not reached its slot yet comes back to the batcher (WorkerRetired) for the new ones.
+        # had not reached its slot yet comes back to the batcher (DeviceRetired) for the new ones.
         retiring = asyncio.ensure_future(asyncio.gather(*(d.stop(timeout_s) for d in old)))
         try:
             await asyncio.shield(retiring)
@@ -143,7 +145,7 @@ class Fleet:
             for device in fresh:
                 self._watch(device)
             for name in {d.device for d in old} - {d.device for d in fresh}:
-                self.metrics.worker_up(name, False)
+                self.metrics.device_up(name, False)
             self.on_change()
 
     def set_level(self, level: str) -> None:
@@ -175,12 +177,12 @@ class Fleet:
                 try:
                     await device.start(self.running().pipeline.worker_start_timeout_s)
                     break
-                except (WorkerStartError, OSError) as exc:  # OSError: no pipe or process to be had now
+                except (DeviceStartError, OSError) as exc:  # OSError: no pipe or process to be had now
                     failures += 1
                     delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
                     log.error("worker_restart_failed", device=device.device, error=str(exc), retry_in_s=delay)
             up_since = time.monotonic()
             device.restarts += 1
-            self.metrics.worker_restarted(device.device)
+            self.metrics.device_restarted(device.device)
             log.info("worker_restarted", device=device.device, pid=device.pid, restarts=device.restarts)
             self.on_change()

@@ -71,7 +71,7 @@ class Health:
         self.metrics.set_queue_depth("batching", s.batching)
         self.metrics.set_in_flight(s.in_flight)
         for device in s.devices:
-            self.metrics.worker_up(device.device, device.up)
+            self.metrics.device_up(device.device, device.up)
 
     def sink_state(self, name: str, up: bool, error: str | None) -> None:
         """The sink `name` failed an attempt (it retries), or works again."""

@@ -6,6 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -13,6 +14,8 @@ from daemon.config import TilingConfig
 from daemon.errors import FailReason as FailReason  # re-exported: its old home
 from daemon.errors import ItemError as ItemError
 from daemon.tasks import Payload
+
+Image = TypeVar("Image")
 
 
 @dataclass(slots=True)
@@ -152,3 +155,27 @@ class Capacity:
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
+
+
+class Turns(Protocol[Image]):
+    """The three image operations an EXIF orientation needs, of one array library."""
+
+    def transpose(self, image: Image, /) -> Image: ...
+
+    def flip(self, image: Image, /, *, rows: bool, cols: bool) -> Image: ...
+
+    def rot90(self, image: Image, /, *, clockwise: bool) -> Image: ...
+
+
+def orient(image: Image, orientation: int, turns: Turns[Image]) -> Image:
+    """Apply an EXIF orientation as PIL's `ImageOps.exif_transpose` does: on the host (OpenCV,
+    daemon.preprocess) and on the device (torch, daemon.model) alike."""
+    if orientation in (5, 7):  # transpose; transverse is a transpose turned half round
+        image = turns.transpose(image)
+    if orientation in (3, 7):
+        return turns.flip(image, rows=True, cols=True)
+    if orientation in (2, 4):  # mirror, left-right or top-bottom
+        return turns.flip(image, rows=orientation == 4, cols=orientation == 2)
+    if orientation in (6, 8):  # a quarter turn, clockwise or counter-clockwise
+        return turns.rot90(image, clockwise=orientation == 6)
+    return image

@@ -83,14 +83,14 @@ class Metrics:
     def _device_metrics(self) -> None:
         """Each device process: up or not, and its restarts."""
         ns, reg = NAMESPACE, self.registry
-        self.workers_up = Gauge(
+        self.devices_up = Gauge(
             "workers_up",
             "1 while the device process runs with its model loaded.",
             ["device"],
             namespace=ns,
             registry=reg,
         )
-        self.worker_restarts_total = Counter(
+        self.device_restarts_total = Counter(
             "worker_restarts", "Device processes restarted after they died.", ["device"], namespace=ns, registry=reg
         )
 
@@ -118,8 +118,8 @@ class Metrics:
             self.stage_seconds.labels(stage=stage)
         for device in devices:
             self.images_done_total.labels(device=device)
-            self.workers_up.labels(device=device).set(0)
-            self.worker_restarts_total.labels(device=device)
+            self.devices_up.labels(device=device).set(0)
+            self.device_restarts_total.labels(device=device)
         for reason in failure_reasons:
             self.images_failed_total.labels(reason=reason)
         for queue in queues:
@@ -150,11 +150,11 @@ class Metrics:
     def set_in_flight(self, n: int) -> None:
         self.in_flight.set(n)
 
-    def worker_up(self, device: str, up: bool) -> None:
-        self.workers_up.labels(device=device).set(1 if up else 0)
+    def device_up(self, device: str, up: bool) -> None:
+        self.devices_up.labels(device=device).set(1 if up else 0)
 
-    def worker_restarted(self, device: str) -> None:
-        self.worker_restarts_total.labels(device=device).inc()
+    def device_restarted(self, device: str) -> None:
+        self.device_restarts_total.labels(device=device).inc()
 
     def sink_state(self, sink: str, up: bool) -> None:
         self.sink_up.labels(sink=sink).set(1 if up else 0)

@@ -12,7 +12,6 @@ the current one's NMS waits for its results, so the device never idles between b
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import io
 import mmap
@@ -26,59 +25,29 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import structlog
 from PIL import Image
 
 from daemon import logs, runtimes, tasks
-from daemon.config import LogConfig, Precision, Runtime
+from daemon.config import Precision, Runtime
 from daemon.errors import ModelError as ModelError  # re-exported: its old home
+from daemon.jobs import orient
+from daemon.messages import (
+    Batch,
+    BatchDone,
+    BatchRaised,
+    DeviceInfo,
+    DeviceSpec,
+    LoadFailed,
+    Ready,
+    SetLevel,
+    Stop,
+    refuse,
+)
 from daemon.weights import resolve_weights as resolve_weights  # re-exported: its old home
 
 log = structlog.get_logger("daemon.model")
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerSpec:
-    """Everything a device process needs; pickled to the spawned child."""
-
-    device: str
-    weights: str
-    imgsz: int
-    precision: str  # config.Precision's value; "auto" is made concrete by runtimes.choose
-    max_det: int
-    torch_threads: int
-    buffer_path: str
-    slot_bytes: int
-    slots: int
-    log: LogConfig
-    decode_jpegs: bool = False  # the parent sends JPEG bytes (warm the decoder up at start)
-    pipelined: bool | None = None  # overlap two batches; None = on CUDA only (a test forces it on a CPU)
-    runtime: str = "torch"  # config.Runtime's value
-    cache_dir: str = ""  # exported artefacts (work/models); needed unless the runtime is torch
-    max_batch: int = 8  # the largest batch the exported artefact must take
-    calibration: tuple[str, ...] = ()  # INT8's calibration images (part of its cache key)
-
-
-@dataclass(frozen=True, slots=True)
-class Batch:
-    """Parent -> child: `n` images of `h`x`w` in slot `slot`; per image (gain_x, gain_y, pad_x, pad_y, w, h)."""
-
-    batch_id: int
-    slot: int
-    n: int
-    h: int
-    w: int
-    metas: list[tuple[float, float, int, int, int, int]]
-    conf: float
-    iou: float
-    jpegs: list[tuple[int, int]] | None = None  # the slot holds JPEGs back to back: (bytes, EXIF orientation)
-
-
-@dataclass(frozen=True, slots=True)
-class SetLevel:
-    """Parent -> child: log at this level from now on (a config reload)."""
-
-    level: str
 
 
 @dataclass(slots=True)
@@ -94,11 +63,10 @@ class Launched:
 class Runner:
     """The loaded model on one device."""
 
-    def __init__(self, spec: WorkerSpec, buffer: mmap.mmap | None) -> None:
+    def __init__(self, spec: DeviceSpec, buffer: mmap.mmap | None) -> None:
         """`buffer`: the shared slots of a local device process; None for a Ray actor, which is
         handed each batch's bytes (`launch(batch, data)`)."""
         import torch
-        from ultralytics.nn.autobackend import AutoBackend
 
         if spec.torch_threads:
             torch.set_num_threads(spec.torch_threads)
@@ -109,27 +77,7 @@ class Runner:
         if cuda:
             torch.cuda.set_device(self.device)
         self.weights = resolve_weights(spec.weights)
-        runtime, precision = runtimes.choose(
-            Runtime(spec.runtime), Precision(spec.precision), device=spec.device, weights=self.weights
-        )
-        if runtime is not Runtime.TORCH and not spec.cache_dir and runtimes.exported_as(self.weights) is None:
-            raise ModelError(f"runtime {runtime.value} needs a cache directory to export {self.weights} into")
-        # The daemon exported it before starting this process (export.prepare): this finds it cached.
-        self.plan = runtimes.ensure(
-            self.weights,
-            imgsz=spec.imgsz,
-            max_batch=spec.max_batch,
-            runtime=runtime,
-            precision=precision,
-            device=spec.device,
-            cache_dir=Path(spec.cache_dir),
-            calibration=tuple(Path(p) for p in spec.calibration),
-        )
-        fp16 = precision is Precision.FP16
-        self.backend = AutoBackend(model=self.plan.artefact, device=self.device, fp16=fp16, fuse=True, verbose=False)
-        self.backend.eval()
-        if (post_load := runtimes.SPECS[runtime].post_load) is not None:
-            post_load(self.backend, self.plan.artefact, precision, spec.torch_threads)
+        self.backend, self.plan = self._load(spec)
         try:
             self.head = tasks.head_of(self.backend, spec.max_det)  # the task, from the checkpoint
         except tasks.Unsupported as exc:
@@ -142,22 +90,53 @@ class Runner:
         self.fixed: tuple[int, int] | None = (int(meta["imgsz"][0]), int(meta["imgsz"][1])) if static else None
         self.names = {int(k): str(v) for k, v in self.backend.names.items()}
         self.buffer = buffer
-        self.pinned = False
         self.copies = torch.cuda.Stream(self.device) if cuda else None  # type: ignore[no-untyped-call]
         # On a CPU a launch is the whole computation: there is nothing to overlap.
         self.pipelined = cuda if spec.pipelined is None else spec.pipelined
-        if cuda and buffer is not None:  # page-lock the shared slots so host->device copies are DMA
-            view = torch.frombuffer(buffer, dtype=torch.uint8)
-            self.pinned = (
-                torch.cuda.cudart().cudaHostRegister(  # type: ignore[no-untyped-call]
-                    view.data_ptr(), view.numel(), 0
-                )
-                == 0
-            )
-        imgsz = spec.imgsz  # warm-up, through the real path: cuDNN's autotuning, then nvJPEG's handle
+        self.pinned = cuda and buffer is not None and self._pin(buffer)
+        self._warm_up()
+
+    def _load(self, spec: DeviceSpec) -> tuple[Any, runtimes.Plan]:
+        """The runtime's backend for the weights, and the plan it runs (its artefact)."""
+        from ultralytics.nn.autobackend import AutoBackend
+
+        runtime, precision = runtimes.choose(
+            Runtime(spec.runtime), Precision(spec.precision), device=spec.device, weights=self.weights
+        )
+        if runtime is not Runtime.TORCH and not spec.cache_dir and runtimes.exported_as(self.weights) is None:
+            raise ModelError(f"runtime {runtime.value} needs a cache directory to export {self.weights} into")
+        # The daemon exported it before starting this process (export.prepare): this finds it cached.
+        plan = runtimes.ensure(
+            self.weights,
+            imgsz=spec.imgsz,
+            max_batch=spec.max_batch,
+            runtime=runtime,
+            precision=precision,
+            device=spec.device,
+            cache_dir=Path(spec.cache_dir),
+            calibration=tuple(Path(p) for p in spec.calibration),
+        )
+        fp16 = precision is Precision.FP16
+        backend = AutoBackend(model=plan.artefact, device=self.device, fp16=fp16, fuse=True, verbose=False)
+        backend.eval()
+        if (post_load := runtimes.SPECS[runtime].post_load) is not None:
+            post_load(backend, plan.artefact, precision, spec.torch_threads)
+        return backend, plan
+
+    def _pin(self, buffer: mmap.mmap) -> bool:
+        """Page-lock the shared slots so host->device copies are DMA; False if CUDA refused."""
+        view = self.torch.frombuffer(buffer, dtype=self.torch.uint8)
+        registered = self.torch.cuda.cudart().cudaHostRegister(  # type: ignore[no-untyped-call]
+            view.data_ptr(), view.numel(), 0
+        )
+        return bool(registered == 0)
+
+    def _warm_up(self) -> None:
+        """Run a batch through the real path: cuDNN's autotuning, then nvJPEG's handle."""
+        imgsz, buffer = self.spec.imgsz, self.buffer
         warm = None if buffer is not None else bytearray(imgsz * imgsz * 3)
         self.run(Batch(-1, 0, 1, imgsz, imgsz, [(1.0, 1.0, 0, 0, imgsz, imgsz)], 0.25, 0.7), warm)
-        if spec.decode_jpegs:
+        if self.spec.decode_jpegs:
             jpeg = io.BytesIO()
             Image.new("RGB", (64, 64), (90, 120, 150)).save(jpeg, "JPEG")
             if buffer is not None:
@@ -165,22 +144,23 @@ class Runner:
             warm = None if buffer is not None else bytearray(jpeg.getvalue())
             self.run(Batch(-1, 0, 1, 64, 64, [(1.0, 1.0, 0, 0, 64, 64)], 0.25, 0.7, [(jpeg.tell(), 1)]), warm)
 
-    def info(self) -> dict[str, Any]:
-        return {
-            "device": self.spec.device,
-            "weights": self.weights,
-            "task": self.head.task.value,
-            "names": self.names,
-            "half": self.half,
-            "runtime": self.plan.runtime.value,
-            "precision": self.plan.precision.value,
-            "artefact": self.plan.artefact,
-            "max_batch": self.spec.max_batch,  # the largest batch the runtime takes (dynamic shapes up to imgsz)
-            "fixed_shape": self.fixed,  # a static export's (h, w), or None
-            "format": str(getattr(self.backend, "format", "pt")),
-            "pinned": self.pinned,
-            "pipelined": self.pipelined,
-        }
+    def info(self) -> DeviceInfo:
+        return DeviceInfo(
+            device=self.spec.device,
+            weights=self.weights,
+            task=self.head.task.value,
+            names=self.names,
+            half=self.half,
+            runtime=self.plan.runtime.value,
+            precision=self.plan.precision.value,
+            artefact=self.plan.artefact,
+            max_batch=self.spec.max_batch,
+            fixed_shape=self.fixed,
+            format=str(getattr(self.backend, "format", "pt")),
+            pinned=self.pinned,
+            pipelined=self.pipelined,
+            pid=os.getpid(),
+        )
 
     def _scale(self, x: Any) -> Any:
         dtype = self.torch.half if self.half else self.torch.float
@@ -195,7 +175,7 @@ class Runner:
         left, top = (fw - w) // 2, (fh - h) // 2
         x = self.torch.nn.functional.pad(x, (left, fw - w - left, top, fh - h - top), value=114 / 255)
         metas = [(gx, gy, px + left, py + top, ow, oh) for gx, gy, px, py, ow, oh in batch.metas]
-        return x, dataclasses.replace(batch, h=fh, w=fw, metas=metas)
+        return x, msgspec.structs.replace(batch, h=fh, w=fw, metas=metas)
 
     def _host(self, batch: Batch, count: int, data: Any) -> Any:
         """The batch's bytes as a uint8 tensor: from its slot, or from `data` (a Ray actor's)."""
@@ -274,7 +254,7 @@ def decode_batch(
     for i, (image, (gx, gy, px, py, ow, oh, orientation)) in enumerate(zip(images, metas, strict=True)):
         if image is None:
             continue
-        image = _orient(image.expand(3, -1, -1), orientation)  # a grey JPEG is one channel
+        image = orient(image.expand(3, -1, -1), orientation, _TensorTurns)  # a grey JPEG is one channel
         size = (max(round(oh * gy), 1), max(round(ow * gx), 1))
         if tuple(image.shape[1:]) != size:
             # Plain bilinear, as Ultralytics' own resize; antialiased where the host path would
@@ -311,24 +291,27 @@ def _decode_jpegs(jpegs: list[Any], device: Any) -> tuple[list[Any], dict[int, s
         return images, errors
 
 
-def _orient(image: Any, orientation: int) -> Any:
-    """Apply an EXIF orientation to a (c, h, w) tensor, as PIL's `ImageOps.exif_transpose` does."""
-    import torch
+class _TensorTurns:
+    """`jobs.orient`'s operations on a (c, h, w) tensor."""
 
-    if orientation in (5, 7):  # transpose; transverse is a transpose turned half round
-        image = image.transpose(1, 2)
-    if orientation in (3, 7):
-        return image.flip(1, 2)
-    if orientation in (2, 4):  # mirror, left-right or top-bottom
-        return image.flip(2 if orientation == 2 else 1)
-    if orientation in (6, 8):  # a quarter turn, clockwise or counter-clockwise
-        return torch.rot90(image, -1 if orientation == 6 else 1, (1, 2))
-    return image
+    @staticmethod
+    def transpose(image: Any) -> Any:
+        return image.transpose(1, 2)
+
+    @staticmethod
+    def flip(image: Any, *, rows: bool, cols: bool) -> Any:
+        return image.flip(*(d for d, on in ((1, rows), (2, cols)) if on))
+
+    @staticmethod
+    def rot90(image: Any, *, clockwise: bool) -> Any:
+        import torch
+
+        return torch.rot90(image, -1 if clockwise else 1, (1, 2))
 
 
-def serve(spec: WorkerSpec, conn: Connection) -> None:
-    """Entry point of a device process (spawn context)."""
-    # Ctrl-C reaches the whole process group; only the parent decides when a worker stops.
+def serve(spec: DeviceSpec, conn: Connection) -> None:
+    """Entry point of a device process (spawn context); the messages are `daemon.messages`'."""
+    # Ctrl-C reaches the whole process group; only the parent decides when a device process stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Before torch loads OpenMP: idle intra-op threads sleep instead of spinning, so the cores
@@ -340,9 +323,14 @@ def serve(spec: WorkerSpec, conn: Connection) -> None:
     try:
         runner = Runner(spec, buffer)
     except Exception as exc:  # noqa: BLE001 - any load failure is the ERROR half of the handshake
-        conn.send(("error", f"{type(exc).__name__}: {exc}", not _transient(exc)))
+        conn.send(LoadFailed(f"{type(exc).__name__}: {exc}", not transient(exc)))
         return
-    conn.send(("ready", runner.info(), os.getpid()))
+    conn.send(Ready(runner.info()))
+    _serve_batches(runner, conn)
+
+
+def _serve_batches(runner: Runner, conn: Connection) -> None:
+    """Answer batches until Stop or the pipe closes (the parent is gone)."""
     launched: Launched | None = None  # launched, not yet answered
     while True:
         if launched is not None and not (runner.pipelined and conn.poll()):
@@ -350,42 +338,56 @@ def serve(spec: WorkerSpec, conn: Connection) -> None:
             launched = None
             continue
         try:
-            batch = conn.recv()
+            message = conn.recv()
         except EOFError:  # the parent is gone
             return
-        if batch is None:  # asked to stop: what was launched is still answered
-            if launched is not None:
-                _answer(conn, runner, launched.batch, functools.partial(runner.finish, launched))
-            return
-        if isinstance(batch, SetLevel):
-            logs.set_level(batch.level)
-            continue
-        current = launched
-        launched = _answer(conn, runner, batch, functools.partial(runner.launch, batch))
-        if current is not None:  # the next batch is queued behind it: now wait for its results
-            _answer(conn, runner, current.batch, functools.partial(runner.finish, current))
+        match message:
+            case Batch():
+                current = launched
+                launched = _answer(conn, runner, message, functools.partial(runner.launch, message))
+                if current is not None:  # the next batch is queued behind it: now wait for its results
+                    _answer(conn, runner, current.batch, functools.partial(runner.finish, current))
+            case SetLevel(level):
+                logs.set_level(level)
+            case Stop():  # what was launched is still answered
+                if launched is not None:
+                    _answer(conn, runner, launched.batch, functools.partial(runner.finish, launched))
+                return
+            case _:
+                refuse(message, "device process")
 
 
 def _answer(conn: Connection, runner: Runner, batch: Batch, step: Callable[[], Any]) -> Launched | None:
-    """Run one step of a batch; a failure is answered at once, a finished batch with its boxes."""
+    """Run one step of a batch; a failure is answered at once, a finished batch with its results."""
+    result = attempt(runner, batch, step)
+    if isinstance(result, Launched):
+        return result
+    conn.send(result)
+    if isinstance(result, BatchDone):
+        log.debug(
+            "batch_done", batch_id=batch.batch_id, images=batch.n, shape=[batch.h, batch.w], infer_ms=result.model_ms
+        )
+    return None
+
+
+def attempt(runner: Runner, batch: Batch, step: Callable[[], Any]) -> Launched | BatchDone | BatchRaised:
+    """Run `step` (launch, finish or run) on `batch`: a model error fails this batch, not the device."""
     torch = runner.torch
     try:
         result = step()
     except torch.OutOfMemoryError as exc:
         if runner.device.type == "cuda":
             torch.cuda.empty_cache()
-        conn.send(("failed", batch.batch_id, "oom", str(exc)))
-    except Exception as exc:  # noqa: BLE001 - a model error fails this batch, not the worker
-        conn.send(("failed", batch.batch_id, "error", f"{type(exc).__name__}: {exc}"))
-    else:
-        if isinstance(result, Launched):
-            return result
-        conn.send(("done", batch.batch_id, *result))
-        log.debug("batch_done", batch_id=batch.batch_id, images=batch.n, shape=[batch.h, batch.w], infer_ms=result[1])
-    return None
+        return BatchRaised(batch.batch_id, "oom", str(exc))
+    except Exception as exc:  # noqa: BLE001 - a model error fails this batch, not the device
+        return BatchRaised(batch.batch_id, "error", f"{type(exc).__name__}: {exc}")
+    if isinstance(result, Launched):
+        return result
+    answers, model_ms = result
+    return BatchDone(batch.batch_id, answers, model_ms)
 
 
-def _transient(exc: BaseException) -> bool:
+def transient(exc: BaseException) -> bool:
     """A load failure that a later start may not meet (memory was short); anything else (no such
     file, not a model, a model this build cannot run) fails every start alike."""
     return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc)

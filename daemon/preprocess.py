@@ -33,7 +33,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from daemon import tiling
 from daemon.config import TilingConfig, TilingMode
-from daemon.jobs import FailReason, Failure, ItemError, Job, Outcome, Prepared
+from daemon.jobs import FailReason, Failure, ItemError, Job, Outcome, Prepared, orient
 
 log = structlog.get_logger("daemon.preprocess")
 STRIDE = 32
@@ -218,20 +218,25 @@ def _decode_jpeg(data: bytes, size: tuple[int, int], orientation: int, settings:
     if image is None:
         raise ItemError(FailReason.NOT_IMAGE, "cannot decode: corrupt JPEG data")
     cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image)
-    return _orient(image, orientation)
+    return orient(image, orientation, _ArrayTurns)
 
 
-def _orient(image: np.ndarray, orientation: int) -> np.ndarray:
-    """Apply an EXIF orientation as PIL's `ImageOps.exif_transpose` does."""
-    if orientation in (5, 7):  # transpose; transverse is a transpose turned half round
-        image = cv2.transpose(image)
-    if orientation in (3, 7):
-        return cv2.rotate(image, cv2.ROTATE_180)
-    if orientation in (2, 4):  # mirror, left-right or top-bottom
-        return cv2.flip(image, 1 if orientation == 2 else 0)
-    if orientation in (6, 8):
-        return cv2.rotate(image, cv2.ROTATE_90_CLOCKWISE if orientation == 6 else cv2.ROTATE_90_COUNTERCLOCKWISE)
-    return image
+class _ArrayTurns:
+    """`jobs.orient`'s operations on an (h, w, 3) array, by OpenCV."""
+
+    @staticmethod
+    def transpose(image: np.ndarray, /) -> np.ndarray:
+        return cv2.transpose(image)
+
+    @staticmethod
+    def flip(image: np.ndarray, /, *, rows: bool, cols: bool) -> np.ndarray:
+        if rows and cols:
+            return cv2.rotate(image, cv2.ROTATE_180)
+        return cv2.flip(image, 1 if cols else 0)
+
+    @staticmethod
+    def rot90(image: np.ndarray, /, *, clockwise: bool) -> np.ndarray:
+        return cv2.rotate(image, cv2.ROTATE_90_CLOCKWISE if clockwise else cv2.ROTATE_90_COUNTERCLOCKWISE)
 
 
 def _decode(im: Image.Image, settings: PrepSettings) -> np.ndarray:

@@ -18,7 +18,7 @@ import structlog
 from daemon import config, export
 from daemon.config import Config, Reload
 from daemon.devices import Device
-from daemon.errors import EXIT_RUNTIME, ConfigError, ExportStopped, WorkerStartError
+from daemon.errors import EXIT_RUNTIME, ConfigError, DeviceStartError, ExportStopped
 from daemon.fleet import Fleet
 from daemon.notify import Notifier
 from daemon.tasks import checkpoint
@@ -113,7 +113,7 @@ class Reloader:
             read = await export.resolve(read, stop=self.stop, notifier=self.notifier)  # cached unless the model changed
         except ExportStopped:
             return
-        except WorkerStartError as exc:
+        except DeviceStartError as exc:
             log.error("reload_failed", error=str(exc))
             return
         except ConfigError as exc:
@@ -127,7 +127,7 @@ class Reloader:
         if p.roll:
             try:
                 fresh = await self._start_fresh(p.new)
-            except (WorkerStartError, OSError) as exc:
+            except (DeviceStartError, OSError) as exc:
                 log.error("reload_failed", error=str(exc), changed=p.changed)
                 return
             try:
@@ -148,7 +148,7 @@ class Reloader:
         try:
             await self.fleet.prepare(new, devices, stop=self.stop, notifier=self.notifier)
         except ExportStopped:
-            raise WorkerStartError("stopping during the model export", permanent=False) from None
+            raise DeviceStartError("stopping during the model export", permanent=False) from None
         fresh = self.fleet.make(new, devices, slot_imgsz=room)
         try:
             for device in fresh:

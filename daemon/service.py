@@ -35,6 +35,7 @@ from daemon.errors import ExportStopped
 from daemon.fleet import Fleet
 from daemon.health import Health
 from daemon.jobs import Capacity, FailReason, Failure, Inferred, Outcome
+from daemon.messages import DeviceInfo
 from daemon.notify import Notifier
 from daemon.pipeline import QUEUES, Pipeline, knobs
 from daemon.pipeline import prep_settings as prep_settings  # re-exported: its old home
@@ -201,12 +202,12 @@ class Service:
             "daemon_started",
             version=__version__,
             devices=devices,
-            model=infos[0]["weights"],
-            task=infos[0]["task"],
+            model=infos[0].weights,
+            task=infos[0].task,
             imgsz=cfg.model.imgsz,
-            runtime=infos[0]["runtime"],
-            precision=infos[0]["precision"],
-            artefact=infos[0]["artefact"],
+            runtime=infos[0].runtime,
+            precision=infos[0].precision,
+            artefact=infos[0].artefact,
             runtimes={p.device: f"{p.runtime} {p.precision}" for p in plans},
             config=str(cfg.source),
             incoming=str(cfg.paths.incoming),
@@ -281,7 +282,7 @@ class Service:
         )
         return False
 
-    async def _start_up(self, cfg: Config, devices: list[str]) -> list[dict[str, Any]] | None:
+    async def _start_up(self, cfg: Config, devices: list[str]) -> list[DeviceInfo] | None:
         """Start a device process per device and wait for READY; None if a stop came first."""
         self.notifier.status("loading the model on " + ", ".join(devices))
         log.info("workers_starting", devices=devices, timeout_s=cfg.pipeline.worker_start_timeout_s)

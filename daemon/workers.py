@@ -26,6 +26,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import structlog
 
@@ -36,14 +37,28 @@ from daemon.devices import (
     Answers,
     BatchFailed,
     Device,
+    DeviceCrashed,
     DeviceKind,
     DeviceName,
-    WorkerCrashed,
-    WorkerRetired,
-    WorkerStartError,
+    DeviceRetired,
+    DeviceStartError,
+    DeviceState,
+    device_spec,
 )
-from daemon.devices import DeviceState as WorkerState
+from daemon.devices import calibration_images as calibration_images  # re-exported: its old home
 from daemon.jobs import ModelInfo, Prepared
+from daemon.messages import (
+    Batch,
+    BatchDone,
+    BatchRaised,
+    DeviceInfo,
+    DeviceSpec,
+    LoadFailed,
+    Ready,
+    SetLevel,
+    Stop,
+    refuse,
+)
 
 log = structlog.get_logger("daemon.workers")
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
@@ -51,28 +66,26 @@ SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gette
 # Five 2048x12000 photos (~6 MB each); the pages are touched only as far as they are used.
 
 
-__all__ = ["BatchFailed", "DeviceWorker", "WorkerCrashed", "WorkerRetired", "WorkerStartError", "WorkerState"]
+__all__ = ["BatchFailed", "DeviceCrashed", "DeviceRetired", "DeviceStartError", "DeviceState", "LocalDevice"]
 
 
-class DeviceWorker:
+class LocalDevice:
     """A Device (daemon.devices): one spawned local process and its shared batch slots."""
 
-    def __init__(
-        self, spec_args: dict[str, Any], *, max_batch: int, slots: int = 2, slot_imgsz: int = 0, name: str = ""
-    ) -> None:
+    def __init__(self, spec: DeviceSpec, *, max_batch: int, slots: int = 2, slot_imgsz: int = 0) -> None:
         """`slot_imgsz`: the largest letterboxed side a slot must hold, if more than the model's
         imgsz (after a reload that shrank imgsz, images letterboxed for the old size still queue).
-        `name`: how logs and metrics call it (cpu:1), if not its torch device."""
-        self.device: str = name or spec_args["device"]
+        The spec's `name` is how logs and metrics call it (cpu:1), if not its torch device."""
+        self.device: str = spec.name or spec.device
         self.max_batch = max_batch  # a slot holds this many images; a new batcher knob cannot grow it
-        self.slot_imgsz: int = max(slot_imgsz, spec_args["imgsz"])
+        self.slot_imgsz: int = max(slot_imgsz, spec.imgsz)
         self.slot_bytes = max_batch * self.slot_imgsz * self.slot_imgsz * 3
-        if spec_args.get("decode_jpegs"):
+        if spec.decode_jpegs:
             self.slot_bytes = max(self.slot_bytes, JPEG_SLOT_BYTES)
         self.slots = slots
-        self.spec_args = spec_args
-        self.info: dict[str, Any] = {}  # the READY answer
-        self.model = ModelInfo(spec_args["weights"], {}, spec_args["imgsz"], False)  # set from READY
+        self.spec = spec
+        self.info: DeviceInfo | None = None  # the READY answer
+        self.model = ModelInfo(spec.weights, {}, spec.imgsz, False)  # set from READY
         self.restarts = 0
         self._ids = itertools.count()
         self._pending: dict[int, tuple[asyncio.Future[Any], int]] = {}
@@ -80,15 +93,15 @@ class DeviceWorker:
         self._proc: BaseProcess | None = None
         self._conn: Connection | None = None
         self._buffer: mmap.mmap | None = None
-        self._ready: asyncio.Future[Any] | None = None
+        self._ready: asyncio.Future[DeviceInfo] | None = None
         self._exited = asyncio.Event()
         self._reaped: asyncio.Future[None] | None = None
-        self._fills: set[asyncio.Future[Any]] = set()  # slots being filled: sent before a stop's None
-        self.state = WorkerState.STOPPED
+        self._fills: set[asyncio.Future[Any]] = set()  # slots being filled: sent before a stop's Stop()
+        self.state = DeviceState.STOPPED
 
     @property
     def up(self) -> bool:
-        return self.state is WorkerState.UP
+        return self.state is DeviceState.UP
 
     @property
     def in_flight(self) -> int:
@@ -98,17 +111,17 @@ class DeviceWorker:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    async def start(self, timeout_s: float) -> dict[str, Any]:
-        """Spawn the process and wait for READY; raise WorkerStartError on ERROR, exit or timeout."""
+    async def start(self, timeout_s: float) -> DeviceInfo:
+        """Spawn the process and wait for READY; raise DeviceStartError on ERROR, exit or timeout."""
         loop = asyncio.get_running_loop()
         path = self._allocate_slots()  # on the loop: a thread's result would be lost to a cancel
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
-        spec = model.WorkerSpec(**self.spec_args, buffer_path=path, slot_bytes=self.slot_bytes, slots=self.slots)
+        spec = msgspec.structs.replace(self.spec, buffer_path=path, slot_bytes=self.slot_bytes, slots=self.slots)
         self._proc = ctx.Process(target=model.serve, args=(spec, child_conn), name=f"inferd-{self.device}")
         self._exited.clear()
         self._ready = loop.create_future()
-        self.state = WorkerState.STARTING
+        self.state = DeviceState.STARTING
         try:
             self._proc.start()
             child_conn.close()
@@ -116,15 +129,12 @@ class DeviceWorker:
             # uvloop's poll makes the fd non-blocking; a reply over 16 KiB is written in two parts
             # (header, then body), and a read between them must wait, not fail as if it had died.
             os.set_blocking(self._conn.fileno(), True)
-            self.info = await asyncio.wait_for(self._ready, timeout_s)
-            info, imgsz = self.info, self.spec_args["imgsz"]
-            self.model = ModelInfo(
-                info["weights"], info["names"], imgsz, info["half"], info["runtime"], info["precision"]
-            )
+            info = self.info = await asyncio.wait_for(self._ready, timeout_s)
+            self.model = ModelInfo(info.weights, info.names, self.spec.imgsz, info.half, info.runtime, info.precision)
         except TimeoutError:
             await self.stop(0)
-            raise WorkerStartError(f"{self.device}: model not ready after {timeout_s:.0f} s", permanent=False) from None
-        except WorkerStartError:
+            raise DeviceStartError(f"{self.device}: model not ready after {timeout_s:.0f} s", permanent=False) from None
+        except DeviceStartError:
             await self.stop(5)  # after ERROR it exits by itself
             raise
         except BaseException:  # cancelled (a stop request during start-up): leave no process behind
@@ -136,8 +146,8 @@ class DeviceWorker:
             self._free.get_nowait()
         for slot in range(self.slots):
             self._free.put_nowait(slot)
-        self.state = WorkerState.UP
-        return self.info
+        self.state = DeviceState.UP
+        return info
 
     def _allocate_slots(self) -> str:
         """Create and map the shared slots, every page allocated now: a /dev/shm too small
@@ -147,14 +157,14 @@ class DeviceWorker:
             fd, path = tempfile.mkstemp(prefix=f"inferd-{os.getpid()}-", dir=SHM_DIR)
         except OSError as exc:
             message = f"{self.device}: cannot create batch slots in {SHM_DIR}: {exc}"
-            raise WorkerStartError(message, permanent=True) from None
+            raise DeviceStartError(message, permanent=True) from None
         try:
             os.posix_fallocate(fd, 0, size)
             self._buffer = mmap.mmap(fd, size)
         except OSError as exc:
             os.unlink(path)
             free = shutil.disk_usage(SHM_DIR).free
-            raise WorkerStartError(
+            raise DeviceStartError(
                 f"{self.device}: {SHM_DIR} has no room for its batch slots ({exc.strerror}): each device process "
                 f"needs {size / 2**20:.0f} MiB ({self.slots} slots of {self.max_batch} images), {free / 2**20:.0f} MiB "
                 f"are free. Give it more (a container: docker run --shm-size=1g), or lower pipeline.max_batch",
@@ -168,10 +178,10 @@ class DeviceWorker:
         """Run one batch (same letterboxed shape); returns per-image boxes and the model time in ms."""
         slot = await self._free.get()
         try:
-            if self.state is WorkerState.STOPPING:
-                raise WorkerRetired(self.device)
+            if self.state is DeviceState.STOPPING:
+                raise DeviceRetired(self.device)
             if not self.up or self._buffer is None:
-                raise WorkerCrashed(f"{self.device} is not running", started=False)
+                raise DeviceCrashed(f"{self.device} is not running", started=False)
             h, w = batch[0].shape
             # 10-32 MB of copying: in a thread, so the event loop keeps serving meanwhile.
             fill = asyncio.ensure_future(asyncio.to_thread(_fill, self._buffer, slot * self.slot_bytes, batch))
@@ -179,14 +189,14 @@ class DeviceWorker:
             fill.add_done_callback(self._fills.discard)
             jpegs = await fill
             # A stop() that came meanwhile waited for this fill: the batch goes before its None.
-            if self.state not in (WorkerState.UP, WorkerState.STOPPING) or self._conn is None:
-                raise WorkerCrashed(f"{self.device} is not running", started=False)
+            if self.state not in (DeviceState.UP, DeviceState.STOPPING) or self._conn is None:
+                raise DeviceCrashed(f"{self.device} is not running", started=False)
             batch_id = next(self._ids)
             metas = [(p.gain[0], p.gain[1], p.pad[0], p.pad[1], p.width, p.height) for p in batch]
             try:
-                self._conn.send(model.Batch(batch_id, slot, len(batch), h, w, metas, conf, iou, jpegs))
+                self._conn.send(Batch(batch_id, slot, len(batch), h, w, metas, conf, iou, jpegs))
             except OSError:  # it died and the loop has not read its EOF yet
-                raise WorkerCrashed(f"{self.device} is not running", started=False) from None
+                raise DeviceCrashed(f"{self.device} is not running", started=False) from None
         except BaseException:
             self._free.put_nowait(slot)  # nothing was sent: the slot is free again
             raise
@@ -200,7 +210,7 @@ class DeviceWorker:
         """Apply a new log level in the device process (a config reload)."""
         if self.up and self._conn is not None:
             with contextlib.suppress(OSError):  # gone: its restart gets the new config
-                self._conn.send(model.SetLevel(level))
+                self._conn.send(SetLevel(level))
 
     def _on_message(self) -> None:
         assert self._conn is not None
@@ -209,33 +219,37 @@ class DeviceWorker:
         except (EOFError, OSError):
             self._on_exit()
             return
-        kind = message[0]
-        if kind in ("ready", "error"):
-            assert self._ready is not None
-            if self._ready.done():  # start() gave up on it (timeout, cancelled): stop() is under way
-                return
-            if kind == "ready":
-                self._ready.set_result(message[1])
-            else:
-                self._ready.set_exception(WorkerStartError(f"{self.device}: {message[1]}", permanent=message[2]))
-            return
-        future, slot = self._pending.pop(message[1])
+        match message:
+            case Ready(info):
+                if self._ready is not None and not self._ready.done():  # else start() gave up on it
+                    self._ready.set_result(info)
+            case LoadFailed(why, permanent):
+                if self._ready is not None and not self._ready.done():  # after ERROR it exits by itself
+                    self._ready.set_exception(DeviceStartError(f"{self.device}: {why}", permanent=permanent))
+            case BatchDone(batch_id, answers, model_ms):
+                if (future := self._settle(batch_id)) is not None:
+                    future.set_result((answers, model_ms))
+            case BatchRaised(batch_id, kind, why):
+                if (future := self._settle(batch_id)) is not None:
+                    future.set_exception(BatchFailed(kind, why))
+            case _:
+                refuse(message, f"{self.device}'s parent")
+
+    def _settle(self, batch_id: int) -> asyncio.Future[Any] | None:
+        """An answered batch's slot is free again; its future, unless its caller was cancelled
+        (a drain that timed out) and nobody waits for it."""
+        future, slot = self._pending.pop(batch_id)
         self._free.put_nowait(slot)
-        if future.done():  # its caller was cancelled (a drain that timed out): nobody waits for it
-            return
-        if kind == "done":
-            future.set_result((message[2], message[3]))
-        else:
-            future.set_exception(BatchFailed(message[2], message[3]))
+        return None if future.done() else future
 
     def _on_exit(self) -> None:
         """The pipe closed: the process is gone. Reap it, then fail what was in flight so it can be re-queued."""
         assert self._conn is not None and self._proc is not None
         asyncio.get_running_loop().remove_reader(self._conn.fileno())
         self._exited.set()
-        self.state = WorkerState.EXITED
+        self.state = DeviceState.EXITED
         if self._ready is not None and not self._ready.done():
-            self._ready.set_exception(WorkerStartError(f"{self.device}: process exited during start", permanent=False))
+            self._ready.set_exception(DeviceStartError(f"{self.device}: process exited during start", permanent=False))
         pending, self._pending = self._pending, {}
         # The pipe closes just before the process is reaped: join it (off the loop) for its exit code.
         self._reaped = asyncio.ensure_future(asyncio.to_thread(self._proc.join))
@@ -248,11 +262,11 @@ class DeviceWorker:
         self, pending: dict[int, tuple[asyncio.Future[Any], int]], proc: BaseProcess, _reaped: object
     ) -> None:
         # The process runs batches in the order sent; on a GPU it has two under way at once.
-        running = sorted(pending)[: 2 if self.info.get("pipelined") else 1]
+        running = sorted(pending)[: 2 if self.info is not None and self.info.pipelined else 1]
         for batch_id, (future, _slot) in pending.items():
             if not future.done():
                 message = f"{self.device} exited with code {proc.exitcode}"
-                future.set_exception(WorkerCrashed(message, started=batch_id in running))
+                future.set_exception(DeviceCrashed(message, started=batch_id in running))
 
     async def wait_exit(self) -> None:
         await self._exited.wait()
@@ -262,13 +276,13 @@ class DeviceWorker:
         proc, conn = self._proc, self._conn
         if proc is None or conn is None:
             return
-        if self.state is WorkerState.UP:
-            self.state = WorkerState.STOPPING
+        if self.state is DeviceState.UP:
+            self.state = DeviceState.STOPPING
             if self._fills:  # batches being copied into their slots were handed to it: send them first
                 await asyncio.wait(list(self._fills))
         if not self._exited.is_set():
             with contextlib.suppress(OSError):  # already gone: the reader notices
-                conn.send(None)
+                conn.send(Stop())
             try:
                 await asyncio.wait_for(self._exited.wait(), timeout_s)
             except TimeoutError:
@@ -283,7 +297,7 @@ class DeviceWorker:
                 self._buffer.close()
         self._proc = self._conn = self._buffer = None
         self._reaped = None
-        self.state = WorkerState.STOPPED
+        self.state = DeviceState.STOPPED
 
 
 def _fill(buffer: mmap.mmap, offset: int, batch: list[Prepared]) -> list[tuple[int, int]] | None:
@@ -354,7 +368,7 @@ async def _devices(devices: tuple[str, ...]) -> list[str]:
         raise
     if probe.returncode != 0:
         message = f"cannot count CUDA devices: {err.decode(errors='replace').strip()[-500:]}"
-        raise WorkerStartError(message, permanent=False)
+        raise DeviceStartError(message, permanent=False)
     count = int(out.split()[-1])
     return [f"cuda:{i}" for i in range(count)] or ["cpu"]
 
@@ -378,37 +392,12 @@ def torch_threads(config: Config, devices: list[str]) -> int:
     return max(1, cores() // cpu) if cpu == len(devices) else 2
 
 
-def calibration_images(config: Config) -> tuple[str, ...]:
-    """model.calibration's images, when INT8 runs (they are part of its cache key)."""
-    from daemon.runtimes.cache import images_in
-
-    folder = config.model.calibration
-    return tuple(str(p) for p in images_in(folder)) if folder is not None else ()
-
-
-def start_workers(config: Config, devices: list[str], *, slot_imgsz: int = 0) -> list[Device]:
-    """One (not yet started) worker per device; `slot_imgsz` as in DeviceWorker."""
-    threads = torch_threads(config, devices)
-    m = config.model
+def local_devices(config: Config, names: list[str], *, slot_imgsz: int = 0) -> list[Device]:
+    """One (not yet started) device process per name; `slot_imgsz` as in LocalDevice."""
+    threads = torch_threads(config, names)
     return [
-        DeviceWorker(
-            dict(
-                device=DeviceName.parse(d).torch,
-                weights=m.weights,
-                imgsz=m.imgsz,
-                precision=m.precision.value,
-                max_det=m.max_det,
-                torch_threads=threads,
-                log=config.log,
-                decode_jpegs=config.pipeline.decode is Decode.DEVICE,
-                runtime=m.runtime.value,
-                cache_dir=str(config.paths.work / "models"),  # export.prepare filled it
-                max_batch=config.pipeline.max_batch,
-                calibration=calibration_images(config),
-            ),
-            max_batch=config.pipeline.max_batch,
-            slot_imgsz=slot_imgsz,
-            name=d,
+        LocalDevice(
+            device_spec(config, name, torch_threads=threads), max_batch=config.pipeline.max_batch, slot_imgsz=slot_imgsz
         )
-        for d in devices
+        for name in names
     ]

@@ -298,13 +298,14 @@ def test_the_runner_runs_a_batch_it_is_handed(tmp_path: Path) -> None:
     from daemon.cluster.device import pack
     from daemon.config import LogConfig, LogFormat
     from daemon.jobs import Job
-    from daemon.model import Batch, Runner, WorkerSpec
+    from daemon.messages import Batch, DeviceSpec
+    from daemon.model import Runner
     from daemon.tasks.detect import Boxes
 
     slot = 2 * 640 * 640 * 3
-    spec = WorkerSpec(
-        "cpu", "default", 640, "fp32", 300, 2, "", slot, 1, LogConfig("warning", LogFormat.JSON),
-        decode_jpegs=True, max_batch=2,
+    spec = DeviceSpec(
+        device="cpu", weights="default", imgsz=640, precision="fp32", max_det=300, torch_threads=2,
+        log=LogConfig("warning", LogFormat.JSON), slot_bytes=slot, slots=1, decode_jpegs=True, max_batch=2,
     )  # fmt: skip
     handed, slotted = Runner(spec, None), Runner(spec, mmap.mmap(-1, slot))
     photos = [assets() / "bus.jpg"]

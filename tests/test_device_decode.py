@@ -25,7 +25,7 @@ from daemon.config import Decode, parse
 from daemon.jobs import Job, Prepared
 from daemon.tasks import Payload
 from daemon.tasks.detect import Boxes
-from daemon.workers import JPEG_SLOT_BYTES, DeviceWorker, resolve_decode
+from daemon.workers import JPEG_SLOT_BYTES, LocalDevice, resolve_decode
 
 HOST = preprocess.PrepSettings(640, True, 10**9)
 DEVICE = preprocess.PrepSettings(640, True, 10**9, JPEG_SLOT_BYTES)
@@ -123,20 +123,20 @@ def runner() -> Iterator[asyncio.Runner]:
         yield r
 
 
-def start(runner: asyncio.Runner, device: str, *, decode_jpegs: bool) -> DeviceWorker:
+def start(runner: asyncio.Runner, device: str, *, decode_jpegs: bool) -> LocalDevice:
     worker = make_worker("default", device=device, decode_jpegs=decode_jpegs)
     runner.run(worker.start(120))
     return worker
 
 
 @pytest.fixture(scope="module")
-def host_worker(runner: asyncio.Runner) -> Iterator[DeviceWorker]:
+def host_worker(runner: asyncio.Runner) -> Iterator[LocalDevice]:
     worker = start(runner, "cpu", decode_jpegs=False)
     yield worker
     runner.run(worker.stop(10))
 
 
-def check_against_host(runner: asyncio.Runner, worker: DeviceWorker, host_worker: DeviceWorker, tmp: Path) -> None:
+def check_against_host(runner: asyncio.Runner, worker: LocalDevice, host_worker: LocalDevice, tmp: Path) -> None:
     """A batch of JPEGs decoded on `worker`'s device gives the host path's detections; the broken
     one in the middle fails with a reason and takes nothing with it."""
     paths = [assets() / "bus.jpg", oriented(tmp, 2), broken(tmp), oriented(tmp, 3)]
@@ -153,20 +153,20 @@ def check_against_host(runner: asyncio.Runner, worker: DeviceWorker, host_worker
     match(answers[1], single[0], px=0.5, conf=1e-3)
 
 
-def test_cpu_device_decode_matches_host(runner: asyncio.Runner, host_worker: DeviceWorker, tmp_path: Path) -> None:
+def test_cpu_device_decode_matches_host(runner: asyncio.Runner, host_worker: LocalDevice, tmp_path: Path) -> None:
     worker = start(runner, "cpu", decode_jpegs=True)
     try:
-        assert worker.slot_bytes >= JPEG_SLOT_BYTES and not worker.info["pipelined"]
+        assert worker.slot_bytes >= JPEG_SLOT_BYTES and not worker.info.pipelined
         check_against_host(runner, worker, host_worker, tmp_path)
     finally:
         runner.run(worker.stop(10))
 
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
-def test_nvjpeg_matches_host(runner: asyncio.Runner, host_worker: DeviceWorker, tmp_path: Path) -> None:
+def test_nvjpeg_matches_host(runner: asyncio.Runner, host_worker: LocalDevice, tmp_path: Path) -> None:
     worker = start(runner, "cuda:0", decode_jpegs=True)
     try:
-        assert worker.info["pipelined"] and worker.info["pinned"]
+        assert worker.info.pipelined and worker.info.pinned
         check_against_host(runner, worker, host_worker, tmp_path)
     finally:
         runner.run(worker.stop(10))

@@ -7,18 +7,22 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import numpy as np
 import pytest
 import uvloop
 
 from daemon.batching import Batcher, Knobs
-from daemon.devices import Answers, Device, DeviceKind, DeviceName, DeviceState, WorkerCrashed, WorkerRetired
+from daemon.devices import Answers, Device, DeviceCrashed, DeviceKind, DeviceName, DeviceRetired, DeviceState
 from daemon.jobs import FailReason, Failure, Inferred, Job, ModelInfo, Outcome, Prepared
+from daemon.messages import DeviceInfo
 from daemon.tasks.detect import Boxes
 
 POISON = "poison.jpg"
+FAKE_INFO = DeviceInfo(
+    device="cpu", weights="fake.pt", task="detect", names={0: "thing"}, half=False, runtime="fake",
+    precision="fp32", artefact="fake.pt", max_batch=4, fixed_shape=None, format="pt", pinned=False, pipelined=False,
+)
 
 
 class FakeDevice:
@@ -30,7 +34,7 @@ class FakeDevice:
         self.max_batch, self.slots, self.slot_imgsz = 4, 2, 64
         self.slot_bytes = self.max_batch * 64 * 64 * 3
         self.model = ModelInfo("fake.pt", {0: "thing"}, 64, False)
-        self.info: dict[str, Any] = {"task": "detect"}
+        self.info: DeviceInfo | None = FAKE_INFO
         self.restarts = 0
         self.state = DeviceState.UP
         self.crash, self.retire = crash, retire
@@ -49,9 +53,9 @@ class FakeDevice:
     def pid(self) -> int | None:
         return None
 
-    async def start(self, timeout_s: float) -> dict[str, Any]:
+    async def start(self, timeout_s: float) -> DeviceInfo:
         self.state = DeviceState.UP
-        return self.info
+        return FAKE_INFO
 
     async def infer(self, batch: list[Prepared], conf: float, iou: float) -> Answers:
         names = [p.job.rel.name for p in batch]
@@ -59,9 +63,9 @@ class FakeDevice:
         self.asked.set()
         await asyncio.sleep(0)  # answered on a later turn of the loop, as a real device's reply
         if self.retire:
-            raise WorkerRetired(self.device)
+            raise DeviceRetired(self.device)
         if self.crash and POISON in names:
-            raise WorkerCrashed(f"{self.device} died", started=True)
+            raise DeviceCrashed(f"{self.device} died", started=True)
         return [Boxes(np.array([[1, 2, 3, 4, 0.9, 0]], np.float32)) for _ in batch], 1.0
 
     def set_level(self, level: str) -> None:

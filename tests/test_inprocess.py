@@ -23,8 +23,9 @@ from daemon import backends, fleet, sinks
 from daemon.checks import DatabaseUrl
 from daemon.config import Config, load
 from daemon.devices import Answers, Device, DeviceState
-from daemon.export import Prepared as Plan
+from daemon.export import Planned as Plan
 from daemon.jobs import ModelInfo, Outcome, Prepared
+from daemon.messages import DeviceInfo
 from daemon.notify import Notifier
 from daemon.service import Service
 from daemon.sinks import OnState
@@ -43,7 +44,7 @@ class FakeDevice:
         self.max_batch, self.slots, self.slot_imgsz = config.pipeline.max_batch, 2, config.model.imgsz
         self.slot_bytes = self.max_batch * self.slot_imgsz**2 * 3
         self.model = ModelInfo("fake.pt", {0: "thing"}, self.slot_imgsz, False)
-        self.info: dict[str, Any] = {}
+        self.info: DeviceInfo | None = None
         self.restarts = 0
         self.starts = 0
         self.state = DeviceState.STOPPED
@@ -66,19 +67,16 @@ class FakeDevice:
     def pid(self) -> int | None:
         return None
 
-    async def start(self, timeout_s: float) -> dict[str, Any]:
+    async def start(self, timeout_s: float) -> DeviceInfo:
         self.starts += 1
         self._exited = asyncio.Event()
         self.state = DeviceState.UP
         self.started.set()
-        self.info = {
-            "weights": "fake.pt",
-            "task": "detect",
-            "runtime": "fake",
-            "precision": "fp32",
-            "artefact": "fake.pt",
-            "names": {0: "thing"},
-        }
+        self.info = DeviceInfo(
+            device="cpu", weights="fake.pt", task="detect", names={0: "thing"}, half=False, runtime="fake",
+            precision="fp32", artefact="fake.pt", max_batch=4, fixed_shape=None, format="pt", pinned=False,
+            pipelined=False,
+        )
         return self.info
 
     async def infer(self, batch: list[Prepared], conf: float, iou: float) -> Answers:

@@ -53,9 +53,9 @@ def record(metrics: Metrics) -> None:
     metrics.image_failed("not_an_image")
     metrics.set_queue_depth("ready", 3)
     metrics.set_in_flight(7)
-    metrics.worker_up("cuda:0", True)
-    metrics.worker_up("cuda:1", False)
-    metrics.worker_restarted("cuda:1")
+    metrics.device_up("cuda:0", True)
+    metrics.device_up("cuda:1", False)
+    metrics.device_restarted("cuda:1")
 
 
 def scrape_recorded(loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> tuple[str, str]:

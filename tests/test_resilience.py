@@ -35,10 +35,11 @@ from test_worker_faults import import_env, prepared, worker
 
 from daemon import intake, preprocess, results, workers
 from daemon.config import OnSuccess, OutputConfig, PathsConfig
+from daemon.devices import DeviceState
 from daemon.jobs import FailReason, Failure, Inferred, Job, ModelInfo, Outcome, Prepared
+from daemon.messages import LoadFailed
 from daemon.tasks import Payload
 from daemon.tasks.detect import Boxes
-from daemon.workers import WorkerState
 
 RunDaemon = Callable[..., Daemon]
 NO_DAC = ("setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search")
@@ -310,17 +311,17 @@ def test_a_reply_for_a_batch_whose_caller_gave_up_is_ignored(
 
 def test_a_worker_that_answered_error_takes_no_batch(runner: asyncio.Runner) -> None:
     class Pipe:
-        def recv(self) -> tuple[str, str, bool]:
-            return ("error", "FileNotFoundError: gone.pt", True)
+        def recv(self) -> LoadFailed:
+            return LoadFailed("FileNotFoundError: gone.pt", True)
 
     async def main() -> None:
         w = worker(Path("gone.pt"))
         w._conn = Pipe()  # type: ignore[assignment]
         w._ready = asyncio.get_running_loop().create_future()
-        w.state = WorkerState.STARTING
+        w.state = DeviceState.STARTING
         w._on_message()  # ERROR has arrived; the process has not exited yet
         assert not w.up  # before: "up" from the ERROR until its exit was seen, so batches went to it
-        with pytest.raises(workers.WorkerStartError) as failed:
+        with pytest.raises(workers.DeviceStartError) as failed:
             await w._ready
         assert failed.value.permanent
 
@@ -338,7 +339,7 @@ def test_slots_come_back_exactly_once_after_a_crash(
         await w.start(120)
         try:
             await w.infer([normal], 0.25, 0.7)  # slot 0 used and back: the next batch takes slot 1
-            with pytest.raises(workers.WorkerCrashed):
+            with pytest.raises(workers.DeviceCrashed):
                 await asyncio.wait_for(w.infer([marker], 0.25, 0.7), 60)
             free = [w._free.get_nowait() for _ in range(w._free.qsize())]
             assert sorted(free) == [0, 1]  # before: [0, 0]

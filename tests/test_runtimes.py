@@ -25,7 +25,8 @@ from conftest import assets
 from daemon import preprocess, runtimes
 from daemon.config import ConfigError, LogConfig, LogFormat, Precision, Runtime
 from daemon.jobs import Job, Prepared
-from daemon.model import Batch, Runner, WorkerSpec, resolve_weights
+from daemon.messages import Batch, DeviceSpec
+from daemon.model import Runner, resolve_weights
 from daemon.tasks.detect import Boxes
 
 CONF, IOU = 0.25, 0.7
@@ -67,9 +68,10 @@ def prepared() -> list[Prepared]:
 
 def runner(runtime: str, precision: str, cache: Path, weights: str = "default") -> Runner:
     slot = MAX_BATCH * 640 * 640 * 3
-    spec = WorkerSpec(
-        "cpu", weights, 640, precision, 300, 2, "", slot, 1, LogConfig("warning", LogFormat.JSON),
-        runtime=runtime, cache_dir=str(cache), max_batch=MAX_BATCH,
+    spec = DeviceSpec(
+        device="cpu", weights=weights, imgsz=640, precision=precision, max_det=300, torch_threads=2,
+        log=LogConfig("warning", LogFormat.JSON), slot_bytes=slot, slots=1, runtime=runtime, cache_dir=str(cache),
+        max_batch=MAX_BATCH,
     )  # fmt: skip
     return Runner(spec, mmap.mmap(-1, slot))
 
@@ -145,7 +147,7 @@ def test_accuracy_against_torch_fp32(
     runtime: str, precision: str, cache: Path, prepared: list[Prepared], reference: list[np.ndarray]
 ) -> None:
     r = runner(runtime, precision, cache)
-    assert (r.info()["runtime"], r.info()["precision"]) == (runtime, precision)
+    assert (r.info().runtime, r.info().precision) == (runtime, precision)
     ours = each(r, prepared)
     pairs, total, dconf, worst_iou = matched(ours, reference)
     rate = f"{pairs}/{total} matched ({pairs / total:.1%})"
@@ -301,7 +303,7 @@ def test_exported_weights_are_used_as_they_are(cache: Path, prepared: list[Prepa
     ).artefact  # fmt: skip
     before = entries(cache)
     r = runner("auto", "fp32", cache / "unused", weights=exported)
-    assert (r.info()["runtime"], r.info()["artefact"]) == ("openvino", exported)
+    assert (r.info().runtime, r.info().artefact) == ("openvino", exported)
     assert len(detect(r, prepared[:1])[0]) > 0
     assert entries(cache) == before and not (cache / "unused").exists()
 
@@ -343,7 +345,7 @@ def test_a_static_export_given_as_weights_takes_every_letterboxed_shape(
         warnings.simplefilter("ignore")  # the tracer's
         exported = YOLO(str(tmp_path / "static.pt")).export(format="openvino", imgsz=640, dynamic=False, verbose=False)
     r = runner("auto", "fp32", cache, weights=str(exported))
-    assert r.info()["fixed_shape"] == (640, 640) and r.info()["runtime"] == "openvino"
+    assert r.info().fixed_shape == (640, 640) and r.info().runtime == "openvino"
     assert len({p.shape for p in prepared}) >= 3  # none of them 640x640
     model = YOLO(str(exported), task="detect")  # Ultralytics letterboxes to 640x640 for it
     theirs = [model.predict(str(p), imgsz=640, conf=CONF, iou=IOU, verbose=False)[0] for p in photos()]

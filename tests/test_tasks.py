@@ -24,9 +24,10 @@ from PIL import Image, ImageDraw, ImageOps
 from daemon import preprocess
 from daemon.config import ConfigError, LogConfig, LogFormat, parse
 from daemon.jobs import Job, Prepared
+from daemon.messages import DeviceSpec
 from daemon.service import prep_settings
 from daemon.tasks import Payload, Task, Unsupported, checkpoint, head_of
-from daemon.workers import JPEG_SLOT_BYTES, DeviceWorker
+from daemon.workers import JPEG_SLOT_BYTES, LocalDevice
 
 CONF, IOU = 0.25, 0.7
 TASKS = ("segment", "pose", "obb", "classify")
@@ -40,12 +41,12 @@ def runner() -> Iterator[asyncio.Runner]:
 
 
 @pytest.fixture(scope="module")
-def workers(runner: asyncio.Runner, task_weights: dict[str, Path]) -> Iterator[dict[str, DeviceWorker]]:
+def workers(runner: asyncio.Runner, task_weights: dict[str, Path]) -> Iterator[dict[str, LocalDevice]]:
     """One device process per task, at the checkpoint's own imgsz as "auto" finds it; each takes
     ready pixels and (pipeline.decode = "device") JPEG bytes alike."""
     started = {}
     for task in TASKS:
-        spec = dict(
+        spec = DeviceSpec(
             device="cpu",
             weights=str(task_weights[task]),
             imgsz=checkpoint.read(str(task_weights[task])).imgsz,
@@ -55,7 +56,7 @@ def workers(runner: asyncio.Runner, task_weights: dict[str, Path]) -> Iterator[d
             log=LogConfig("warning", LogFormat.JSON),
             decode_jpegs=True,
         )
-        started[task] = DeviceWorker(spec, max_batch=4)
+        started[task] = LocalDevice(spec, max_batch=4)
     try:
         for w in started.values():
             runner.run(w.start(180))
@@ -68,8 +69,8 @@ async def each(steps: Iterable[Awaitable[object]]) -> None:
     await asyncio.gather(*steps)
 
 
-def settings(worker: DeviceWorker, *, reduced: bool = False, device: bool = False) -> preprocess.Settings:
-    classify = worker.info["task"] == "classify"
+def settings(worker: LocalDevice, *, reduced: bool = False, device: bool = False) -> preprocess.Settings:
+    classify = worker.info.task == "classify"
     return preprocess.Settings(
         worker.model.imgsz, reduced, 10**9, JPEG_SLOT_BYTES if device and not classify else 0, classify
     )
@@ -79,13 +80,13 @@ def prepare(path: Path, s: preprocess.Settings) -> Prepared:
     return preprocess.prepare(Job(PurePosixPath(path.name), path), s)
 
 
-def infer(runner: asyncio.Runner, worker: DeviceWorker, items: list[Prepared]) -> list[Payload]:
+def infer(runner: asyncio.Runner, worker: LocalDevice, items: list[Prepared]) -> list[Payload]:
     answers, _ms = runner.run(worker.infer(items, CONF, IOU))
     assert all(not isinstance(a, str) for a in answers), answers
     return answers  # type: ignore[return-value]
 
 
-def txt(worker: DeviceWorker, item: Prepared, payload: Payload) -> str:
+def txt(worker: LocalDevice, item: Prepared, payload: Payload) -> str:
     return payload.txt(item.width, item.height, worker.model.names)
 
 
@@ -150,7 +151,7 @@ def photo(tmp: Path, name: str) -> Path:
 @pytest.mark.parametrize("name", ["bus.jpg", "zidane.jpg", "bus-o6.jpg"])
 def test_txt_equals_ultralytics_predict(
     runner: asyncio.Runner,
-    workers: dict[str, DeviceWorker],
+    workers: dict[str, LocalDevice],
     task_weights: dict[str, Path],
     tmp_path: Path,
     task: str,
@@ -158,7 +159,7 @@ def test_txt_equals_ultralytics_predict(
 ) -> None:
     """bus-o6.jpg: bus.jpg stored on its side with an EXIF tag that turns it upright."""
     worker = workers[task]
-    assert worker.info["task"] == task
+    assert worker.info.task == task
     path = photo(tmp_path, name)
     item = prepare(path, settings(worker))
     (payload,) = infer(runner, worker, [item])
@@ -166,7 +167,7 @@ def test_txt_equals_ultralytics_predict(
     same_txt(task, txt(worker, item, payload), predict_txt(task_weights[task], path, tmp_path))
 
 
-def test_replies_are_read_whole(workers: dict[str, DeviceWorker]) -> None:
+def test_replies_are_read_whole(workers: dict[str, LocalDevice]) -> None:
     """A segmentation reply is often over 16 KiB, which a Connection writes in two parts; the
     event loop's poll made the pipe non-blocking, so a read between the parts failed as if the
     device process had died, and its batch waited for ever. The pipe must block while read."""
@@ -196,7 +197,7 @@ def variants(tmp: Path) -> list[Path]:
 
 @pytest.mark.parametrize("task", TASKS)
 def test_batched_equals_unbatched(
-    runner: asyncio.Runner, workers: dict[str, DeviceWorker], tmp_path: Path, task: str
+    runner: asyncio.Runner, workers: dict[str, LocalDevice], tmp_path: Path, task: str
 ) -> None:
     worker = workers[task]
     items = [prepare(p, settings(worker)) for p in variants(tmp_path)]
@@ -250,7 +251,7 @@ def close(task: str, ours: Payload, theirs: np.ndarray, *, conf: float = 0.05) -
 @pytest.mark.parametrize("task", TASKS)
 def test_reduced_decode_of_a_large_photo_matches_predict(
     runner: asyncio.Runner,
-    workers: dict[str, DeviceWorker],
+    workers: dict[str, LocalDevice],
     task_weights: dict[str, Path],
     tmp_path: Path,
     task: str,
@@ -272,7 +273,7 @@ def test_reduced_decode_of_a_large_photo_matches_predict(
 
 @pytest.mark.parametrize("task", ["segment", "pose", "obb"])
 def test_device_decode_matches_host(
-    runner: asyncio.Runner, workers: dict[str, DeviceWorker], tmp_path: Path, task: str
+    runner: asyncio.Runner, workers: dict[str, LocalDevice], tmp_path: Path, task: str
 ) -> None:
     """JPEG bytes decoded, oriented and letterboxed in the device process, in one batch with a
     mirrored and an EXIF-rotated photo, give the host path's results."""
@@ -301,7 +302,7 @@ def test_classification_decodes_on_the_host(task_weights: dict[str, Path], tmp_p
     assert item.shape == (224, 224) and item.image.shape == (224, 224, 3)
 
 
-def test_payloads_json_and_counts(runner: asyncio.Runner, workers: dict[str, DeviceWorker]) -> None:
+def test_payloads_json_and_counts(runner: asyncio.Runner, workers: dict[str, LocalDevice]) -> None:
     """The .json fields of each task, in source pixels."""
     for task, worker in workers.items():
         item = prepare(assets() / "bus.jpg", settings(worker))

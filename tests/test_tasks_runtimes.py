@@ -79,7 +79,7 @@ def test_task_on_runtime_matches_torch(
 
 
 def _keypoints(r: object, p: object) -> np.ndarray:
-    from daemon.model import Batch
+    from daemon.messages import Batch
 
     h, w = p.shape  # type: ignore[attr-defined]
     view = np.frombuffer(r.buffer, dtype=np.uint8, count=h * w * 3)  # type: ignore[attr-defined]

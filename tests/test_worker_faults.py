@@ -5,7 +5,7 @@ The model is a real yolo11n (random weights) whose forward pass misbehaves on pu
 of memory on any batch of more than one image. The daemon must re-queue what was in flight,
 restart the worker with backoff, quarantine a poison file after `max_attempts` crashes, and
 retry an out-of-memory batch image by image, all while it keeps serving the other files.
-Below the end-to-end tests, the same faults one level down: what a DeviceWorker reports, and
+Below the end-to-end tests, the same faults one level down: what a LocalDevice reports, and
 how the Batcher spreads and counts the batches it hands out.
 """
 
@@ -30,8 +30,9 @@ from daemon.batching import Batcher, Knobs
 from daemon.config import LogConfig, LogFormat
 from daemon.fleet import RESTART_BACKOFF_S
 from daemon.jobs import Job, Prepared
+from daemon.messages import DeviceSpec
 from daemon.tasks.detect import Boxes
-from daemon.workers import BatchFailed, DeviceWorker, WorkerCrashed
+from daemon.workers import BatchFailed, DeviceCrashed, LocalDevice
 
 RunDaemon = Callable[..., Daemon]
 TESTS = Path(__file__).parent
@@ -215,8 +216,8 @@ def prepared(tmp_path: Path, name: str, *, marker: bool = False, seed: int = 0) 
     return preprocess.prepare(Job(PurePosixPath(name), path), preprocess.PrepSettings(640, True, 10**9))
 
 
-def worker(weights: Path) -> DeviceWorker:
-    spec = dict(
+def worker(weights: Path) -> LocalDevice:
+    spec = DeviceSpec(
         device="cpu",
         weights=str(weights),
         imgsz=640,
@@ -225,7 +226,7 @@ def worker(weights: Path) -> DeviceWorker:
         torch_threads=1,
         log=LogConfig("warning", LogFormat.JSON),
     )
-    return DeviceWorker(spec, max_batch=4)
+    return LocalDevice(spec, max_batch=4)
 
 
 @pytest.fixture
@@ -258,9 +259,9 @@ def test_a_segfault_fails_the_running_batch_as_started_and_the_queued_one_as_not
             await asyncio.wait_for(went.wait(), 30)
             queued = asyncio.create_task(w.infer([normal], 0.25, 0.7))  # the second slot
             results = await asyncio.wait_for(asyncio.gather(running, queued, return_exceptions=True), 60)
-            assert all(isinstance(r, WorkerCrashed) for r in results), results
+            assert all(isinstance(r, DeviceCrashed) for r in results), results
             crashed, bystander = results
-            assert isinstance(crashed, WorkerCrashed) and isinstance(bystander, WorkerCrashed)
+            assert isinstance(crashed, DeviceCrashed) and isinstance(bystander, DeviceCrashed)
             assert crashed.started and f"code {SEGV}" in str(crashed)
             assert not bystander.started  # it never reached the model: it must not count as an attempt
             assert not w.up
@@ -305,7 +306,7 @@ def test_a_batch_sent_to_a_process_that_just_died_is_a_crash_it_did_not_cause(
             # Block the loop on purpose until the process is dead (not reaped): the loop must not see the EOF.
             os.waitid(os.P_PID, w.pid, os.WEXITED | os.WNOWAIT)  # noqa: ASYNC222
             assert w.up
-            with pytest.raises(WorkerCrashed) as crashed:  # not BrokenPipeError, which would stop the batcher
+            with pytest.raises(DeviceCrashed) as crashed:  # not BrokenPipeError, which would stop the batcher
                 await w.infer([normal], 0.25, 0.7)
             assert not crashed.value.started
         finally:

@@ -2,7 +2,7 @@
 
 - results equal Ultralytics' own `model.predict` (the real pretrained default model, real photos);
 - a batch gives the same detections as its images one at a time;
-- a worker that is killed fails its batch with WorkerCrashed, and a new one can be started.
+- a worker that is killed fails its batch with DeviceCrashed, and a new one can be started.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from PIL import Image, ImageEnhance, ImageOps
 from daemon import preprocess
 from daemon.config import LogConfig, LogFormat
 from daemon.jobs import Job, Prepared
+from daemon.messages import DeviceSpec
 from daemon.model import resolve_weights
 from daemon.tasks.detect import Boxes
-from daemon.workers import DeviceWorker, WorkerCrashed, WorkerStartError
+from daemon.workers import DeviceCrashed, DeviceStartError, LocalDevice
 
 CONF, IOU = 0.25, 0.7
 
@@ -39,8 +40,8 @@ def runner() -> Iterator[asyncio.Runner]:
 
 def make_worker(
     weights: str, max_batch: int = 4, *, device: str = "cpu", decode_jpegs: bool = False, pipelined: bool | None = None
-) -> DeviceWorker:
-    spec = dict(
+) -> LocalDevice:
+    spec = DeviceSpec(
         device=device,
         weights=weights,
         imgsz=640,
@@ -51,11 +52,11 @@ def make_worker(
         decode_jpegs=decode_jpegs,
         pipelined=pipelined,
     )
-    return DeviceWorker(spec, max_batch=max_batch)
+    return LocalDevice(spec, max_batch=max_batch)
 
 
 @pytest.fixture(scope="module")
-def default_worker(runner: asyncio.Runner) -> Iterator[DeviceWorker]:
+def default_worker(runner: asyncio.Runner) -> Iterator[LocalDevice]:
     worker = make_worker("default")
     runner.run(worker.start(120))
     yield worker
@@ -85,16 +86,16 @@ def predict(path: Path) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", ["bus.jpg", "zidane.jpg"])
-def test_matches_ultralytics_predict(runner: asyncio.Runner, default_worker: DeviceWorker, name: str) -> None:
+def test_matches_ultralytics_predict(runner: asyncio.Runner, default_worker: LocalDevice, name: str) -> None:
     boxes, _ms = runner.run(default_worker.infer([prepare(assets() / name)], CONF, IOU))
     expected = predict(assets() / name)
     assert len(expected) >= 2  # the real model finds the people in these photos
     match(boxes[0], expected, px=1.0, conf=0.01)
-    assert default_worker.info["names"] == {0: "Normal", 1: "Fall"}
+    assert default_worker.info.names == {0: "Normal", 1: "Fall"}
 
 
 def test_reduced_decode_on_a_large_photo_matches_predict(
-    runner: asyncio.Runner, default_worker: DeviceWorker, tmp_path: Path
+    runner: asyncio.Runner, default_worker: LocalDevice, tmp_path: Path
 ) -> None:
     big = tmp_path / "bus4x.jpg"
     with Image.open(assets() / "bus.jpg") as im:
@@ -121,7 +122,7 @@ def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return inter / (area - inter)
 
 
-def test_batched_equals_unbatched(runner: asyncio.Runner, default_worker: DeviceWorker, tmp_path: Path) -> None:
+def test_batched_equals_unbatched(runner: asyncio.Runner, default_worker: LocalDevice, tmp_path: Path) -> None:
     with Image.open(assets() / "bus.jpg") as bus, Image.open(assets() / "zidane.jpg") as zidane:
         variants = [
             bus.copy(),
@@ -150,7 +151,7 @@ def test_killed_worker_fails_batch_and_restarts(runner: asyncio.Runner, tiny_wei
         running = asyncio.create_task(worker.infer([item] * 4, 0.9, IOU))
         await asyncio.sleep(0)  # let the batch be sent
         os.kill(worker.pid, signal.SIGKILL)
-        with pytest.raises(WorkerCrashed):
+        with pytest.raises(DeviceCrashed):
             await asyncio.wait_for(running, 30)
         assert not worker.up
         await worker.stop(0)
@@ -170,7 +171,7 @@ def test_overlapped_batches_are_answered_even_when_stopped(runner: asyncio.Runne
 
     async def main() -> None:
         await worker.start(120)
-        assert worker.info["pipelined"]
+        assert worker.info.pipelined
         with Image.open(assets() / "bus.jpg") as bus:
             variants = [bus, ImageOps.mirror(bus), ImageEnhance.Brightness(bus).enhance(0.6)]
             items = []
@@ -188,7 +189,7 @@ def test_overlapped_batches_are_answered_even_when_stopped(runner: asyncio.Runne
         await asyncio.sleep(0)  # both sent: one launched, one behind it
         await worker.stop(60)
         for task in last:
-            boxes, _ms = await task  # answered, not WorkerCrashed
+            boxes, _ms = await task  # answered, not DeviceCrashed
             assert all(isinstance(b, Boxes) for b in boxes)
 
     worker_dir = Path(tempfile.mkdtemp())
@@ -200,7 +201,7 @@ def test_overlapped_batches_are_answered_even_when_stopped(runner: asyncio.Runne
 
 def test_missing_weights_is_a_start_error(runner: asyncio.Runner, tmp_path: Path) -> None:
     worker = make_worker(str(tmp_path / "nope.pt"))
-    with pytest.raises(WorkerStartError, match=r"nope\.pt"):
+    with pytest.raises(DeviceStartError, match=r"nope\.pt"):
         runner.run(worker.start(120))
 
 
@@ -211,11 +212,11 @@ def cuda_available() -> bool:
 
 
 @pytest.mark.skipif(not cuda_available(), reason="no CUDA device")
-def test_cuda_fp16_matches_cpu(runner: asyncio.Runner, default_worker: DeviceWorker) -> None:
+def test_cuda_fp16_matches_cpu(runner: asyncio.Runner, default_worker: LocalDevice) -> None:
     worker = make_worker("default", device="cuda:0")
     info = runner.run(worker.start(120))
     try:
-        assert info["half"] and info["pinned"]
+        assert info.half and info.pinned
         for name in ("bus.jpg", "zidane.jpg"):
             item = prepare(assets() / name)
             cpu, _ = runner.run(default_worker.infer([item], CONF, IOU))

@@ -13,12 +13,14 @@ import importlib.util
 import math
 from collections.abc import Awaitable, Callable
 
+import msgspec
 import structlog
 
-from daemon.cluster.bridge import Bridge, ClusterLost, ClusterState, RemoteError
+from daemon.cluster.bridge import Bridge, ClusterLost, ClusterState
 from daemon.cluster.device import RayDevice
 from daemon.config import Config, ConfigError, Decode, Runtime
-from daemon.devices import JPEG_SLOT_BYTES, Device, DeviceKind, DeviceName, WorkerStartError
+from daemon.devices import JPEG_SLOT_BYTES, Device, DeviceKind, DeviceName, DeviceStartError, device_spec
+from daemon.messages import AskResources
 from daemon.weights import resolve_weights
 
 __all__ = ["Cluster", "ClusterState", "RayDevice"]
@@ -57,11 +59,11 @@ class Cluster:
         return [f"ray:cpu:{i}" for i in range(c.cpu_actors * int(resources.get("cpu_nodes", 0)))]
 
     async def resolve_devices(self) -> list[str]:
-        """Connect and list the devices; WorkerStartError naming the address if it is unreachable."""
+        """Connect and list the devices; DeviceStartError naming the address if it is unreachable."""
         resources = await self.bridge.connect()
         names = self.device_names(resources)
         if not names:
-            raise WorkerStartError(
+            raise DeviceStartError(
                 f"the Ray cluster at {self.bridge.address} has no GPU and cluster.cpu_actors = 0: "
                 "add a GPU node, or set cluster.cpu_actors",
                 permanent=True,
@@ -80,19 +82,15 @@ class Cluster:
         for name in names:
             gpu = DeviceName.parse(name).kind is DeviceKind.CUDA
             threads = p.torch_threads or (2 if gpu else max(1, math.ceil(c.cpus_per_actor)))
-            spec_args = dict(
-                device="cuda:0" if gpu else "cpu",  # Ray sets CUDA_VISIBLE_DEVICES to the GPU it gives
+            # Its torch device is "cuda:0" or "cpu": Ray sets CUDA_VISIBLE_DEVICES to the GPU it gives.
+            spec = msgspec.structs.replace(
+                device_spec(config, name, torch_threads=threads),
                 weights=weights,
-                imgsz=m.imgsz,
-                precision=m.precision.value,
-                max_det=m.max_det,
-                torch_threads=threads,
-                log=config.log,
-                decode_jpegs=jpegs,
                 # Each node exports for itself into its own cache (actor.py); "auto" is PyTorch there
                 # (the measured choice runs on the daemon's machine only, so far).
                 runtime="torch" if m.runtime is Runtime.AUTO else m.runtime.value,
-                max_batch=p.max_batch,
+                cache_dir="",  # the actor's own (actor.py)
+                calibration=(),
             )
             options = {
                 "num_cpus": c.cpus_per_actor,
@@ -105,7 +103,7 @@ class Cluster:
                 RayDevice(
                     self.bridge,
                     name,
-                    spec_args,
+                    spec,
                     options,
                     weights_path=weights,
                     max_batch=p.max_batch,
@@ -125,8 +123,8 @@ class Cluster:
             if self.bridge.state is not ClusterState.CONNECTED:
                 continue
             try:
-                resources = await self.bridge.request("resources")
-            except (ClusterLost, RemoteError):
+                resources = await self.bridge.request(AskResources())
+            except ClusterLost:
                 continue
             new = [n for n in self.device_names(resources) if n not in self.names]
             if not new:
@@ -135,7 +133,7 @@ class Cluster:
             for device in self.devices(config, new):
                 try:
                     await device.start(config.pipeline.worker_start_timeout_s)
-                except WorkerStartError as exc:
+                except DeviceStartError as exc:
                     log.error("actor_start_failed", device=device.device, error=str(exc))
                     self.names.discard(device.device)  # tried again at the next rescan
                     continue

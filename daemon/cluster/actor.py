@@ -9,6 +9,7 @@ Only the actor's death (its process or node gone) raises on the caller's side.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import tempfile
@@ -16,7 +17,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from daemon import logs, model
+from daemon.messages import Batch, BatchDone, BatchRaised, DeviceSpec, LoadFailed, Ready
 
 
 class DeviceActor:
@@ -26,49 +30,38 @@ class DeviceActor:
         self.runner: model.Runner | None = None
         self._dir = tempfile.TemporaryDirectory(prefix="inferd-actor-")
 
-    def load(self, spec_args: dict[str, Any], weights: bytes, weights_name: str) -> tuple[str, Any]:
-        """Load the model: ("ready", info) or ("error", (message, permanent))."""
+    def load(self, spec: DeviceSpec, weights: bytes, weights_name: str) -> Ready | LoadFailed:
+        """Load the model: its READY or ERROR answer, as a local device process sends them."""
         # Idle intra-op threads sleep instead of spinning (as in model.serve).
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus; the runner's threads are what counts.
-        if spec_args["torch_threads"]:
-            os.environ["OMP_NUM_THREADS"] = str(spec_args["torch_threads"])
-        logs.configure(spec_args["log"], process=f"actor:{spec_args['name']}")
+        if spec.torch_threads:
+            os.environ["OMP_NUM_THREADS"] = str(spec.torch_threads)
+        logs.configure(spec.log, process=f"actor:{spec.name}")
         path = Path(self._dir.name) / weights_name
         path.write_bytes(weights)
-        args = {k: v for k, v in spec_args.items() if k != "name"}
         # Exports (OpenVINO, ONNX Runtime) are made on this node, for its hardware, into a cache the
         # node's actors share (the weights' content keys it, whatever temp file holds them).
         cache = Path(tempfile.gettempdir()) / "inferd-models"
-        spec = model.WorkerSpec(
-            **{**args, "weights": str(path)}, buffer_path="", slot_bytes=0, slots=0, cache_dir=str(cache)
-        )
+        spec = msgspec.structs.replace(spec, weights=str(path), cache_dir=str(cache))
         try:
             self.runner = model.Runner(spec, None)
         except Exception as exc:  # noqa: BLE001 - any load failure is the ERROR half of the handshake
-            return "error", (f"{type(exc).__name__}: {exc}", not model._transient(exc))
-        info = self.runner.info()
-        info.update(pid=os.getpid(), node=socket.gethostname(), node_ip=_node_ip())
-        return "ready", info
+            return LoadFailed(f"{type(exc).__name__}: {exc}", not model.transient(exc))
+        info = msgspec.structs.replace(self.runner.info(), node=socket.gethostname(), node_ip=_node_ip())
+        return Ready(info)
 
-    def infer(self, batch: model.Batch, data: Any) -> tuple[str, Any]:
-        """("done", (answers, model_ms)) or ("failed", (kind, message)): a model error fails the
-        batch, not the actor."""
+    def infer(self, batch: Batch, data: Any) -> BatchDone | BatchRaised:
+        """The batch's answer: a model error fails the batch, not the actor."""
         runner = self.runner
         assert runner is not None
-        torch = runner.torch
-        try:
-            with warnings.catch_warnings():
-                # Ray hands arguments over read-only (zero-copy from its object store); the model
-                # only reads its input.
-                warnings.filterwarnings("ignore", message="The given buffer is not writable")
-                return "done", runner.run(batch, data)
-        except torch.OutOfMemoryError as exc:
-            if runner.device.type == "cuda":
-                torch.cuda.empty_cache()
-            return "failed", ("oom", str(exc))
-        except Exception as exc:  # noqa: BLE001 - a model error fails this batch, not the actor
-            return "failed", ("error", f"{type(exc).__name__}: {exc}")
+        with warnings.catch_warnings():
+            # Ray hands arguments over read-only (zero-copy from its object store); the model
+            # only reads its input.
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            answer = model.attempt(runner, batch, functools.partial(runner.run, batch, data))
+        assert not isinstance(answer, model.Launched)
+        return answer
 
     def set_level(self, level: str) -> None:
         logs.set_level(level)

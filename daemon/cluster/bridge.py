@@ -23,9 +23,10 @@ from typing import Any
 import structlog
 
 from daemon.config import ClusterConfig, LogConfig
-from daemon.devices import WorkerStartError
+from daemon.devices import DeviceStartError
 from daemon.errors import ClusterLost as ClusterLost  # re-exported: its old home
 from daemon.errors import RemoteError as RemoteError
+from daemon.messages import ActorLost, Connected, Reply, Request, Stop, Unreachable, refuse
 
 log = structlog.get_logger("daemon.cluster")
 
@@ -67,7 +68,7 @@ class Bridge:
         return self.cluster.address or "a local Ray instance"
 
     async def connect(self) -> dict[str, float]:
-        """Start the driver if none runs and return the cluster's resources; WorkerStartError
+        """Start the driver if none runs and return the cluster's resources; DeviceStartError
         (not permanent: the cluster may come back) naming the address if it cannot be reached."""
         if self.state is ClusterState.CONNECTED:
             return self.resources
@@ -91,7 +92,7 @@ class Bridge:
         self._proc.start()
         child.close()
         loop.add_reader(self._conn.fileno(), self._on_message)
-        os.set_blocking(self._conn.fileno(), True)  # as in workers.DeviceWorker: a reply may come in parts
+        os.set_blocking(self._conn.fileno(), True)  # as in workers.LocalDevice: a reply may come in parts
         try:
             self.resources = await asyncio.wait_for(asyncio.shield(self._connected), timeout_s)
         except (TimeoutError, ClusterLost, RemoteError) as exc:
@@ -99,7 +100,7 @@ class Bridge:
             self.error = f"cannot reach the Ray cluster at {self.address}: {why}"
             await self.close(0)  # a driver still in ray.init reads no pipe
             self.state = ClusterState.LOST if was is ClusterState.LOST else ClusterState.DISCONNECTED
-            raise WorkerStartError(self.error, permanent=False) from None
+            raise DeviceStartError(self.error, permanent=False) from None
         except BaseException:
             await self.close(0)
             raise
@@ -113,27 +114,27 @@ class Bridge:
         self.error = None
         return self.resources
 
-    async def request(self, kind: str, *args: Any) -> Any:
-        """Ask the driver; its answer, or RemoteError, or ClusterLost."""
+    async def request(self, body: Any) -> Any:
+        """Ask the driver (`body`: a `messages.Request`'s); the body of its Reply, or ClusterLost."""
         if self.state is not ClusterState.CONNECTED or self._conn is None:
             raise ClusterLost(self.error or "not connected")
         req = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[req] = future
         try:
-            await asyncio.to_thread(self._send, (kind, req, *args))
+            await asyncio.to_thread(self._send, Request(req, body))
         except OSError:
             self._pending.pop(req, None)
             raise ClusterLost("the Ray driver is gone") from None
         return await future
 
-    def tell(self, kind: str, *args: Any) -> None:
+    def tell(self, body: Any) -> None:
         """A message that has no answer (small: sent from the loop)."""
         if self.state is ClusterState.CONNECTED and self._conn is not None:
             with contextlib.suppress(OSError):
-                self._send((kind, None, *args))
+                self._send(Request(None, body))
 
-    def _send(self, message: tuple[Any, ...]) -> None:
+    def _send(self, message: Request | Stop) -> None:
         assert self._conn is not None
         with self._send_lock:
             self._conn.send(message)
@@ -145,25 +146,22 @@ class Bridge:
         except (EOFError, OSError):
             self._on_exit()
             return
-        kind = message[0]
-        if kind in ("connected", "unreachable"):
-            if self._connected is not None and not self._connected.done():
-                if kind == "connected":
-                    self._connected.set_result(message[1])
-                else:
-                    self._connected.set_exception(RemoteError("unreachable", message[1]))
-            return
-        if kind == "lost":
-            for listener in list(self.on_lost):
-                listener(message[1])
-            return
-        future = self._pending.pop(message[1], None)
-        if future is None or future.done():  # its caller gave up (a stop that timed out)
-            return
-        if kind == "ok":
-            future.set_result(message[2])
-        else:
-            future.set_exception(RemoteError(message[2], message[3]))
+        match message:
+            case Connected(resources):
+                if self._connected is not None and not self._connected.done():
+                    self._connected.set_result(resources)
+            case Unreachable(why):
+                if self._connected is not None and not self._connected.done():
+                    self._connected.set_exception(RemoteError("unreachable", why))
+            case ActorLost(key):
+                for listener in list(self.on_lost):
+                    listener(key)
+            case Reply(req, body):
+                future = self._pending.pop(req, None)
+                if future is not None and not future.done():  # else its caller gave up (a stop that timed out)
+                    future.set_result(body)
+            case _:
+                refuse(message, "the Ray bridge")
 
     def _on_exit(self) -> None:
         """The pipe closed: the driver is gone. Fail what was asked, tell the devices."""
@@ -201,7 +199,7 @@ class Bridge:
         seconds); kill it after `timeout_s`."""
         if self._conn is not None:
             with contextlib.suppress(OSError):
-                self._send(None)  # type: ignore[arg-type]
+                self._send(Stop())
             asyncio.get_running_loop().remove_reader(self._conn.fileno())
             pending, self._pending = self._pending, {}
             for future in pending.values():

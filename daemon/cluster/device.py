@@ -3,7 +3,7 @@
 The batcher and the service use it as they use a local device process. A batch travels as one
 array: JPEG bytes back to back where the actor decodes them (`pipeline.decode = "device"`, the
 Ray backend's "auto"), else letterboxed pixels; answers are the same small payloads. The actor's
-death fails the batch it was computing with WorkerCrashed(started=True), so the batcher's poison
+death fails the batch it was computing with DeviceCrashed(started=True), so the batcher's poison
 rule applies across actors, and the batches queued behind it with started=False. The driver's
 loss (the cluster gone) fails every batch with started=False: no image is blamed for it.
 """
@@ -16,13 +16,28 @@ import functools
 import itertools
 from typing import Any
 
+import msgspec
 import numpy as np
 import structlog
 
-from daemon import model
-from daemon.cluster.bridge import Bridge, ClusterLost, RemoteError
-from daemon.devices import Answers, BatchFailed, DeviceState, WorkerCrashed, WorkerRetired, WorkerStartError
+from daemon.cluster.bridge import Bridge, ClusterLost
+from daemon.devices import Answers, BatchFailed, DeviceCrashed, DeviceRetired, DeviceStartError, DeviceState
 from daemon.jobs import ModelInfo, Prepared
+from daemon.messages import (
+    ActorLost,
+    Batch,
+    BatchDone,
+    BatchRaised,
+    DeviceInfo,
+    DeviceSpec,
+    Infer,
+    LoadFailed,
+    Ready,
+    SetLevel,
+    StartActor,
+    StopActor,
+    refuse,
+)
 
 log = structlog.get_logger("daemon.cluster")
 _keys = itertools.count()  # every actor started gets a key of its own (a reload runs two of one name)
@@ -36,7 +51,7 @@ class RayDevice:
         self,
         bridge: Bridge,
         name: str,
-        spec_args: dict[str, Any],
+        spec: DeviceSpec,
         options: dict[str, Any],
         *,
         weights_path: str,
@@ -50,11 +65,11 @@ class RayDevice:
         self.slots = slots
         self.slot_bytes = slot_bytes
         self.slot_imgsz = slot_imgsz
-        self.spec_args = spec_args
+        self.spec = spec
         self.options = options
         self.weights_path = weights_path
-        self.model = ModelInfo(weights_path, {}, spec_args["imgsz"], False)
-        self.info: dict[str, Any] = {}
+        self.model = ModelInfo(weights_path, {}, spec.imgsz, False)
+        self.info: DeviceInfo | None = None
         self.restarts = 0
         self.state = DeviceState.STOPPED
         self.bridge = bridge
@@ -74,65 +89,62 @@ class RayDevice:
 
     @property
     def pid(self) -> int | None:
-        pid = self.info.get("pid")
-        return int(pid) if pid is not None and self.state is not DeviceState.STOPPED else None
+        pid = self.info.pid if self.info is not None else None
+        return pid if self.state is not DeviceState.STOPPED else None
 
-    async def start(self, timeout_s: float) -> dict[str, Any]:
-        """Create the actor and wait until its model is loaded; WorkerStartError if it cannot."""
+    async def start(self, timeout_s: float) -> DeviceInfo:
+        """Create the actor and wait until its model is loaded; DeviceStartError if it cannot."""
         self.key = f"{self.device}#{next(_keys)}"
         self._exited.clear()
         self.state = DeviceState.STARTING
         try:
-            info: dict[str, Any] = await asyncio.wait_for(self._start(), timeout_s)
+            answer = await asyncio.wait_for(self._start(), timeout_s)
         except TimeoutError:
             await self._kill()
-            raise WorkerStartError(
+            raise DeviceStartError(
                 f"{self.device}: no actor ready after {timeout_s:.0f} s (does the cluster have the "
                 f"resources it asks for: {self.options}?)",
                 permanent=False,
             ) from None
-        except RemoteError as exc:
-            await self._kill()
-            message, permanent = exc.value
-            raise WorkerStartError(f"{self.device}: {message}", permanent=bool(permanent)) from None
         except ClusterLost as exc:
             self.state = DeviceState.EXITED
-            raise WorkerStartError(f"{self.device}: {exc}", permanent=False) from None
-        except BaseException:  # WorkerStartError from connect, or cancelled: leave no actor behind
+            raise DeviceStartError(f"{self.device}: {exc}", permanent=False) from None
+        except BaseException:  # DeviceStartError from connect, or cancelled: leave no actor behind
             await self._kill()
             raise
-        info["weights"] = self.weights_path  # as a local device names it: results are the same
-        self.info = info
-        imgsz = self.spec_args["imgsz"]
-        self.model = ModelInfo(
-            self.weights_path, info["names"], imgsz, info["half"], info["runtime"], info["precision"]
-        )
+        if isinstance(answer, LoadFailed):
+            await self._kill()
+            raise DeviceStartError(f"{self.device}: {answer.message}", permanent=answer.permanent)
+        # The weights as a local device names them: results are the same.
+        info = self.info = msgspec.structs.replace(answer.info, weights=self.weights_path)
+        self.model = ModelInfo(self.weights_path, info.names, self.spec.imgsz, info.half, info.runtime, info.precision)
         self.state = DeviceState.UP
-        log.info("actor_started", device=self.device, node=info.get("node"), pid=info.get("pid"))
+        log.info("actor_started", device=self.device, node=info.node, pid=info.pid)
         return info
 
-    async def _start(self) -> dict[str, Any]:
+    async def _start(self) -> Ready | LoadFailed:
         await self.bridge.connect()
-        spec = {**self.spec_args, "name": self.device}
-        info: dict[str, Any] = await self.bridge.request("start", self.key, spec, self.weights_path, self.options)
-        return info
+        answer = await self.bridge.request(StartActor(self.key, self.spec, self.weights_path, self.options))
+        if not isinstance(answer, Ready | LoadFailed):
+            refuse(answer, self.device)
+        return answer
 
     async def infer(self, batch: list[Prepared], conf: float, iou: float) -> Answers:
         """Send one batch to the actor; per image its payload (or why its JPEG failed), and the model ms."""
         if self.state is DeviceState.STOPPING:
-            raise WorkerRetired(self.device)
+            raise DeviceRetired(self.device)
         if not self.up:
-            raise WorkerCrashed(f"{self.device} is not running", started=False)
+            raise DeviceCrashed(f"{self.device} is not running", started=False)
         data, jpegs = await asyncio.to_thread(pack, batch)
         if not self.up:  # lost while packing
-            raise WorkerCrashed(f"{self.device} is not running", started=False)
+            raise DeviceCrashed(f"{self.device} is not running", started=False)
         h, w = batch[0].shape
         batch_id = next(self._ids)
         metas = [(p.gain[0], p.gain[1], p.pad[0], p.pad[1], p.width, p.height) for p in batch]
-        message = model.Batch(batch_id, 0, len(batch), h, w, metas, conf, iou, jpegs)
+        message = Batch(batch_id, 0, len(batch), h, w, metas, conf, iou, jpegs)
         future: asyncio.Future[Answers] = asyncio.get_running_loop().create_future()
         self._pending[batch_id] = future
-        request = asyncio.ensure_future(self.bridge.request("infer", self.key, message, data))
+        request = asyncio.ensure_future(self.bridge.request(Infer(self.key, message, data)))
         request.add_done_callback(functools.partial(self._on_answer, batch_id))
         log.debug("batch_sent", device=self.device, batch_id=batch_id, images=len(batch), in_flight=len(self._pending))
         return await future
@@ -142,19 +154,22 @@ class RayDevice:
         if future is None:  # already failed: the actor or the cluster was lost
             return
         exc = request.exception() if not request.cancelled() else ClusterLost("cancelled")
-        if exc is None:
-            del self._pending[batch_id]
-            if not future.done():
-                answers, model_ms = request.result()
-                future.set_result((answers, model_ms))
-        elif isinstance(exc, RemoteError) and exc.kind == "failed":
-            del self._pending[batch_id]
-            if not future.done():
-                future.set_exception(BatchFailed(*exc.value))
-        elif isinstance(exc, RemoteError) and exc.kind == "lost":
-            self._lost(f"{self.device}: actor lost: {exc.value}", actor_died=True)
-        else:
-            self._lost(f"{self.device}: {exc}", actor_died=False)
+        answer = request.result() if exc is None else None
+        match answer:
+            case BatchDone(_, answers, model_ms):
+                del self._pending[batch_id]
+                if not future.done():
+                    future.set_result((answers, model_ms))
+            case BatchRaised(_, kind, why):
+                del self._pending[batch_id]
+                if not future.done():
+                    future.set_exception(BatchFailed(kind, why))
+            case ActorLost(_, why):
+                self._lost(f"{self.device}: actor lost: {why}", actor_died=True)
+            case None:
+                self._lost(f"{self.device}: {exc}", actor_died=False)
+            case _:
+                refuse(answer, self.device)
 
     def _on_lost(self, key: str | None) -> None:
         """The bridge says: the driver is gone (None), or an idle actor died (its key)."""
@@ -173,10 +188,10 @@ class RayDevice:
         pending, self._pending = self._pending, {}
         for i, batch_id in enumerate(sorted(pending)):
             if not pending[batch_id].done():
-                pending[batch_id].set_exception(WorkerCrashed(why, started=actor_died and i == 0))
+                pending[batch_id].set_exception(DeviceCrashed(why, started=actor_died and i == 0))
 
     def set_level(self, level: str) -> None:
-        self.bridge.tell("level", level)
+        self.bridge.tell(SetLevel(level))
 
     async def wait_exit(self) -> None:
         await self._exited.wait()
@@ -191,15 +206,15 @@ class RayDevice:
         pending, self._pending = self._pending, {}
         for future in pending.values():
             if not future.done():
-                future.set_exception(WorkerCrashed(f"{self.device} was stopped", started=False))
+                future.set_exception(DeviceCrashed(f"{self.device} was stopped", started=False))
         self.state = DeviceState.STOPPED
         self._exited.set()
 
     async def _kill(self) -> None:
         if self.key:
             # The driver gone (its actors with it), or it finds the actor dead: either way it is gone.
-            with contextlib.suppress(ClusterLost, RemoteError, TimeoutError):
-                await asyncio.wait_for(self.bridge.request("stop", self.key), STOP_ANSWER_S)
+            with contextlib.suppress(ClusterLost, TimeoutError):
+                await asyncio.wait_for(self.bridge.request(StopActor(self.key)), STOP_ANSWER_S)
         self.state = DeviceState.STOPPED
 
 

@@ -5,17 +5,15 @@ killed) is ended by Ray itself. In a child, that is just this process exiting: t
 its pipe close, keeps every claimed input, and starts a new driver once the cluster is back. It
 also keeps `ray` out of the daemon's own process.
 
-Messages from the daemon (`daemon.cluster.bridge` sends them), each answered by its `req`:
-    ("start", req, key, spec_args, weights_path, options)
-                                         -> ("ok", req, info) | ("error", req, "start", (message, permanent))
-    ("infer", req, key, batch, data)     -> ("ok", req, (answers, model_ms)) | ("error", req, "failed", (kind, message))
-                                         |  ("error", req, "lost", message): the actor is gone
-    ("stop", req, key)                   -> ("ok", req, None)
-    ("resources", req)                   -> ("ok", req, {"GPU": n, "CPU": n, "nodes": n})
-    ("level", None, level)               (no answer)
-    None                                 shut down
-and unasked: ("connected", resources) or ("unreachable", message) once at start, ("lost", key,
-message) when a ping finds an idle actor gone.
+The messages are `daemon.messages`': from the daemon (`daemon.cluster.bridge` sends them) a
+`Request(req, body)`, each answered by a `Reply(req, ...)`:
+    StartActor(key, spec, weights_path, options) -> Ready(info) | LoadFailed(message, permanent)
+    Infer(key, batch, data)                      -> BatchDone | BatchRaised | ActorLost: the actor is gone
+    StopActor(key)                               -> None
+    AskResources()                               -> {"GPU": n, "CPU": n, "nodes": n, "cpu_nodes": n}
+    SetLevel(level)                              (req None: no answer)
+and Stop() to shut down. Unasked: Connected(resources) or Unreachable(message) once at start,
+ActorLost(key, message) when a ping finds an idle actor gone.
 """
 
 from __future__ import annotations
@@ -33,6 +31,22 @@ import structlog
 
 from daemon import logs
 from daemon.config import ClusterConfig, LogConfig
+from daemon.messages import (
+    ActorLost,
+    AskResources,
+    Connected,
+    Infer,
+    LoadFailed,
+    Ready,
+    Reply,
+    Request,
+    SetLevel,
+    StartActor,
+    Stop,
+    StopActor,
+    Unreachable,
+    refuse,
+)
 
 log = structlog.get_logger("daemon.cluster")
 HEALTH_INTERVAL_S = 2.0  # how often the driver asks the cluster's GCS whether a node is alive
@@ -55,9 +69,9 @@ def main(cluster: ClusterConfig, log_config: LogConfig, conn: Connection) -> Non
         ray.init(address=cluster.address or None, **kwargs)
         resources = _resources(ray, cluster)
     except Exception as exc:  # noqa: BLE001 - whatever ray.init raises, the daemon reports it
-        conn.send(("unreachable", f"{type(exc).__name__}: {exc}"))
+        conn.send(Unreachable(f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("connected", resources))
+    conn.send(Connected(resources))
     try:
         asyncio.run(Driver(ray, cluster, conn).serve())
     finally:
@@ -116,87 +130,84 @@ class Driver:
             if message is None:
                 return
 
-    def _send(self, message: tuple[Any, ...]) -> None:
+    def _send(self, message: Reply | ActorLost) -> None:
         with contextlib.suppress(OSError):  # the daemon is gone: the reader ends us
             self.conn.send(message)
 
-    def _dispatch(self, message: tuple[Any, ...] | None) -> None:
-        if message is None:
-            self.closed.set()
-            return
-        kind, req, *args = message
-        if kind == "level":
-            for actor in self.actors.values():
-                actor.set_level.remote(args[0])
-            return
-        if kind == "start":
-            task = asyncio.ensure_future(self._start(req, *args))
-            self.starting[args[0]] = task
-        elif kind == "infer":
-            task = asyncio.ensure_future(self._infer(req, *args))
-        elif kind == "stop":
-            task = asyncio.ensure_future(self._stop(req, *args))
-        elif kind == "resources":
-            task = asyncio.ensure_future(self._answer_resources(req))
-        else:
-            raise ValueError(f"unknown message {kind!r}")
+    def _dispatch(self, message: object) -> None:
+        """On the loop: start the request's task (None: the daemon is gone)."""
+        match message:
+            case None | Stop():
+                self.closed.set()
+                return
+            case Request(_, SetLevel(level)):
+                for actor in self.actors.values():
+                    actor.set_level.remote(level)
+                return
+            case Request(int(req), StartActor() as body):
+                task = asyncio.ensure_future(self._start(req, body))
+                self.starting[body.key] = task
+            case Request(int(req), Infer() as body):
+                task = asyncio.ensure_future(self._infer(req, body))
+            case Request(int(req), StopActor(key)):
+                task = asyncio.ensure_future(self._stop(req, key))
+            case Request(int(req), AskResources()):
+                task = asyncio.ensure_future(self._answer_resources(req))
+            case _:
+                refuse(message, "the Ray driver")
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
     async def _get(self, ref: Any) -> Any:
         return await asyncio.wrap_future(ref.future())
 
-    async def _start(
-        self, req: int, name: str, spec_args: dict[str, Any], weights: str, options: dict[str, Any]
-    ) -> None:
+    async def _start(self, req: int, body: StartActor) -> None:
+        name, weights = body.key, body.weights_path
         try:
             if weights not in self.weights:
                 data = await asyncio.to_thread(Path(weights).read_bytes)
                 self.weights[weights] = self.ray.put(data)
-            actor = self.remote_class.options(**options).remote()
+            actor = self.remote_class.options(**body.options).remote()
             self.actors[name] = actor
-            kind, value = await self._get(actor.load.remote(spec_args, self.weights[weights], Path(weights).name))
+            answer = await self._get(actor.load.remote(body.spec, self.weights[weights], Path(weights).name))
         except asyncio.CancelledError:
             self._kill(name)
             raise
         except Exception as exc:  # noqa: BLE001 - the actor died while loading, or the file is unreadable
             self._kill(name)
-            self._send(("error", req, "start", (f"{type(exc).__name__}: {exc}", False)))
+            self._send(Reply(req, LoadFailed(f"{type(exc).__name__}: {exc}", False)))
             return
         finally:
             self.starting.pop(name, None)
-        if kind == "error":
+        if not isinstance(answer, Ready):
             self._kill(name)
-            self._send(("error", req, "start", value))
-            return
-        log.info("actor_ready", device=name, node=value.get("node"), pid=value.get("pid"))
-        self._send(("ok", req, value))
+        else:
+            log.info("actor_ready", device=name, node=answer.info.node, pid=answer.info.pid)
+        self._send(Reply(req, answer))
 
-    async def _infer(self, req: int, name: str, batch: Any, data: Any) -> None:
+    async def _infer(self, req: int, body: Infer) -> None:
+        name = body.key
         actor = self.actors.get(name)
         if actor is None:
-            self._send(("error", req, "lost", f"{name} has no actor"))
+            self._send(Reply(req, ActorLost(name, f"{name} has no actor")))
             return
         try:
-            kind, value = await self._get(actor.infer.remote(batch, data))
+            answer = await self._get(actor.infer.remote(body.batch, body.data))
         except self.ray.exceptions.RayActorError as exc:
             self.actors.pop(name, None)
-            self._send(("error", req, "lost", _first_line(exc)))
+            self._send(Reply(req, ActorLost(name, _first_line(exc))))
             return
-        if kind == "done":
-            self._send(("ok", req, value))
-        else:
-            self._send(("error", req, "failed", value))
+        self._send(Reply(req, answer))  # BatchDone or BatchRaised
 
     async def _stop(self, req: int, name: str) -> None:
         task = self.starting.pop(name, None)
         if task is not None:
             task.cancel()
         self._kill(name)
-        self._send(("ok", req, None))
+        self._send(Reply(req, None))
 
     async def _answer_resources(self, req: int) -> None:
-        self._send(("ok", req, await asyncio.to_thread(_resources, self.ray, self.cluster)))
+        self._send(Reply(req, await asyncio.to_thread(_resources, self.ray, self.cluster)))
 
     def _kill(self, name: str) -> None:
         actor = self.actors.pop(name, None)
@@ -216,7 +227,7 @@ class Driver:
                 except self.ray.exceptions.RayActorError as exc:
                     if self.actors.get(name) is actor:
                         self.actors.pop(name)
-                        self._send(("lost", name, _first_line(exc)))
+                        self._send(ActorLost(name, _first_line(exc)))
 
 
     async def _watch_cluster(self) -> None:

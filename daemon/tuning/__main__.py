@@ -1,7 +1,8 @@
 """The exporter's child process: `python -m daemon.tuning [tune] '<json>'`, JSON lines out.
 
-Without `tune`: `export_started` when it builds, then `plan` (or `error`). With `tune`:
-`tune_started` when it measures, then `tuned` with the choice and its table (or `error`).
+Without `tune`: `ExportStarted` when it builds, then `PlanMade` (or `ExportFailed`). With `tune`:
+`TuneStarted` when it measures, then `Tuned` with the choice and its table (or `ExportFailed`):
+the records of `daemon.messages`, one JSON object a line, named by their `event` field.
 """
 
 from __future__ import annotations
@@ -9,18 +10,18 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from daemon.config import ConfigError, Precision, Runtime
 from daemon.errors import ModelError
+from daemon.messages import ExportFailed, ExportStarted, PlanMade, Record, Tuned, encode_record
 from daemon.runtimes.cache import ExportError, ensure
 from daemon.runtimes.specs import choose
 from daemon.tuning.int8 import quantize
 from daemon.weights import resolve_weights
 
 
-def say(**record: Any) -> None:
-    sys.stdout.write(json.dumps(record) + "\n")
+def say(record: Record) -> None:
+    sys.stdout.write(encode_record(record).decode())
     sys.stdout.flush()
 
 
@@ -34,7 +35,7 @@ def main(argv: list[str]) -> int:
             from daemon.tuning import tune
 
             choice = tune.tune({**request, "weights": weights}, say)
-            say(event="tuned", **choice.describe())
+            say(Tuned(**choice.describe()))
             return 0
         runtime, precision = choose(
             Runtime(request["runtime"]), Precision(request["precision"]), device=request["device"], weights=weights
@@ -48,13 +49,13 @@ def main(argv: list[str]) -> int:
             device=request["device"],
             cache_dir=Path(request["cache_dir"]),
             calibration=tuple(Path(p) for p in request.get("calibration", ())),
-            on_build=lambda: say(event="export_started", runtime=runtime.value, precision=precision.value),
+            on_build=lambda: say(ExportStarted(runtime.value, precision.value)),
             quantize=quantize,
         )
     except (ConfigError, ModelError, ExportError) as exc:
-        say(event="error", kind=type(exc).__name__, message=str(exc))
+        say(ExportFailed(type(exc).__name__, str(exc)))
         return 1
-    say(event="plan", **plan.describe())
+    say(PlanMade(**plan.describe()))
     return 0
 
 

@@ -57,12 +57,14 @@ def sample_photos() -> tuple[Path, ...]:
 def runner(weights: str, runtime: str, precision: str, *, imgsz: int, max_batch: int, cache_dir: Path,
            threads: int, max_det: int = 300) -> Any:  # fmt: skip
     """The daemon's own Runner (a model.Runner) with one batch slot of its own."""
-    from daemon.model import Runner, WorkerSpec
+    from daemon.messages import DeviceSpec
+    from daemon.model import Runner
 
     slot = max_batch * imgsz * imgsz * 3
-    spec = WorkerSpec(
-        "cpu", weights, imgsz, precision, max_det, threads, "", slot, 1, LogConfig("warning", LogFormat.JSON),
-        runtime=runtime, cache_dir=str(cache_dir), max_batch=max_batch,
+    spec = DeviceSpec(
+        device="cpu", weights=weights, imgsz=imgsz, precision=precision, max_det=max_det, torch_threads=threads,
+        log=LogConfig("warning", LogFormat.JSON), runtime=runtime, cache_dir=str(cache_dir), max_batch=max_batch,
+        slot_bytes=slot, slots=1,
     )  # fmt: skip
     return Runner(spec, mmap.mmap(-1, slot))
 
@@ -78,7 +80,7 @@ def prepare(images: tuple[Path, ...], imgsz: int, *, classify: bool) -> list[Any
 
 def detections(r: Any, items: list[Any], conf: float = 0.25, iou: float = 0.7) -> list[np.ndarray]:
     """Per image, rows (x1, y1, x2, y2, conf, cls) of what `r` finds, image by image."""
-    from daemon.model import Batch
+    from daemon.messages import Batch
 
     out = []
     for p in items:

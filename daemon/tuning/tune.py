@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import ConfigError, Precision, Runtime
+from daemon.messages import Go, LoadCandidate, Loaded, LoadFailed, Timed, TuneStarted, refuse
 from daemon.runtimes import cache
 from daemon.runtimes.specs import SPECS, cpu_field, importable
 from daemon.tuning import gate
@@ -157,13 +158,13 @@ def layouts(cores: int, workers: int, threads: int) -> list[tuple[int, int]]:
 
 
 def tune(request: dict[str, Any], say: Any) -> Choice:
-    """Measure, choose, cache the choice (see the module doc). `say(**record)` reports progress."""
+    """Measure, choose, cache the choice (see the module doc). `say(record)` reports progress."""
     began = time.monotonic()
     cache_dir, k = Path(request["cache_dir"]), key(request)
     if _has_cuda(request["devices"]):
         choice = Choice("", "", 0, 0, 0, skipped="CUDA devices: nothing measured (runtimes.specs.AUTO_ORDER)")
         return _store(cache_dir, k, choice)
-    say(event="tune_started")
+    say(TuneStarted())
     cores = len(os.sched_getaffinity(0))
     plans = layouts(cores, request["cpu_workers"], request["torch_threads"])
     pool = Pool(max(p for p, _ in plans))  # they import torch while the candidates export
@@ -243,7 +244,7 @@ def _has_cuda(devices: list[str]) -> bool:
 
 
 class Pool:
-    """Spawned timing processes, each answering ("load", candidate) and ("go", seconds)."""
+    """Spawned timing processes, each answering LoadCandidate and Go (`daemon.messages`)."""
 
     def __init__(self, size: int) -> None:
         ctx = multiprocessing.get_context("spawn")
@@ -259,14 +260,14 @@ class Pool:
         """img/s of `processes` of them running the candidate at once."""
         conns = [c for _, c in self.members[:processes]]
         for c in conns:
-            c.send(("load", load))
-        errors = [answer for c in conns if (answer := c.recv()) != "ready"]
+            c.send(LoadCandidate(load))
+        errors = [answer for c in conns if not isinstance(answer := c.recv(), Loaded)]
         if errors:
-            raise RuntimeError(str(errors[0]))
+            raise RuntimeError(errors[0].message if isinstance(errors[0], LoadFailed) else repr(errors[0]))
         for c in conns:
-            c.send(("go", TIME_S))
+            c.send(Go(TIME_S))
         answers = [c.recv() for c in conns]
-        return float(sum(n / s for n, s in answers))
+        return float(sum(a.images / a.seconds for a in answers))
 
     def close(self) -> None:
         for proc, c in self.members:
@@ -302,7 +303,7 @@ def _load(arg: dict[str, Any]) -> tuple[Any, Any, int]:
     """A candidate's Runner with a batch of one real image in its slot, warmed up."""
     import numpy as np
 
-    from daemon.model import Batch
+    from daemon.messages import Batch
 
     runtime, precision = Runtime(arg["runtime"]), Precision(arg["precision"])
     calibration = tuple(Path(p) for p in arg["calibration"])
@@ -328,18 +329,20 @@ def _timer(conn: Connection) -> None:
     batch: Any = None
     n = 0
     while (message := conn.recv()) is not None:
-        verb, arg = message
-        if verb == "load":
-            r = None
-            try:
-                r, batch, n = _load(arg)
-            except Exception as exc:  # noqa: BLE001 - reported as this candidate's row, the others go on
-                conn.send(f"{type(exc).__name__}: {exc}")
-                continue
-            conn.send("ready")
-        elif verb == "go" and r is not None:
-            done, t0 = 0, time.perf_counter()
-            while (elapsed := time.perf_counter() - t0) < arg:
-                r.run(batch)
-                done += n
-            conn.send((done, elapsed))
+        match message:
+            case LoadCandidate(request):
+                r = None
+                try:
+                    r, batch, n = _load(request)
+                except Exception as exc:  # noqa: BLE001 - reported as this candidate's row, the others go on
+                    conn.send(LoadFailed(f"{type(exc).__name__}: {exc}", True))
+                    continue
+                conn.send(Loaded())
+            case Go(seconds) if r is not None:
+                done, t0 = 0, time.perf_counter()
+                while (elapsed := time.perf_counter() - t0) < seconds:
+                    r.run(batch)
+                    done += n
+                conn.send(Timed(done, elapsed))
+            case _:
+                refuse(message, "a timing process")
