@@ -22,7 +22,7 @@ def files(root: Path) -> list[Path]:
 def test_kill_9_five_times_loses_nothing(tmp_path: Path, daemon_factory: RunDaemon, tiny_weights: Path) -> None:
     config = write_config(
         tmp_path,
-        model={"weights": str(tiny_weights), "devices": ["cpu"]},
+        model={"weights": str(tiny_weights), "devices": ["cpu"], "imgsz": 64},  # the kills are the test, not the model
         pipeline={"max_pending": 16, "max_batch": 4, "cpu_workers": 2},  # two device processes die with it
     )
     var = tmp_path / "var"
