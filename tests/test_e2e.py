@@ -107,7 +107,9 @@ def test_drop_files_into_a_running_daemon(tmp_path: Path, daemon_factory: RunDae
 @pytest.mark.slow
 def test_once_mode_drains_a_prefilled_folder(tmp_path: Path, daemon_factory: RunDaemon, tiny_weights: Path) -> None:
     config = write_config(
-        tmp_path, model={"weights": str(tiny_weights), "devices": ["cpu"]}, pipeline={"cpu_workers": 2}
+        tmp_path,
+        model={"weights": str(tiny_weights), "devices": ["cpu"], "imgsz": 128},  # the drain is the test, not the model
+        pipeline={"cpu_workers": 2},
     )
     incoming = tmp_path / "var" / "incoming"
     incoming.mkdir(parents=True)
