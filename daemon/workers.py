@@ -406,7 +406,7 @@ def start_workers(config: Config, devices: list[str], *, slot_imgsz: int = 0) ->
                 max_batch=config.pipeline.max_batch,
                 calibration=calibration_images(config),
             ),
-            max_batch=config.pipeline.max_batch,
+            max_batch=config.pipeline.device_batch,  # the batcher's cap per device, and its slots' size
             slot_imgsz=slot_imgsz,
             name=d,
         )
