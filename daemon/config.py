@@ -434,11 +434,6 @@ def _check_cluster(cfg: Config) -> None:
     """What the Ray backend cannot run: keys of two sections that must agree."""
     if cfg.cluster.backend is not Backend.RAY:
         return
-    if cfg.model.precision is Precision.INT8:
-        raise ConfigError(
-            "model.precision", "is \"int8\", which the Ray backend does not calibrate on its nodes yet",
-            'use "fp32" or "auto" with cluster.backend = "ray"',
-        )
     if cfg.model.devices != ("auto",):
         raise ConfigError(
             "model.devices", "lists devices, but with cluster.backend = \"ray\" the cluster's GPUs are used",

@@ -2,9 +2,11 @@
 process, handed each batch's bytes instead of reading a shared-memory slot.
 
 The weights arrive as bytes (the node needs no shared storage): they are written to a temporary
-file of the actor's own and loaded from there. A load failure is an answer (`load` returns it),
-not an exception, so the driver can tell a model that can never load from an actor that died.
-Only the actor's death (its process or node gone) raises on the caller's side.
+file of the actor's own and loaded from there; so do INT8's calibration images. The node exports
+and, for `runtime = "auto"`, measures for its own hardware (daemon.tuning.node). A load failure
+is an answer (`load` returns it), not an exception, so the driver can tell a model that can
+never load from an actor that died. Only the actor's death (its process or node gone) raises on
+the caller's side.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from daemon import logs, model
+from daemon.config import ConfigError
+from daemon.tuning import node
 
 
 class DeviceActor:
@@ -37,18 +41,23 @@ class DeviceActor:
         path = Path(self._dir.name) / weights_name
         path.write_bytes(weights)
         args = {k: v for k, v in spec_args.items() if k != "name"}
-        # Exports (OpenVINO, ONNX Runtime) are made on this node, for its hardware, into a cache the
-        # node's actors share (the weights' content keys it, whatever temp file holds them).
+        # Exports (OpenVINO, ONNX Runtime, INT8) and, for "auto", the measured choice are made on
+        # this node, for its hardware, into a cache the node's actors share (the weights' content
+        # keys it, whatever temp file holds them).
         cache = Path(tempfile.gettempdir()) / "inferd-models"
-        spec = model.WorkerSpec(
-            **{**args, "weights": str(path)}, buffer_path="", slot_bytes=0, slots=0, cache_dir=str(cache)
-        )
+        try:
+            args, tuned = node.prepare({**args, "weights": str(path)}, cache, Path(self._dir.name))
+        except ConfigError as exc:  # the accuracy gate, an export that fails: it never loads
+            return "error", (str(exc), True)
+        spec = model.WorkerSpec(**args, buffer_path="", slot_bytes=0, slots=0, cache_dir=str(cache))
         try:
             self.runner = model.Runner(spec, None)
         except Exception as exc:  # noqa: BLE001 - any load failure is the ERROR half of the handshake
             return "error", (f"{type(exc).__name__}: {exc}", not model._transient(exc))
         info = self.runner.info()
         info.update(pid=os.getpid(), node=socket.gethostname(), node_ip=_node_ip())
+        if tuned is not None:  # the node's measured choice: RayDevice caps its batches at tuned["batch"]
+            info["tuned"] = tuned
         return "ready", info
 
     def infer(self, batch: model.Batch, data: Any) -> tuple[str, Any]:
