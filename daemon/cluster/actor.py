@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import logs, model
-from daemon.config import ConfigError
+from daemon.errors import ExportError
 from daemon.tuning import node
 
 
@@ -47,7 +47,7 @@ class DeviceActor:
         cache = Path(tempfile.gettempdir()) / "inferd-models"
         try:
             args, tuned = node.prepare({**args, "weights": str(path)}, cache, Path(self._dir.name))
-        except ConfigError as exc:  # the accuracy gate, an export that fails: it never loads
+        except ExportError as exc:  # the accuracy gate, an export that fails: it never loads
             return "error", (str(exc), True)
         spec = model.WorkerSpec(**args, buffer_path="", slot_bytes=0, slots=0, cache_dir=str(cache))
         try:

@@ -13,13 +13,16 @@ the cached choice. INT8 is calibrated on the node from the calibration images se
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from daemon.config import ConfigError
+from daemon.config import ConfigError, Precision, Runtime
+from daemon.errors import ExportError
 from daemon.runtimes import cache
+from daemon.runtimes.specs import choose
 from daemon.tuning import tune
 
 CHILD_TIMEOUT_S = 900.0  # exports and the measurement: far above what they take; the daemon's start timeout rules
@@ -29,7 +32,8 @@ def prepare(args: dict[str, Any], cache_dir: Path, root: Path) -> tuple[dict[str
     """`args` (a WorkerSpec's fields, the weights a file of this node) with the calibration images
     written under `root` and, for "auto" on a CPU, the node's measured runtime and precision; its
     artefact exported into `cache_dir`. Also the measured choice as a record (None if none was
-    measured). ConfigError (the accuracy gate, a failed export) when it cannot run here."""
+    measured). ExportError (the accuracy gate, a failed export: its message) when it cannot run
+    here."""
     files = root / "calibration"
     files.mkdir(exist_ok=True)
     for name, data in args.get("calibration") or ():
@@ -60,9 +64,22 @@ def prepare(args: dict[str, Any], cache_dir: Path, root: Path) -> tuple[dict[str
                  "layout": f"{choice.processes}x{choice.threads}", "measured_now": fresh, "tune_s": choice.tune_s,
                  "table": [tune.describe(r) for r in choice.table]}  # fmt: skip
         request.update(runtime=choice.runtime, precision=choice.precision)
-    if args["runtime"] != "torch" and args["device"] == "cpu":  # INT8 needs the child's quantize; the rest too
-        _child([json.dumps(request)], "plan")
+    if args["runtime"] != "torch" and args["device"] == "cpu" and not _cached(request):
+        _child([json.dumps(request)], "plan")  # INT8 needs the child's quantize; the rest are made there too
     return args, tuned
+
+
+def _cached(request: dict[str, Any]) -> bool:
+    """Whether the artefact is in the node's cache already (no child process, no torch)."""
+    try:
+        runtime, precision = choose(Runtime(request["runtime"]), Precision(request["precision"]),
+                                    device="cpu", weights=request["weights"])  # fmt: skip
+    except ConfigError:
+        return False  # the child says why
+    plan = cache.lookup(request["weights"], imgsz=request["imgsz"], max_batch=request["max_batch"], runtime=runtime,
+                        precision=precision, device="cpu", cache_dir=Path(request["cache_dir"]),
+                        calibration=tuple(Path(p) for p in request["calibration"]))  # fmt: skip
+    return plan is not None
 
 
 def _child(argv: list[str], expected: str) -> dict[str, Any]:
@@ -78,6 +95,8 @@ def _child(argv: list[str], expected: str) -> dict[str, Any]:
         if isinstance(record, dict) and record.get("event") not in ("export_started", "tune_started"):
             answer = record
     if answer.pop("event", None) != expected or done.returncode != 0:
-        message = answer.get("message") or f"the exporter exited with status {done.returncode}: {done.stderr[-1500:]}"
-        raise ConfigError("model.runtime", f"on this Ray node: {message}", cache.FIX)
+        message = answer.get("message") or (
+            f"the exporter exited with status {done.returncode}: {done.stderr[-1500:]}. Fix: {cache.FIX}"
+        )
+        raise ExportError(f"on node {socket.gethostname()}: {message}")
     return answer
