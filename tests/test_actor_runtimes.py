@@ -41,7 +41,6 @@ def test_check_loads_the_model_on_the_cluster(tmp_path: Path, ray_head: Any, tin
     assert next(r for r in records if r["event"] == "check_passed")["devices"] == ["ray:cpu:0"]
 
 
-@pytest.mark.long
 def test_auto_on_the_cluster_is_the_nodes_measured_choice(tmp_path: Path, ray_head: Any, tiny_weights: Path) -> None:
     """runtime = "auto": the actor measures runtime x precision x batch size on its node (its
     one layout: 1 process x its threads), reports the table, and runs the winner; the daemon's
