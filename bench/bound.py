@@ -50,6 +50,7 @@ def measure_runner(images: list[Path], config: Config, devices: list[str]) -> di
         input_shape=first["input_shape"],
         single_image_ms=first["single_image_ms"],
         runtime=first["runtime"],
+        batch=first["batch"],
     )
 
 
@@ -65,10 +66,11 @@ def variants(devices: list[str], calibration: tuple[Path, ...] = ()) -> list[tup
 
 
 def measure_bounds(
-    images: list[Path], config: Config, devices: list[str], *, skip: str, layouts: dict[str, tuple[int, int]]
+    images: list[Path], config: Config, devices: list[str], *, skip: str, layouts: dict[str, tuple[int, int, int]]
 ) -> dict[str, dict[str, Any]]:
     """The bound of each runtime and precision but `skip` ("openvino bf16"), each in its fastest
-    measured layout (`layouts`: "openvino fp32" -> (processes, threads)), else the daemon's."""
+    measured layout and batch size (`layouts`: "openvino fp32" -> (processes, threads, batch)),
+    else the daemon's."""
     import dataclasses
 
     from daemon.workers import calibration_images, resolve_devices
@@ -80,9 +82,9 @@ def measure_bounds(
             continue
         c = dataclasses.replace(config, model=dataclasses.replace(config.model, runtime=runtime, precision=precision))
         if (layout_of := layouts.get(f"{runtime.value} {precision.value}")) is not None:
-            processes, threads = layout_of
-            c = dataclasses.replace(c, pipeline=dataclasses.replace(c.pipeline, cpu_workers=processes,
-                                                                    torch_threads=threads))  # fmt: skip
+            processes, threads, batch = layout_of
+            pipeline = dataclasses.replace(c.pipeline, cpu_workers=processes, torch_threads=threads, tuned_batch=batch)
+            c = dataclasses.replace(c, pipeline=pipeline)
         layout = asyncio.run(resolve_devices(c))  # the daemon's processes and threads for this runtime
         asyncio.run(export.prepare(c, layout))
         bound = measure_runner(images, c, layout)
@@ -113,8 +115,9 @@ def _runner_loop(
     m, p = config.model, config.pipeline
     settings = preprocess.PrepSettings(m.imgsz, p.reduced_decode, p.max_pixels)
     ready = [preprocess.prepare(Job(PurePosixPath(x.name), x), settings) for x in images]
-    chunks = [ready[i : i + p.max_batch] for i in range(0, len(ready), p.max_batch)]
-    slot_bytes = p.max_batch * m.imgsz * m.imgsz * 3
+    size = p.device_batch  # the daemon's batches: max_batch, capped by the measured choice's batch size
+    chunks = [ready[i : i + size] for i in range(0, len(ready), size)]
+    slot_bytes = size * m.imgsz * m.imgsz * 3
     # Every batch in its own slot, filled before the clock starts, page-locked on a GPU as the daemon's are.
     buffer = mmap.mmap(-1, slot_bytes * len(chunks))
     spec = DeviceSpec(
@@ -159,6 +162,7 @@ def _runner_loop(
         "seconds": seconds,
         "input_shape": f"{ready[0].shape[1]}x{ready[0].shape[0]}",
         "runtime": f"{info.runtime} {info.precision}",
+        "batch": size,
     }
     if singles:  # the others are done: this one is alone on the device
         one = [msgspec.structs.replace(b, n=1, metas=b.metas[:1]) for b in batches]

@@ -271,10 +271,10 @@ def _own_export(config: Config, devices: list[str], plans: list[export.Planned])
     return plan
 
 
-def _tuned(config: Config) -> tuple[set[str], list[str], dict[str, tuple[int, int]]]:
+def _tuned(config: Config) -> tuple[set[str], list[str], dict[str, tuple[int, int, int]]]:
     """The measured choice's table (measured now if not cached), the candidates it found below
-    the accuracy gate ("openvino int8"), and each candidate's fastest layout (processes,
-    threads). `config`: before export.resolve."""
+    the accuracy gate ("openvino int8"), and each candidate's fastest layout and batch size
+    (processes, threads, batch). `config`: before export.resolve."""
     from daemon.model import resolve_weights
     from daemon.tuning import tune
 
@@ -285,10 +285,10 @@ def _tuned(config: Config) -> tuple[set[str], list[str], dict[str, tuple[int, in
     choice = tune.cached(export.tune_request(config) | {"weights": weights})
     rows = choice.table if choice is not None else []
     below = {f"{r.runtime} {r.precision}" for r in rows if r.note.startswith("below the accuracy gate")}
-    best: dict[str, tuple[int, int]] = {}
+    best: dict[str, tuple[int, int, int]] = {}
     for r in sorted((r for r in rows if r.img_s is not None), key=lambda r: r.img_s or 0.0):
         processes, threads = r.layout.split("x")
-        best[f"{r.runtime} {r.precision}"] = (int(processes), int(threads))  # the fastest last
+        best[f"{r.runtime} {r.precision}"] = (int(processes), int(threads), r.batch)  # the fastest last
     return below, [tune.describe(r) for r in rows], best
 
 
@@ -306,13 +306,15 @@ def render(report: dict[str, Any]) -> str:
     if report["modes"]:
         out.append(f"{'mode':<8} {'images':>6} {'seconds':>8} {'images/s':>9} {'threads':>7}  what")
     for mode, r in report["modes"].items():
-        note = NOTES[mode].format(max_batch=s["max_batch"], shape=r.get("input_shape"), runtime=r.get("runtime"))
+        batch = r.get("batch", s["max_batch"])  # a bound's: the measured batch size
+        note = NOTES[mode].format(max_batch=batch, shape=r.get("input_shape"), runtime=r.get("runtime"))
         out.append(
             f"{mode:<8} {r['images']:>6} {r['seconds']:>8.2f} {r['images_per_s']:>9.2f} {r['threads']:>7}  {note}"
         )
     if len(report.get("bounds", {})) > 1:
-        out.append("bound per runtime and precision (images/s, device processes x threads):")
-        out += [f"  {k:<18} {b['images_per_s']:>8.2f}  {b['threads']}" for k, b in report["bounds"].items()]
+        out.append("bound per runtime and precision (images/s, device processes x threads, batch):")
+        out += [f"  {k:<18} {b['images_per_s']:>8.2f}  {b['threads']} b{b.get('batch', s['max_batch'])}"
+                for k, b in report["bounds"].items()]  # fmt: skip
     if report.get("tuned"):
         out.append("measured choice (runtime precision processes x threads, batch: img/s, accuracy gate):")
         out += [f"  {line}" for line in report["tuned"]]

@@ -131,6 +131,12 @@ class PipelineConfig:
     max_attempts: int
     worker_start_timeout_s: float
     drain_timeout_s: float
+    tuned_batch: int = 0  # not a key: the measured choice's batch size (export.resolve); 0 = none
+
+    @property
+    def device_batch(self) -> int:
+        """The most images a device takes in one batch: max_batch, capped by the measured choice."""
+        return min(self.max_batch, self.tuned_batch or self.max_batch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,11 +434,6 @@ def _check_cluster(cfg: Config) -> None:
     """What the Ray backend cannot run: keys of two sections that must agree."""
     if cfg.cluster.backend is not Backend.RAY:
         return
-    if cfg.model.precision is Precision.INT8:
-        raise ConfigError(
-            "model.precision", "is \"int8\", which the Ray backend does not calibrate on its nodes yet",
-            'use "fp32" or "auto" with cluster.backend = "ray"',
-        )
     if cfg.model.devices != ("auto",):
         raise ConfigError(
             "model.devices", "lists devices, but with cluster.backend = \"ray\" the cluster's GPUs are used",
@@ -499,5 +500,6 @@ def reloadable(running: Config, new: Config) -> Config:
 
 
 def reload_class(name: str) -> Reload:
-    """What a reload does with the key `name` ("section.key")."""
-    return BY_NAME[name].reload
+    """What a reload does with the key `name` ("section.key"). A value the daemon derives (not a
+    key: pipeline.tuned_batch, measured) restarts the devices when it changes."""
+    return BY_NAME[name].reload if name in BY_NAME else Reload.ROLL

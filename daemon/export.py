@@ -98,9 +98,11 @@ def tune_request(config: Config) -> dict[str, Any]:
 
 async def resolve(config: Config, *, stop: asyncio.Event | None = None, notifier: Notifier | None = None) -> Config:
     """`config` with `model.runtime` and `model.precision` = "auto" made concrete on a CPU by the
-    measured choice (daemon.tuning.tune), and the layout it measured as `pipeline.cpu_workers`
-    and `torch_threads` where those are 0 (auto). Measured once in a child process, then read
-    from the cache. Unchanged when either is given, on CUDA devices and with the Ray backend."""
+    measured choice (daemon.tuning.tune), the layout it measured as `pipeline.cpu_workers`
+    and `torch_threads` where those are 0 (auto), and its batch size as `pipeline.tuned_batch`
+    (a device's batches are capped at it; the artefact stays exported for `max_batch`). Measured
+    once in a child process, then read from the cache. Unchanged when either is given, on CUDA
+    devices and with the Ray backend."""
     m = config.model
     if m.runtime is not Runtime.AUTO or m.precision is not Precision.AUTO or config.cluster.backend is Backend.RAY:
         return config
@@ -130,7 +132,8 @@ async def resolve(config: Config, *, stop: asyncio.Event | None = None, notifier
     p = config.pipeline
     model = dataclasses.replace(m, runtime=Runtime(choice.runtime), precision=Precision(choice.precision))
     pipeline = dataclasses.replace(
-        p, cpu_workers=p.cpu_workers or choice.processes, torch_threads=p.torch_threads or choice.threads
+        p, cpu_workers=p.cpu_workers or choice.processes, torch_threads=p.torch_threads or choice.threads,
+        tuned_batch=choice.batch,  # the devices take batches of at most this (workers.local_devices)
     )
     return dataclasses.replace(config, model=model, pipeline=pipeline)
 

@@ -54,6 +54,7 @@ class DeviceSpec(Message, frozen=True, kw_only=True):
     cache_dir: str = ""  # exported artefacts (work/models); needed unless the runtime is torch
     max_batch: int = 8  # the largest batch the exported artefact must take
     calibration: tuple[str, ...] = ()  # INT8's calibration images (part of its cache key)
+    calibration_files: tuple[tuple[str, bytes], ...] = ()  # a Ray actor's: (name, bytes), written on its node
     buffer_path: str = ""  # the shared batch slots of a local device process ("" for a Ray actor)
     slot_bytes: int = 0
     slots: int = 0
@@ -78,6 +79,7 @@ class DeviceInfo(msgspec.Struct, frozen=True, kw_only=True):
     pid: int | None = None
     node: str = ""  # a Ray actor's host name and address
     node_ip: str = ""
+    tuned: dict[str, Any] | None = None  # a Ray node's measured choice (daemon.tuning.node), if it made one
 
 
 class Batch(Message, frozen=True):
@@ -260,6 +262,7 @@ class Loaded(Message, frozen=True):
 
 class Go(Message, frozen=True):
     seconds: float
+    batch: int  # images per batch, at most the loaded candidate's max_batch
 
 
 class Timed(Message, frozen=True):

@@ -66,7 +66,6 @@ class PrepSettings:
         return tiling.wanted(seen, self.imgsz, self.tiling)
 
 
-Settings = PrepSettings  # its old name, still used by daemon/tuning/gate.py (another branch's file)
 
 
 @dataclass(frozen=True, slots=True)

@@ -397,7 +397,9 @@ def local_devices(config: Config, names: list[str], *, slot_imgsz: int = 0) -> l
     threads = torch_threads(config, names)
     return [
         LocalDevice(
-            device_spec(config, name, torch_threads=threads), max_batch=config.pipeline.max_batch, slot_imgsz=slot_imgsz
+            device_spec(config, name, torch_threads=threads),
+            max_batch=config.pipeline.device_batch,
+            slot_imgsz=slot_imgsz,
         )
         for name in names
     ]

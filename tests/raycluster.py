@@ -44,7 +44,11 @@ class Node:
         extra = [f"{k}={v}" for k, v in ports.items()]
         # The actors unpickle tests/faulty_model.py's model by name, as local device processes do.
         path = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")) if p)
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": path}
+        # The node's own temp dir: its actors' model cache (tempfile.gettempdir()/inferd-models) is
+        # this cluster's, made fresh each session and removed with it.
+        tmp = self.temp_dir.parent / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": path, "TMPDIR": str(tmp)}
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [RAY, "start", "--block", "--disable-usage-stats", f"--temp-dir={self.temp_dir}", *self.args, *extra],

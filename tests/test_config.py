@@ -131,7 +131,6 @@ def test_version_and_help(tmp_path: Path) -> None:
         ("[cluster]\ncpus_per_actor = 'two'", "cluster.cpus_per_actor", "a number"),
         ("[cluster]\nresources = { inferd = 0 }", "cluster.resources", "ray start --resources"),
         ("[cluster]\nresources = { GPU = 1 }", "cluster.resources", "cluster.actors_per_gpu"),
-        ("[cluster]\nbackend = 'ray'\n[model]\nprecision = 'int8'\ncalibration = '.'", "model.precision", '"fp32"'),
         ("[cluster]\nbackend = 'ray'\n[model]\ndevices = ['cuda:0']", "model.devices", "one actor per GPU"),
         ("[cluster]\nmax_restarts = 3", "cluster.max_restarts", "remove it or use one of"),
     ],
@@ -141,6 +140,12 @@ def test_bad_cluster_values_name_key_and_fix(tmp_path: Path, text: str, key: str
         parse(text, tmp_path)
     assert err.value.key == key
     assert fix in str(err.value)
+
+
+def test_int8_runs_on_the_ray_backend(tmp_path: Path) -> None:
+    """The nodes calibrate it on the images sent with the load (daemon.tuning.node): not refused."""
+    cfg = parse("[cluster]\nbackend = 'ray'\n[model]\nprecision = 'int8'\ncalibration = '.'", tmp_path)
+    assert cfg.model.precision is config.Precision.INT8 and cfg.cluster.backend is config.Backend.RAY
 
 
 def test_cluster_addresses(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Daemon, assets, write_config
+from conftest import Daemon, assets, photo_like, write_config
 from PIL import Image
 
 from daemon import export, runtimes
@@ -165,11 +165,13 @@ def test_gate_counts_fp32_detections_found() -> None:
 def test_layouts_and_candidates() -> None:
     """Processes x threads over the cores (a configured one is the only one), and every CPU
     runtime x precision of the table, with why one cannot run here instead of a guess."""
-    from daemon.tuning import tune
+    from daemon.tuning import timing, tune
 
     assert tune.layouts(2, 0, 0) == [(1, 2), (2, 1)]
     assert tune.layouts(8, 0, 0) == [(1, 8), (2, 4), (4, 2)]
     assert tune.layouts(8, 1, 0) == [(1, 8)] and tune.layouts(8, 0, 2) == [(4, 2)]
+    assert timing.batches(8) == [8, 4, 1] and timing.batches(16) == [16, 8, 1]
+    assert timing.batches(2) == [2, 1] and timing.batches(1) == [1]  # at most three, max_batch first
     listed = {(r.value, p.value): why for r, p, why in tune.candidates(())}
     assert set(listed) == {("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8"),
                            ("onnxruntime", "fp32"), ("torch", "fp32")}  # fmt: skip
@@ -178,3 +180,28 @@ def test_layouts_and_candidates() -> None:
     from daemon.runtimes.openvino import capabilities
 
     assert (listed[("openvino", "bf16")] == "") == ("BF16" in capabilities())  # asked, not read from flags
+
+
+def test_the_devices_take_batches_of_the_measured_size(tmp_path: Path, daemon_factory: RunDaemon,
+                                                      tiny_weights: Path) -> None:  # fmt: skip
+    """A cached choice of batch 2 (max_batch 8): the start reads it (no child, nothing measured)
+    and every batch the device is sent holds at most 2 images, 2 when 12 wait."""
+    from daemon.tuning import tune
+
+    config = write_config(tmp_path, model={"weights": str(tiny_weights), "runtime": "auto", "imgsz": 160},
+                          pipeline={"max_batch": 8}, log={"level": "debug"})  # fmt: skip
+    req = export.tune_request(load(config))
+    row = tune.Row("torch", "fp32", "1x2", 2, 9.9, "0/0", "chosen")
+    tune._store(Path(req["cache_dir"]), tune.key(req), tune.Choice("torch", "fp32", 1, 2, 2, [row]))
+    incoming = tmp_path / "var" / "incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    for i in range(12):
+        photo_like(320, 240, seed=i).save(incoming / f"p{i:02d}.jpg", quality=90)
+    daemon = daemon_factory(config, "--once")
+    assert daemon.proc.wait(120) == 0, daemon.stderr()
+    daemon.stop()
+    (tuned,) = daemon.events("runtime_tuned")
+    assert not tuned["measured_now"] and tuned["batch"] == 2
+    assert tuned["table"] == ["torch fp32 1x2 b2: 9.9 img/s, gate 0/0 (chosen)"]  # the batch column
+    sizes = [r["images"] for r in daemon.events("batch_sent")]
+    assert sum(sizes) == 12 and max(sizes) == 2, sizes

@@ -12,19 +12,33 @@ import asyncio
 import importlib.util
 import math
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import msgspec
 import structlog
 
 from daemon.cluster.bridge import Bridge, ClusterLost, ClusterState
 from daemon.cluster.device import RayDevice
-from daemon.config import Config, ConfigError, Decode, Runtime
-from daemon.devices import JPEG_SLOT_BYTES, Device, DeviceKind, DeviceName, DeviceStartError, device_spec
+from daemon.config import Config, ConfigError, Decode, Precision, Runtime
+from daemon.devices import (
+    JPEG_SLOT_BYTES,
+    Device,
+    DeviceKind,
+    DeviceName,
+    DeviceStartError,
+    calibration_images,
+    device_spec,
+)
 from daemon.messages import AskResources
+from daemon.tuning import tune
 from daemon.weights import resolve_weights
 
 __all__ = ["Cluster", "ClusterState", "RayDevice"]
 log = structlog.get_logger("daemon.cluster")
+# A node's first start with "auto" exports the candidates and measures them inside the actor's
+# load (INT8: calibrates): the measurement's budget and the exports come on top of
+# pipeline.worker_start_timeout_s.
+MEASURE_GRACE_S = tune.BUDGET_S + 120.0
 
 
 class Cluster:
@@ -78,6 +92,9 @@ class Cluster:
         room = max(slot_imgsz, m.imgsz)
         jpegs = p.decode is Decode.DEVICE
         slot_bytes = max(p.max_batch * room * room * 3, JPEG_SLOT_BYTES if jpegs else 0)
+        # Each node measures "auto", and calibrates INT8, in its first load: that time comes on top.
+        measures = (m.runtime, m.precision) == (Runtime.AUTO, Precision.AUTO) or m.precision is Precision.INT8
+        calibration = tuple((Path(f).name, Path(f).read_bytes()) for f in calibration_images(config))
         made: list[Device] = []
         for name in names:
             gpu = DeviceName.parse(name).kind is DeviceKind.CUDA
@@ -86,11 +103,11 @@ class Cluster:
             spec = msgspec.structs.replace(
                 device_spec(config, name, torch_threads=threads),
                 weights=weights,
-                # Each node exports for itself into its own cache (actor.py); "auto" is PyTorch there
-                # (the measured choice runs on the daemon's machine only, so far).
-                runtime="torch" if m.runtime is Runtime.AUTO else m.runtime.value,
+                # Each node exports and, for "auto", measures for itself, into its own cache (actor.py).
+                runtime=m.runtime.value,
                 cache_dir="",  # the actor's own (actor.py)
                 calibration=(),
+                calibration_files=calibration,  # INT8 is calibrated on the node
             )
             options = {
                 "num_cpus": c.cpus_per_actor,
@@ -109,6 +126,7 @@ class Cluster:
                     max_batch=p.max_batch,
                     slot_bytes=slot_bytes,
                     slot_imgsz=room,
+                    start_grace_s=MEASURE_GRACE_S if measures else 0.0,
                 )
             )
         return made

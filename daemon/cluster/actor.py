@@ -2,9 +2,11 @@
 process, handed each batch's bytes instead of reading a shared-memory slot.
 
 The weights arrive as bytes (the node needs no shared storage): they are written to a temporary
-file of the actor's own and loaded from there. A load failure is an answer (`load` returns it),
-not an exception, so the driver can tell a model that can never load from an actor that died.
-Only the actor's death (its process or node gone) raises on the caller's side.
+file of the actor's own and loaded from there; so do INT8's calibration images. The node exports
+and, for `runtime = "auto"`, measures for its own hardware (daemon.tuning.node). A load failure
+is an answer (`load` returns it), not an exception, so the driver can tell a model that can
+never load from an actor that died. Only the actor's death (its process or node gone) raises on
+the caller's side.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from typing import Any
 import msgspec
 
 from daemon import logs, model
+from daemon.errors import ExportError
 from daemon.messages import Batch, BatchDone, BatchRaised, DeviceSpec, LoadFailed, Ready
+from daemon.tuning import node
 
 
 class DeviceActor:
@@ -40,15 +44,26 @@ class DeviceActor:
         logs.configure(spec.log, process=f"actor:{spec.name}")
         path = Path(self._dir.name) / weights_name
         path.write_bytes(weights)
-        # Exports (OpenVINO, ONNX Runtime) are made on this node, for its hardware, into a cache the
-        # node's actors share (the weights' content keys it, whatever temp file holds them).
+        # Exports (OpenVINO, ONNX Runtime, INT8) and, for "auto", the measured choice are made on
+        # this node, for its hardware, into a cache the node's actors share (the weights' content
+        # keys it, whatever temp file holds them).
         cache = Path(tempfile.gettempdir()) / "inferd-models"
-        spec = msgspec.structs.replace(spec, weights=str(path), cache_dir=str(cache))
+        try:
+            args, tuned = node.prepare(
+                msgspec.structs.asdict(spec) | {"weights": str(path)}, cache, Path(self._dir.name)
+            )
+        except ExportError as exc:  # the accuracy gate, an export that fails: it never loads
+            return LoadFailed(str(exc), True)
+        spec = msgspec.structs.replace(
+            spec, weights=str(path), cache_dir=str(cache), runtime=args["runtime"], precision=args["precision"],
+            calibration=args["calibration"], calibration_files=(),
+        )  # fmt: skip
         try:
             self.runner = model.Runner(spec, None)
         except Exception as exc:  # noqa: BLE001 - any load failure is the ERROR half of the handshake
             return LoadFailed(f"{type(exc).__name__}: {exc}", not model.transient(exc))
-        info = msgspec.structs.replace(self.runner.info(), node=socket.gethostname(), node_ip=_node_ip())
+        # `tuned`: the node's measured choice; RayDevice caps its batches at its batch size.
+        info = msgspec.structs.replace(self.runner.info(), node=socket.gethostname(), node_ip=_node_ip(), tuned=tuned)
         return Ready(info)
 
     def infer(self, batch: Batch, data: Any) -> BatchDone | BatchRaised:

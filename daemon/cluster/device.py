@@ -59,8 +59,10 @@ class RayDevice:
         slot_bytes: int,
         slot_imgsz: int,
         slots: int = 2,
+        start_grace_s: float = 0.0,
     ) -> None:
         self.device = name
+        self.start_grace_s = start_grace_s  # on top of the start timeout: the node may measure first
         self.max_batch = max_batch
         self.slots = slots
         self.slot_bytes = slot_bytes
@@ -98,12 +100,12 @@ class RayDevice:
         self._exited.clear()
         self.state = DeviceState.STARTING
         try:
-            answer = await asyncio.wait_for(self._start(), timeout_s)
+            answer = await asyncio.wait_for(self._start(), timeout_s + self.start_grace_s)
         except TimeoutError:
             await self._kill()
             raise DeviceStartError(
-                f"{self.device}: no actor ready after {timeout_s:.0f} s (does the cluster have the "
-                f"resources it asks for: {self.options}?)",
+                f"{self.device}: no actor ready after {timeout_s + self.start_grace_s:.0f} s (does the cluster "
+                f"have the resources it asks for: {self.options}?)",
                 permanent=False,
             ) from None
         except ClusterLost as exc:
@@ -120,6 +122,9 @@ class RayDevice:
         self.model = ModelInfo(self.weights_path, info.names, self.spec.imgsz, info.half, info.runtime, info.precision)
         self.state = DeviceState.UP
         log.info("actor_started", device=self.device, node=info.node, pid=info.pid)
+        if tuned := info.tuned:  # the node's measured choice (daemon.tuning.node)
+            self.max_batch = min(self.max_batch, int(tuned["batch"]) or self.max_batch)
+            log.info("runtime_tuned", device=self.device, node=info.node, **tuned)
         return info
 
     async def _start(self) -> Ready | LoadFailed:

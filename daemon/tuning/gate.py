@@ -74,7 +74,7 @@ def prepare(images: tuple[Path, ...], imgsz: int, *, classify: bool) -> list[Any
     from daemon import preprocess
     from daemon.jobs import Job
 
-    settings = preprocess.Settings(imgsz, True, 10**9, classify=classify)
+    settings = preprocess.PrepSettings(imgsz, True, 10**9, classify=classify)
     return [preprocess.prepare(Job(PurePosixPath(p.name), p), settings) for p in images]
 
 

@@ -2,42 +2,41 @@
 decided by timing the candidates on this machine, never from its flags.
 
 The candidates are every runtime x precision the table (daemon.runtimes.specs) lists for CPUs,
-x the layouts of device processes x threads over the cores, at the daemon's batch size, on the
-letterboxed shape of real images (the calibration set's, else two photos shipped with
-Ultralytics). Each (runtime, precision) is first checked by the accuracy gate against PyTorch
-fp32 on those images; each layout is then timed for `TIME_S`, all its processes at once. The
-fastest that passed wins. A candidate whose package is missing, whose precision the CPU plugin
-does not offer, or that has no calibration images is listed with the reason, not timed.
+x the layouts of device processes x threads over the cores, x the batch sizes (timing.batches:
+pipeline.max_batch, half of it, 1), on the letterboxed shape of real images (the calibration
+set's, else two photos shipped with Ultralytics). Each (runtime, precision) is first checked by
+the accuracy gate against PyTorch fp32 on those images; each layout is then loaded once and timed
+at each batch size for `TIME_S`, all its processes at once (daemon.tuning.timing). The fastest
+that passed wins; the daemon's devices then take batches of at most its batch size. A candidate
+whose package is missing, whose precision the CPU plugin does not offer, or that has no
+calibration images is listed with the reason, not timed.
 
 It runs in the exporter's child process (python -m daemon.tuning tune) and exports what it
 times into the model cache; the choice is cached beside them as `tuned-<digest>.json`, keyed by
-the weights, imgsz, batch, the CPU's model name, flags and cores, every runtime's version and
+the weights, imgsz, max batch, the CPU's model name, flags and cores, every runtime's version and
 the calibration set: a later start reads it and measures nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
 import json
-import multiprocessing
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from daemon.config import ConfigError, Precision, Runtime
-from daemon.messages import Go, LoadCandidate, Loaded, LoadFailed, Timed, TuneStarted, refuse
+from daemon.messages import TuneStarted
 from daemon.runtimes import cache
 from daemon.runtimes.specs import SPECS, cpu_field, importable
 from daemon.tuning import gate
 from daemon.tuning.int8 import quantize
+from daemon.tuning.timing import TIME_S, Pool, batches
 
-SCHEMA = 1
-TIME_S = 1.0  # per timed layout; a first batch warms up, not counted
+SCHEMA = 2  # 2: the batch size is a dimension of the search
 BUDGET_S = 60.0  # the most a first start spends measuring (exports aside); what is left untimed says so
 MAX_PROCESSES = 4
 
@@ -243,106 +242,34 @@ def _has_cuda(devices: list[str]) -> bool:
     return bool(torch.cuda.device_count())
 
 
-class Pool:
-    """Spawned timing processes, each answering LoadCandidate and Go (`daemon.messages`)."""
-
-    def __init__(self, size: int) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.members: list[tuple[Any, Connection]] = []
-        for _ in range(size):
-            ours, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_timer, args=(theirs,), daemon=True)
-            proc.start()
-            theirs.close()
-            self.members.append((proc, ours))
-
-    def rate(self, processes: int, load: dict[str, Any]) -> float:
-        """img/s of `processes` of them running the candidate at once."""
-        conns = [c for _, c in self.members[:processes]]
-        for c in conns:
-            c.send(LoadCandidate(load))
-        errors = [answer for c in conns if not isinstance(answer := c.recv(), Loaded)]
-        if errors:
-            raise RuntimeError(errors[0].message if isinstance(errors[0], LoadFailed) else repr(errors[0]))
-        for c in conns:
-            c.send(Go(TIME_S))
-        answers = [c.recv() for c in conns]
-        return float(sum(a.images / a.seconds for a in answers))
-
-    def close(self) -> None:
-        for proc, c in self.members:
-            with contextlib.suppress(OSError):
-                c.send(None)
-            proc.join(10)
-            if proc.is_alive():
-                proc.kill()
-
-
 def _time_all(pool: Pool, passed: list[tuple[Runtime, Precision, str]], plans: list[tuple[int, int]],
               request: dict[str, Any], item: Any, started: float) -> list[Row]:  # fmt: skip
-    """Every passing candidate in every layout, until the budget is spent: layout by layout, so
-    that a slow machine still times every candidate once (one process with every core first)."""
+    """Every passing candidate in every layout at every batch size, until the budget is spent:
+    layout by layout, so that a slow machine still times every candidate once (one process with
+    every core first), and per load the largest batch first (the daemon's max_batch)."""
     rows: list[Row] = []
-    batch = request["max_batch"]
+    sizes = batches(request["max_batch"])
+    spent = f"not timed: the {BUDGET_S:.0f} s budget is spent"
     for processes, threads in plans:  # every candidate in the first layout before any in the next
         for runtime, precision, figures in passed:
-            row = Row(runtime.value, precision.value, f"{processes}x{threads}", batch, gate=figures)
-            if time.monotonic() - started > BUDGET_S - 2 * TIME_S - 3:
-                rows.append(Row(**{**asdict(row), "note": f"not timed: the {BUDGET_S:.0f} s budget is spent"}))
+            row = Row(runtime.value, precision.value, f"{processes}x{threads}", gate=figures)
+            if _over(started):
+                rows += [Row(**{**asdict(row), "batch": b, "note": spent}) for b in sizes]
                 continue
             load = {**request, "runtime": runtime.value, "precision": precision.value, "threads": threads,
                     "image": item.image}  # fmt: skip
             try:
-                rows.append(Row(**{**asdict(row), "img_s": round(pool.rate(processes, load), 2)}))
+                pool.load(processes, load)
             except RuntimeError as exc:  # it would not load in a timing process
                 rows.append(Row(**{**asdict(row), "note": f"cannot run: {exc}"[:400]}))
+                continue
+            for b in sizes:
+                timed = _over(started)
+                rate = None if timed else round(pool.rate(processes, b), 2)
+                rows.append(Row(**{**asdict(row), "batch": b, "img_s": rate, "note": spent if timed else ""}))
     return rows
 
 
-def _load(arg: dict[str, Any]) -> tuple[Any, Any, int]:
-    """A candidate's Runner with a batch of one real image in its slot, warmed up."""
-    import numpy as np
-
-    from daemon.messages import Batch
-
-    runtime, precision = Runtime(arg["runtime"]), Precision(arg["precision"])
-    calibration = tuple(Path(p) for p in arg["calibration"])
-    plan = cache.ensure(arg["weights"], imgsz=arg["imgsz"], max_batch=arg["max_batch"], runtime=runtime,
-                        precision=precision, device="cpu", cache_dir=Path(arg["cache_dir"]),
-                        calibration=calibration, quantize=quantize)  # fmt: skip
-    r = gate.runner(plan.artefact, runtime.value, precision.value, imgsz=arg["imgsz"], max_batch=arg["max_batch"],
-                    cache_dir=Path(arg["cache_dir"]), threads=arg["threads"])  # fmt: skip
-    image, n = arg["image"], arg["max_batch"]
-    h, w = image.shape[:2]
-    view = np.frombuffer(r.buffer, dtype=np.uint8, count=n * h * w * 3)
-    view.reshape(n, h, w, 3)[:] = image
-    del view
-    batch = Batch(0, 0, n, h, w, [(1.0, 1.0, 0, 0, w, h)] * n, 0.25, 0.7)
-    r.run(batch)  # warm: the first run at a shape allocates
-    return r, batch, n
-
-
-def _timer(conn: Connection) -> None:
-    """A timing process: load a candidate, then run batches of one real image for the time asked."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as a device process runs
-    r: Any = None
-    batch: Any = None
-    n = 0
-    while (message := conn.recv()) is not None:
-        match message:
-            case LoadCandidate(request):
-                r = None
-                try:
-                    r, batch, n = _load(request)
-                except Exception as exc:  # noqa: BLE001 - reported as this candidate's row, the others go on
-                    conn.send(LoadFailed(f"{type(exc).__name__}: {exc}", True))
-                    continue
-                conn.send(Loaded())
-            case Go(seconds) if r is not None:
-                done, t0 = 0, time.perf_counter()
-                while (elapsed := time.perf_counter() - t0) < seconds:
-                    r.run(batch)
-                    done += n
-                conn.send(Timed(done, elapsed))
-            case _:
-                refuse(message, "a timing process")
+def _over(started: float) -> bool:
+    """Whether another timing (a warm-up batch and TIME_S) would overrun the budget."""
+    return time.monotonic() - started > BUDGET_S - 2 * TIME_S - 3
