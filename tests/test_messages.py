@@ -52,7 +52,7 @@ PIPED: list[Any] = [
     m.Unreachable("ConnectionError: no head"),
     m.LoadCandidate({"runtime": "openvino", "image": np.zeros((2, 2, 3), np.uint8)}),
     m.Loaded(),
-    m.Go(1.5),
+    m.Go(1.5, 4),
     m.Timed(64, 1.52),
 ]
 
