@@ -67,8 +67,10 @@ class Integer:
         if isinstance(value, bool) or not isinstance(value, int):
             auto = ', or "auto"' if self.auto is not None else ""
             raise Invalid(f"must be an integer, got {value!r}", f"write a whole number, unquoted{auto}")
-        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high) or (
-            value % self.multiple_of
+        if (
+            (self.low is not None and value < self.low)
+            or (self.high is not None and value > self.high)
+            or (value % self.multiple_of)
         ):
             bounds = f"between {self.low} and {self.high}" if self.high is not None else f"at least {self.low}"
             extra = f" and a multiple of {self.multiple_of}" if self.multiple_of > 1 else ""

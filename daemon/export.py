@@ -132,7 +132,9 @@ async def resolve(config: Config, *, stop: asyncio.Event | None = None, notifier
     p = config.pipeline
     model = dataclasses.replace(m, runtime=Runtime(choice.runtime), precision=Precision(choice.precision))
     pipeline = dataclasses.replace(
-        p, cpu_workers=p.cpu_workers or choice.processes, torch_threads=p.torch_threads or choice.threads,
+        p,
+        cpu_workers=p.cpu_workers or choice.processes,
+        torch_threads=p.torch_threads or choice.threads,
         tuned_batch=choice.batch,  # the devices take batches of at most this (workers.local_devices)
     )
     return dataclasses.replace(config, model=model, pipeline=pipeline)

@@ -66,8 +66,6 @@ class PrepSettings:
         return tiling.wanted(seen, self.imgsz, self.tiling)
 
 
-
-
 @dataclass(frozen=True, slots=True)
 class Geometry:
     """Where an image of `source` size (w, h) lands in its letterboxed model input."""

@@ -322,5 +322,3 @@ async def run(inbox: asyncio.Queue[list[Outcome]], writer: Writer, concurrency: 
             batch = await inbox.get()
             await slots.acquire()
             group.create_task(one(batch))
-
-

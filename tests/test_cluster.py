@@ -100,9 +100,7 @@ def finished(daemon: Daemon, names: set[str], timeout_s: float = 240) -> None:
     daemon.wait_for(lambda r: r["event"] == "image_done" and not seen.add(r["path"]) and seen >= names, timeout_s)
 
 
-def test_a_ray_worker_killed_mid_stream_loses_nothing(
-    tmp_path: Path, daemon_factory: RunDaemon, ray_head: Any
-) -> None:
+def test_a_ray_worker_killed_mid_stream_loses_nothing(tmp_path: Path, daemon_factory: RunDaemon, ray_head: Any) -> None:
     import os
     import signal
 
@@ -125,9 +123,7 @@ def test_a_ray_worker_killed_mid_stream_loses_nothing(
     assert not list((tmp_path / "var" / "work" / "processing").iterdir())
 
 
-def test_the_ray_head_stopped_and_restarted_mid_stream_loses_nothing(
-    tmp_path: Path, daemon_factory: RunDaemon
-) -> None:
+def test_the_ray_head_stopped_and_restarted_mid_stream_loses_nothing(tmp_path: Path, daemon_factory: RunDaemon) -> None:
     pytest.importorskip("ray")
     from conftest import free_port
     from raycluster import RayCluster
@@ -165,9 +161,7 @@ def test_the_ray_head_stopped_and_restarted_mid_stream_loses_nothing(
         cluster.stop()
 
 
-def test_a_cluster_unreachable_at_start_exits_naming_the_address(
-    tmp_path: Path, daemon_factory: RunDaemon
-) -> None:
+def test_a_cluster_unreachable_at_start_exits_naming_the_address(tmp_path: Path, daemon_factory: RunDaemon) -> None:
     pytest.importorskip("ray")
     from conftest import free_port
 
@@ -243,7 +237,6 @@ def test_a_node_added_to_the_cluster_gets_an_actor(tmp_path: Path, daemon_factor
         assert daemon.stop() == 0
     finally:
         node.kill()
-
 
 
 def test_an_empty_address_starts_a_local_ray_instance(

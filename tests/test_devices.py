@@ -20,8 +20,19 @@ from daemon.tasks.detect import Boxes
 
 POISON = "poison.jpg"
 FAKE_INFO = DeviceInfo(
-    device="cpu", weights="fake.pt", task="detect", names={0: "thing"}, half=False, runtime="fake",
-    precision="fp32", artefact="fake.pt", max_batch=4, fixed_shape=None, format="pt", pinned=False, pipelined=False,
+    device="cpu",
+    weights="fake.pt",
+    task="detect",
+    names={0: "thing"},
+    half=False,
+    runtime="fake",
+    precision="fp32",
+    artefact="fake.pt",
+    max_batch=4,
+    fixed_shape=None,
+    format="pt",
+    pinned=False,
+    pipelined=False,
 )
 
 

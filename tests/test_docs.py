@@ -66,17 +66,24 @@ def test_config_toml_comments_begin_with_the_declared_doc_lines() -> None:
             section = line.strip("[] ")
         elif match := re.match(r"^([a-z_]+) = .*?\s+# (.*)$", line):
             comments[f"{section}.{match[1]}"] = match[2]
-    wrong = {key.name: (comments.get(key.name), key.doc) for key in config.KEYS
-             if comments.get(key.name, "").rstrip(";:,. ") != key.doc}
+    wrong = {
+        key.name: (comments.get(key.name), key.doc)
+        for key in config.KEYS
+        if comments.get(key.name, "").rstrip(";:,. ") != key.doc
+    }
     assert not wrong, f"config.toml's comment (first line) differs from the declared doc line: {wrong}"
 
 
 def test_the_configuration_page_gives_each_key_its_declared_reload_class() -> None:
-    rows = re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \| [^|]* \| ([a-z]+) \|", (DOCS / "configuration.md").read_text(),
-                      re.MULTILINE)
+    rows = re.findall(
+        r"^\| `([a-z_]+\.[a-z_]+)` \| [^|]* \| ([a-z]+) \|", (DOCS / "configuration.md").read_text(), re.MULTILINE
+    )
     assert len(rows) == len(config.KEYS), "a key's row has no reload column (| key | default | reload | meaning |)"
-    wrong = {name: (cell, config.BY_NAME[name].reload.value) for name, cell in rows
-             if cell != config.BY_NAME[name].reload.value}
+    wrong = {
+        name: (cell, config.BY_NAME[name].reload.value)
+        for name, cell in rows
+        if cell != config.BY_NAME[name].reload.value
+    }
     assert not wrong, f"docs/configuration.md's reload column differs from the declarations: {wrong}"
 
 

@@ -73,8 +73,18 @@ class FakeDevice:
         self.state = DeviceState.UP
         self.started.set()
         self.info = DeviceInfo(
-            device="cpu", weights="fake.pt", task="detect", names={0: "thing"}, half=False, runtime="fake",
-            precision="fp32", artefact="fake.pt", max_batch=4, fixed_shape=None, format="pt", pinned=False,
+            device="cpu",
+            weights="fake.pt",
+            task="detect",
+            names={0: "thing"},
+            half=False,
+            runtime="fake",
+            precision="fp32",
+            artefact="fake.pt",
+            max_batch=4,
+            fixed_shape=None,
+            format="pt",
+            pinned=False,
             pipelined=False,
         )
         return self.info

@@ -32,9 +32,7 @@ def model_of(var: Path, name: str) -> dict[str, Any]:
     return model
 
 
-def start(
-    tmp_path: Path, daemon_factory: RunDaemon, weights: Path, **pipeline: Any
-) -> tuple[Path, Daemon, int]:
+def start(tmp_path: Path, daemon_factory: RunDaemon, weights: Path, **pipeline: Any) -> tuple[Path, Daemon, int]:
     model = {"weights": str(weights), "devices": ["cpu"], "imgsz": 320}
     config = write_config(tmp_path, model=model, intake={"settle_ms": 100}, pipeline={"cpu_workers": 1, **pipeline})
     daemon = daemon_factory(config)

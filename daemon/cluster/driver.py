@@ -229,7 +229,6 @@ class Driver:
                         self.actors.pop(name)
                         self._send(ActorLost(name, _first_line(exc)))
 
-
     async def _watch_cluster(self) -> None:
         """Exit when the cluster is gone: a Ray driver whose head stopped does not end by itself,
         and its calls would wait for ever. The daemon sees the exit and reconnects."""

@@ -45,8 +45,7 @@ MIGRATION_LOCK = 0x1F3D14  # pg_advisory_xact_lock key: two machines never migra
 
 _UPSERT = (
     f"INSERT INTO images ({', '.join(schema.IMAGE_COLUMNS)}) VALUES ({', '.join('?' * len(schema.IMAGE_COLUMNS))})"
-    " ON CONFLICT (source) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in schema.IMAGE_COLUMNS[1:])
+    " ON CONFLICT (source) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in schema.IMAGE_COLUMNS[1:])
 )
 # Detections find their image by its unique source: the whole batch goes in three executemany
 # calls (pipelined by psycopg, a C loop in sqlite3), with no round trip per image for its id.
