@@ -21,7 +21,7 @@ def measure_runner(images: list[Path], config: Config, devices: list[str]) -> di
     """The daemon's own Runner on ready letterboxed tensors, in batches of max_batch: one process
     per device process the daemon runs, with its threads, all at once (on a CPU the daemon runs
     several). Then, alone, the median batch-1 time: the single-image model time."""
-    from daemon.workers import torch_threads
+    from daemon.local import torch_threads
 
     threads = torch_threads(config, devices)
     ctx = multiprocessing.get_context("spawn")
@@ -73,7 +73,7 @@ def measure_bounds(
     else the daemon's."""
     import dataclasses
 
-    from daemon.workers import calibration_images, resolve_devices
+    from daemon.local import calibration_images, resolve_devices
 
     out = {}
     calibration = tuple(Path(p) for p in calibration_images(config))

@@ -172,8 +172,8 @@ def main(argv: list[str]) -> int:
 def measure(args: argparse.Namespace, workdir: Path, config: Config) -> dict[str, Any]:
     """Every measurement asked for, in one process, on one image set: the report as a dict."""
     from bench import plot
+    from daemon.local import cores, resolve_decode, resolve_devices
     from daemon.model import ModelError, resolve_weights
-    from daemon.workers import cores, resolve_decode, resolve_devices
 
     try:
         weights = resolve_weights(config.model.weights)

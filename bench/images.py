@@ -37,7 +37,7 @@ def generate(folder: Path, count: int, size: tuple[int, int], seed: int) -> list
     `--workdir`, a later run of the same size and seed finds them there."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from daemon.workers import cores
+    from daemon.local import cores
 
     folder = folder / f"{size[0]}x{size[1]}-seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Protocol
 from daemon import export
 from daemon.config import Config
 from daemon.devices import Device
+from daemon.local import local_devices, resolve_devices
 from daemon.notify import Notifier
-from daemon.workers import local_devices, resolve_devices
 
 if TYPE_CHECKING:
     from daemon.cluster import Cluster
@@ -63,7 +63,7 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """Spawned device processes on this machine (`daemon.workers`)."""
+    """Spawned device processes on this machine (`daemon.local`)."""
 
     def __init__(self, config: Config, on_state: OnState) -> None:
         pass

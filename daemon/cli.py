@@ -104,9 +104,9 @@ async def check(config: Config) -> int:
     """Load the model on every configured device and report what was found."""
     from daemon import export
     from daemon.fleet import Fleet
+    from daemon.local import resolve_decode
     from daemon.metrics import Metrics
     from daemon.tasks import checkpoint
-    from daemon.workers import resolve_decode
 
     log = structlog.get_logger("daemon.cli")
     config = checkpoint.resolve_config(config)

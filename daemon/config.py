@@ -31,7 +31,7 @@ class OnSuccess(enum.Enum):
 class Decode(enum.Enum):
     HOST = "host"  # PIL in the daemon's thread pool, at reduced size for large JPEGs
     DEVICE = "device"  # JPEGs in the device process: nvJPEG on a GPU (other formats stay on host)
-    AUTO = "auto"  # device when every device is a GPU, else host (workers.resolve_decode)
+    AUTO = "auto"  # device when every device is a GPU, else host (local.resolve_decode)
 
 
 class Runtime(enum.Enum):
@@ -57,7 +57,7 @@ class Precision(enum.Enum):
 class Backend(enum.Enum):
     """Where the device processes run."""
 
-    LOCAL = "local"  # spawned processes on this machine (daemon.workers)
+    LOCAL = "local"  # spawned processes on this machine (daemon.local)
     RAY = "ray"  # actors on a Ray cluster (daemon.cluster); needs pip install 'inferd[ray]'
 
 

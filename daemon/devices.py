@@ -1,7 +1,7 @@
 """The Device protocol: what the batcher and the service ask of a device, wherever it runs.
 
 A device runs the model on batches of prepared images. Today each is a spawned local process
-with shared-memory slots (`daemon.workers.LocalDevice`); a Ray actor (`daemon.cluster`) is
+with shared-memory slots (`daemon.local.LocalDevice`); a Ray actor (`daemon.cluster`) is
 another. The batcher sends a batch to a device that is `up` and has a free slot; the service
 starts, supervises (`wait_exit`, then `start` again) and stops them. The exceptions below are
 the protocol's vocabulary for what went wrong, and decide what the batcher does with a batch.

@@ -135,7 +135,7 @@ async def resolve(config: Config, *, stop: asyncio.Event | None = None, notifier
         p,
         cpu_workers=p.cpu_workers or choice.processes,
         torch_threads=p.torch_threads or choice.threads,
-        tuned_batch=choice.batch,  # the devices take batches of at most this (workers.local_devices)
+        tuned_batch=choice.batch,  # the devices take batches of at most this (local.local_devices)
     )
     return dataclasses.replace(config, model=model, pipeline=pipeline)
 

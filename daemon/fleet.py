@@ -1,7 +1,7 @@
 """The fleet: the devices that serve the model, their supervision, and a reload's switch.
 
 Which devices: the backend's (`daemon.backends`, by `[cluster] backend`): spawned local
-processes (`daemon.workers`), or actors on a Ray cluster (`daemon.cluster`, imported only
+processes (`daemon.local`), or actors on a Ray cluster (`daemon.cluster`, imported only
 then), which also adds a device for each node the cluster gains. `devices` is the list the
 batcher picks from; only the fleet changes it. Each device has a supervisor: when the device
 dies (its batches were already handed back to the batcher), it is started again with backoff.
@@ -82,7 +82,7 @@ class Fleet:
         return await self._backend.prepare(cfg, names, stop=stop, notifier=notifier)
 
     def make(self, cfg: Config, names: list[str], *, slot_imgsz: int = 0) -> list[Device]:
-        """Devices (not started) for `names`; `slot_imgsz` as in workers.LocalDevice."""
+        """Devices (not started) for `names`; `slot_imgsz` as in local.LocalDevice."""
         return self._backend.make(cfg, names, slot_imgsz=slot_imgsz)
 
     async def grow(self) -> None:

@@ -2,7 +2,7 @@
 
 Three conversations, one vocabulary:
 
-- **a device process** (`daemon.model.serve`) and its parent (`daemon.workers.LocalDevice`), over
+- **a device process** (`daemon.model.serve`) and its parent (`daemon.local.LocalDevice`), over
   a multiprocessing pipe (pickled: answers carry numpy arrays, kept as they are). The parent sends
   the `DeviceSpec` at spawn, then `Batch`, `SetLevel` and `Stop`; the child answers `Ready` or
   `LoadFailed` once, then `BatchDone` or `BatchRaised` per batch, in the order sent.

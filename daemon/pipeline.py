@@ -18,10 +18,10 @@ from daemon import batching, intake, preprocess, results, tiling
 from daemon.config import Config, Decode, TilingConfig
 from daemon.devices import JPEG_SLOT_BYTES, Device
 from daemon.jobs import Capacity, Job, Outcome, Prepared
+from daemon.local import cores
 from daemon.sinks import Sink
 from daemon.tasks import Task
 from daemon.threads import name_os_thread
-from daemon.workers import cores
 
 QUEUES = ("jobs", "ready", "outcomes", "batching")
 

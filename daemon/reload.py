@@ -20,9 +20,9 @@ from daemon.config import Config, Reload
 from daemon.devices import Device
 from daemon.errors import EXIT_RUNTIME, ConfigError, DeviceStartError, ExportStopped
 from daemon.fleet import Fleet
+from daemon.local import resolve_decode
 from daemon.notify import Notifier
 from daemon.tasks import checkpoint
-from daemon.workers import resolve_decode
 
 log = structlog.get_logger("daemon.service")
 

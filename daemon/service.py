@@ -35,6 +35,11 @@ from daemon.errors import ExportStopped
 from daemon.fleet import Fleet
 from daemon.health import Health
 from daemon.jobs import Capacity, FailReason, Failure, Inferred, Outcome
+from daemon.local import (
+    cores,
+    resolve_decode,
+    torch_threads,
+)
 from daemon.messages import DeviceInfo
 from daemon.notify import Notifier
 from daemon.pipeline import QUEUES, Pipeline, knobs
@@ -43,11 +48,6 @@ from daemon.reload import Reloader
 from daemon.sinks import Sink
 from daemon.snapshot import DeviceStatus, Snapshot
 from daemon.tasks import checkpoint
-from daemon.workers import (
-    cores,
-    resolve_decode,
-    torch_threads,
-)
 
 log = structlog.get_logger("daemon.service")
 T = TypeVar("T")

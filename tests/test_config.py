@@ -159,7 +159,7 @@ def test_cluster_addresses(tmp_path: Path) -> None:
 def test_the_local_backend_never_imports_ray(tmp_path: Path) -> None:
     """The daemon's modules, the cluster package included, import no ray: only its driver process does."""
     code = (
-        "import sys, daemon.cli, daemon.service, daemon.workers, daemon.cluster, daemon.config as c;"
+        "import sys, daemon.cli, daemon.service, daemon.local, daemon.cluster, daemon.config as c;"
         "daemon.cluster.Cluster(c.load(None));"
         "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'ray imported'"
     )

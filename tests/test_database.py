@@ -315,7 +315,7 @@ def test_rows_the_database_refuses_fail_alone_and_the_rest_of_the_batch_commits(
 
 def test_a_reload_keeps_the_running_database_and_says_a_restart_is_needed(tmp_path: Path) -> None:
     from daemon import reload
-    from daemon.workers import resolve_decode
+    from daemon.local import resolve_decode
 
     running = resolve_decode(config.parse({}, base=tmp_path), ["cpu:0"])  # as the service resolved it
     new = config.parse({"output": {"database": "sqlite:///other.sqlite3", "fsync": False}}, base=tmp_path)

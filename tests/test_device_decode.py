@@ -18,14 +18,14 @@ import torch
 import uvloop
 from conftest import Daemon, assets, oriented, photo_like, write_config
 from PIL import Image, ImageEnhance, ImageOps
-from test_workers import CONF, IOU, make_worker, match
+from test_local import CONF, IOU, make_worker, match
 
 from daemon import model, preprocess
 from daemon.config import Decode, parse
 from daemon.jobs import Job, Prepared
+from daemon.local import JPEG_SLOT_BYTES, LocalDevice, resolve_decode
 from daemon.tasks import Payload
 from daemon.tasks.detect import Boxes
-from daemon.workers import JPEG_SLOT_BYTES, LocalDevice, resolve_decode
 
 HOST = preprocess.PrepSettings(640, True, 10**9)
 DEVICE = preprocess.PrepSettings(640, True, 10**9, JPEG_SLOT_BYTES)
@@ -205,7 +205,7 @@ def test_overlapped_batches_equal_one_at_a_time(runner: asyncio.Runner, tmp_path
             alone, _ = runner.run(worker.infer(batch, CONF, IOU))
             # The same batch alone, not each image alone: in fp16 a batch of another size may
             # round two people's boxes to either side of the NMS threshold (seen on an H100:
-            # IoU 0.70 against iou=0.7). Batched == unbatched is checked in fp32 in test_workers.
+            # IoU 0.70 against iou=0.7). Batched == unbatched is checked in fp32 in test_local.
             for ours, theirs in zip(boxes, alone, strict=True):
                 assert isinstance(ours, Boxes) and isinstance(theirs, Boxes)
                 match(ours, theirs, px=0.5, conf=1e-3)

@@ -30,10 +30,10 @@ import pytest
 import uvloop
 import watchfiles
 from conftest import Daemon, assets, in_mount_namespace, photo_like, write_config
+from test_device_faults import import_env, prepared, worker
 from test_hostile import Events, Rig
-from test_worker_faults import import_env, prepared, worker
 
-from daemon import intake, preprocess, results, workers
+from daemon import intake, local, preprocess, results
 from daemon.config import OnSuccess, OutputConfig, PathsConfig
 from daemon.devices import DeviceState
 from daemon.jobs import FailReason, Failure, Inferred, Job, ModelInfo, Outcome, Prepared
@@ -321,7 +321,7 @@ def test_a_worker_that_answered_error_takes_no_batch(runner: asyncio.Runner) -> 
         w.state = DeviceState.STARTING
         w._on_message()  # ERROR has arrived; the process has not exited yet
         assert not w.up  # before: "up" from the ERROR until its exit was seen, so batches went to it
-        with pytest.raises(workers.DeviceStartError) as failed:
+        with pytest.raises(local.DeviceStartError) as failed:
             await w._ready
         assert failed.value.permanent
 
@@ -339,7 +339,7 @@ def test_slots_come_back_exactly_once_after_a_crash(
         await w.start(120)
         try:
             await w.infer([normal], 0.25, 0.7)  # slot 0 used and back: the next batch takes slot 1
-            with pytest.raises(workers.DeviceCrashed):
+            with pytest.raises(local.DeviceCrashed):
                 await asyncio.wait_for(w.infer([marker], 0.25, 0.7), 60)
             free = [w._free.get_nowait() for _ in range(w._free.qsize())]
             assert sorted(free) == [0, 1]  # before: [0, 0]

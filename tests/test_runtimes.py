@@ -319,7 +319,7 @@ def test_cpu_flags_come_from_cpuinfo(tmp_path: Path) -> None:
 def test_cpu_layout_per_runtime(tmp_path: Path) -> None:
     """OpenVINO: one CPU process with a thread per core; PyTorch: a process per core (at most 4)."""
     from daemon.config import parse
-    from daemon.workers import cores, cpu_workers, torch_threads
+    from daemon.local import cores, cpu_workers, torch_threads
 
     def layout(**model: str) -> tuple[int, int]:
         config = parse({"model": {"devices": ["cpu"], **model}}, base=tmp_path)

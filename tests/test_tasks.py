@@ -24,10 +24,10 @@ from PIL import Image, ImageDraw, ImageOps
 from daemon import preprocess
 from daemon.config import ConfigError, LogConfig, LogFormat, parse
 from daemon.jobs import Job, Prepared
+from daemon.local import JPEG_SLOT_BYTES, LocalDevice
 from daemon.messages import DeviceSpec
 from daemon.service import prep_settings
 from daemon.tasks import Payload, Task, Unsupported, checkpoint, head_of
-from daemon.workers import JPEG_SLOT_BYTES, LocalDevice
 
 CONF, IOU = 0.25, 0.7
 TASKS = ("segment", "pose", "obb", "classify")
@@ -235,7 +235,7 @@ def iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 def close(task: str, ours: Payload, theirs: np.ndarray, *, conf: float = 0.05) -> None:
     """The same things found where decoding differed (reduced, or on the device): each confident
     one of `theirs` has one of ours of the same class, its box overlapping (IoU > 0.85) and its
-    confidence within `conf` (0.05, as test_workers checks detection at 640; 0.1 at these
+    confidence within `conf` (0.05, as test_local checks detection at 640; 0.1 at these
     checkpoints' smaller sizes, where one model pixel is more of the photo).
     The mask, keypoint and angle branches of these checkpoints are random-init, hence more
     sensitive to the pixels than the trained boxes: they are compared exactly with predict in

@@ -92,7 +92,7 @@ class Bridge:
         self._proc.start()
         child.close()
         loop.add_reader(self._conn.fileno(), self._on_message)
-        os.set_blocking(self._conn.fileno(), True)  # as in workers.LocalDevice: a reply may come in parts
+        os.set_blocking(self._conn.fileno(), True)  # as in local.LocalDevice: a reply may come in parts
         try:
             self.resources = await asyncio.wait_for(asyncio.shield(self._connected), timeout_s)
         except (TimeoutError, ClusterLost, RemoteError) as exc:

@@ -60,7 +60,7 @@ from daemon.messages import (
     refuse,
 )
 
-log = structlog.get_logger("daemon.workers")
+log = structlog.get_logger("daemon.local")
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 # A batch of JPEGs for the device to decode fits in this; a larger JPEG is decoded on the host.
 # Five 2048x12000 photos (~6 MB each); the pages are touched only as far as they are used.

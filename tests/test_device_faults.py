@@ -30,9 +30,9 @@ from daemon.batching import Batcher, Knobs
 from daemon.config import LogConfig, LogFormat
 from daemon.fleet import RESTART_BACKOFF_S
 from daemon.jobs import Job, Prepared
+from daemon.local import BatchFailed, DeviceCrashed, LocalDevice
 from daemon.messages import DeviceSpec
 from daemon.tasks.detect import Boxes
-from daemon.workers import BatchFailed, DeviceCrashed, LocalDevice
 
 RunDaemon = Callable[..., Daemon]
 TESTS = Path(__file__).parent

@@ -24,10 +24,10 @@ from PIL import Image, ImageEnhance, ImageOps
 from daemon import preprocess
 from daemon.config import LogConfig, LogFormat
 from daemon.jobs import Job, Prepared
+from daemon.local import DeviceCrashed, DeviceStartError, LocalDevice
 from daemon.messages import DeviceSpec
 from daemon.model import resolve_weights
 from daemon.tasks.detect import Boxes
-from daemon.workers import DeviceCrashed, DeviceStartError, LocalDevice
 
 CONF, IOU = 0.25, 0.7
 
