@@ -28,21 +28,21 @@ log = structlog.get_logger("daemon.service")
 
 
 @dataclass(frozen=True, slots=True)
-class Plan:
+class ReloadPlan:
     new: Config  # what will run
     changed: list[str]  # the keys that change
     ignored: list[str]  # keys that changed in the file but need a restart
     roll: bool  # new devices are needed
 
 
-def plan(running: Config, read: Config, devices: list[str]) -> Plan:
+def plan(running: Config, read: Config, devices: list[str]) -> ReloadPlan:
     """What applying `read` (the file as loaded) to `running` changes; `devices`: where it runs
     now, for `pipeline.decode = "auto"` as it was resolved at start."""
     read = resolve_decode(read, devices)
     ignored = sorted(key for key in config.differences(running, read) if config.reload_class(key) is Reload.RESTART)
     new = config.reloadable(running, read)
     changed = sorted(config.differences(running, new))
-    return Plan(new, changed, ignored, any(config.reload_class(key) is Reload.ROLL for key in changed))
+    return ReloadPlan(new, changed, ignored, any(config.reload_class(key) is Reload.ROLL for key in changed))
 
 
 class Reloader:

@@ -23,7 +23,7 @@ from daemon import backends, fleet, sinks
 from daemon.checks import DatabaseUrl
 from daemon.config import Config, load
 from daemon.devices import Answers, Device, DeviceState
-from daemon.export import Planned as Plan
+from daemon.export import Planned
 from daemon.jobs import ModelInfo, Outcome, Prepared
 from daemon.messages import DeviceInfo
 from daemon.notify import Notifier
@@ -129,7 +129,7 @@ class FakeBackend:
 
     async def prepare(
         self, config: Config, names: list[str], *, stop: asyncio.Event | None, notifier: Notifier | None
-    ) -> list[Plan]:
+    ) -> list[Planned]:
         return []
 
     def make(self, config: Config, names: list[str], *, slot_imgsz: int = 0) -> list[Device]:

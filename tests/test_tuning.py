@@ -191,7 +191,7 @@ def test_the_devices_take_batches_of_the_measured_size(tmp_path: Path, daemon_fa
     config = write_config(tmp_path, model={"weights": str(tiny_weights), "runtime": "auto", "imgsz": 160},
                           pipeline={"max_batch": 8}, log={"level": "debug"})  # fmt: skip
     req = export.tune_request(load(config))
-    row = tune.Row("torch", "fp32", "1x2", 2, 9.9, "0/0", "chosen")
+    row = tune.Timing("torch", "fp32", "1x2", 2, 9.9, "0/0", "chosen")
     tune._store(Path(req["cache_dir"]), tune.key(req), tune.Choice("torch", "fp32", 1, 2, 2, [row]))
     incoming = tmp_path / "var" / "incoming"
     incoming.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ MAX_PROCESSES = 4
 
 
 @dataclass(frozen=True, slots=True)
-class Row:
+class Timing:
     """One line of the table: a candidate and what became of it."""
 
     runtime: str
@@ -61,7 +61,7 @@ class Choice:
     processes: int
     threads: int
     batch: int
-    table: list[Row] = field(default_factory=list)
+    table: list[Timing] = field(default_factory=list)
     tune_s: float = 0.0
     skipped: str = ""  # why nothing was measured (CUDA devices)
 
@@ -70,10 +70,10 @@ class Choice:
 
     @classmethod
     def load(cls, data: dict[str, Any]) -> Choice:
-        return cls(**{**data, "table": [Row(**r) for r in data["table"]]})
+        return cls(**{**data, "table": [Timing(**r) for r in data["table"]]})
 
 
-def describe(row: Row) -> str:
+def describe(row: Timing) -> str:
     """A table row as one line: "openvino int8 1x2 b8: 33.5 img/s, gate 12/12 (chosen)"."""
     head = " ".join(x for x in (row.runtime, row.precision, row.layout, f"b{row.batch}" if row.batch else "") if x)
     figures = [f"{row.img_s} img/s" if row.img_s is not None else "", f"gate {row.gate}" if row.gate else ""]
@@ -178,13 +178,15 @@ def tune(request: dict[str, Any], say: Any) -> Choice:
                           'set model.runtime = "torch"')  # fmt: skip
     best = max(timed, key=lambda r: r.img_s or 0.0)
     processes, threads = (int(x) for x in best.layout.split("x"))
-    table = [Row(**{**asdict(r), "note": "chosen"}) if r is best else r for r in table]
+    table = [Timing(**{**asdict(r), "note": "chosen"}) if r is best else r for r in table]
     choice = Choice(best.runtime, best.precision, processes, threads, best.batch, table,
                     round(time.monotonic() - began, 1))  # fmt: skip
     return _store(cache_dir, k, choice)
 
 
-def _gate_all(request: dict[str, Any], cores: int) -> tuple[list[Row], list[tuple[Runtime, Precision, str]], list[Any]]:
+def _gate_all(
+    request: dict[str, Any], cores: int
+) -> tuple[list[Timing], list[tuple[Runtime, Precision, str]], list[Any]]:
     """Export every candidate that can run here and check it against PyTorch fp32: the rows of
     those that cannot or fail, the ones that passed (with their figures), the gate's images."""
     weights, imgsz, batch = request["weights"], request["imgsz"], request["max_batch"]
@@ -195,11 +197,11 @@ def _gate_all(request: dict[str, Any], cores: int) -> tuple[list[Row], list[tupl
     items = gate.prepare(images, imgsz, classify=ref.head.task.value == "classify")
     reference = gate.detections(ref, items)
     del ref
-    table: list[Row] = []
+    table: list[Timing] = []
     passed: list[tuple[Runtime, Precision, str]] = []
     for runtime, precision, why in candidates(calibration):
         if why:
-            table.append(Row(runtime.value, precision.value, note=why))
+            table.append(Timing(runtime.value, precision.value, note=why))
             continue
         try:
             plan = cache.ensure(weights, imgsz=imgsz, max_batch=batch, runtime=runtime, precision=precision,
@@ -210,14 +212,14 @@ def _gate_all(request: dict[str, Any], cores: int) -> tuple[list[Row], list[tupl
             result = gate.score(gate.detections(r, items), reference)
             del r
         except gate.GateFailed as exc:  # INT8 on its held-out images
-            table.append(Row(runtime.value, precision.value, note=f"below the accuracy gate: {exc}"[:400]))
+            table.append(Timing(runtime.value, precision.value, note=f"below the accuracy gate: {exc}"[:400]))
             continue
         except (cache.ExportError, ConfigError) as exc:
-            table.append(Row(runtime.value, precision.value, note=f"cannot run: {exc}"[:400]))
+            table.append(Timing(runtime.value, precision.value, note=f"cannot run: {exc}"[:400]))
             continue
         figures = f"{result.matched}/{result.reference}"
         if not result.passed:
-            table.append(Row(runtime.value, precision.value, gate=figures, note="below the accuracy gate"))
+            table.append(Timing(runtime.value, precision.value, gate=figures, note="below the accuracy gate"))
             continue
         passed.append((runtime, precision, figures))
     return table, passed, items
@@ -243,30 +245,30 @@ def _has_cuda(devices: list[str]) -> bool:
 
 
 def _time_all(pool: Pool, passed: list[tuple[Runtime, Precision, str]], plans: list[tuple[int, int]],
-              request: dict[str, Any], item: Any, started: float) -> list[Row]:  # fmt: skip
+              request: dict[str, Any], item: Any, started: float) -> list[Timing]:  # fmt: skip
     """Every passing candidate in every layout at every batch size, until the budget is spent:
     layout by layout, so that a slow machine still times every candidate once (one process with
     every core first), and per load the largest batch first (the daemon's max_batch)."""
-    rows: list[Row] = []
+    rows: list[Timing] = []
     sizes = batches(request["max_batch"])
     spent = f"not timed: the {BUDGET_S:.0f} s budget is spent"
     for processes, threads in plans:  # every candidate in the first layout before any in the next
         for runtime, precision, figures in passed:
-            row = Row(runtime.value, precision.value, f"{processes}x{threads}", gate=figures)
+            row = Timing(runtime.value, precision.value, f"{processes}x{threads}", gate=figures)
             if _over(started):
-                rows += [Row(**{**asdict(row), "batch": b, "note": spent}) for b in sizes]
+                rows += [Timing(**{**asdict(row), "batch": b, "note": spent}) for b in sizes]
                 continue
             load = {**request, "runtime": runtime.value, "precision": precision.value, "threads": threads,
                     "image": item.image}  # fmt: skip
             try:
                 pool.load(processes, load)
             except RuntimeError as exc:  # it would not load in a timing process
-                rows.append(Row(**{**asdict(row), "note": f"cannot run: {exc}"[:400]}))
+                rows.append(Timing(**{**asdict(row), "note": f"cannot run: {exc}"[:400]}))
                 continue
             for b in sizes:
                 timed = _over(started)
                 rate = None if timed else round(pool.rate(processes, b), 2)
-                rows.append(Row(**{**asdict(row), "batch": b, "img_s": rate, "note": spent if timed else ""}))
+                rows.append(Timing(**{**asdict(row), "batch": b, "img_s": rate, "note": spent if timed else ""}))
     return rows
 
 
